@@ -1,0 +1,55 @@
+"""`upcycle-ds SUBCOMMAND ...`: a map of subcommands to typed functions (each module: `Args` dataclass + `run`).
+
+Subcommand modules are imported only when chosen, so `upcycle-ds --help` is instant. Any `UserError` becomes
+`error: <message>` on stderr with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .errors import UserError
+
+# name -> (module with `Args` + `run(args)`, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "upcycle": ("upcycle_ds.commands.upcycle", "HF dense checkpoint -> HF MoE checkpoint (sparse upcycling)"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: upcycle-ds SUBCOMMAND [flags]   (upcycle-ds SUBCOMMAND --help for its flags)", "",
+             "Turn dense HuggingFace LLMs into DeepSpeed Mixture-of-Experts models.", "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"upcycle-ds: error: unknown subcommand {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, desc = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+        from .cli_args import parse_into
+
+        args = parse_into(module.Args, rest, prog=f"upcycle-ds {name}", description=module.__doc__ or desc,
+                          yaml_config=getattr(module, "YAML_CONFIG", False))
+        rc = module.run(args)
+    except UserError as e:
+        print(f"upcycle-ds {name}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"upcycle-ds {name}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

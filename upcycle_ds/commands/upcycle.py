@@ -1,0 +1,40 @@
+"""Upcycle an HF dense checkpoint (Llama, Mistral, Qwen2, Qwen3) into an HF MoE checkpoint (Mixtral, Qwen2-MoE,
+Qwen3-MoE) whose experts start as copies of the dense MLP, so it computes exactly what the dense model did
+(unless --noise-std / --reinit-ratio ask for diversity). Streams tensor by tensor; writes OUT atomically.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ..io.hf import HFCheckpoint, atomic_output_dir, copy_side_files, write_config, write_sharded, check_output_dir
+from ..upcycle import UpcycledView, UpcycleOptions
+
+
+@dataclass(kw_only=True)
+class Args(UpcycleOptions):
+    model: str
+    """HF dense checkpoint dir (config.json + model.safetensors or sharded with an index)."""
+    out: str
+    """Output dir for the HF MoE checkpoint (must not exist unless --overwrite)."""
+    overwrite: bool = False
+    """Replace OUT if it exists (only after the new checkpoint is complete)."""
+    max_shard_gb: float = 2.0
+    """Largest safetensors shard, in GiB."""
+
+
+def run(args: Args) -> int:
+    check_output_dir(args.out, args.overwrite)
+    view = UpcycledView(HFCheckpoint(args.model), args)
+    plan = [(k, view.dtype(k), view.shape(k)) for k in view.keys()]
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        with tqdm(total=len(plan), desc="upcycle", unit="tensor", file=sys.stderr, disable=None) as bar:
+            nbytes = write_sharded(tmp, plan, view.get, int(args.max_shard_gb * 1024**3), progress=bar)
+        write_config(tmp, view.config)
+        copy_side_files(view.path, tmp)
+    print(f"wrote {view.config['model_type']} checkpoint with {args.num_experts} experts (top-{args.top_k}) in "
+          f"layers {list(view.moe_layers)} to {args.out} ({nbytes / 1e9:.2f} GB)", file=sys.stderr)
+    return 0

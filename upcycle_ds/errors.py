@@ -1,0 +1,7 @@
+"""User-facing errors: one line on stderr, exit code 2, no traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the user (flags, files, checkpoints). The CLI prints `error: <message>` and exits 2."""
+
+    exit_code = 2

@@ -1,0 +1,31 @@
+"""Llama (LlamaForCausalLM) -> Mixtral (MixtralForCausalLM); every layer must be MoE."""
+
+from .base import Family, MoESpec
+
+DENSE_MLP = {p: "model.layers.{layer}.mlp." + p + "_proj.weight" for p in ("gate", "up", "down")}
+
+# Mixtral hub layout: w1 = gate, w3 = up, w2 = down
+MIXTRAL_ROUTER = "model.layers.{layer}.block_sparse_moe.gate.weight"
+MIXTRAL_EXPERT = {
+    "gate": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
+    "up": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",
+    "down": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
+}
+
+
+def mixtral_fields(dense: dict, spec: MoESpec) -> dict:
+    return {"router_jitter_noise": 0.0, "router_aux_loss_coef": 0.01}
+
+
+FAMILY = Family(
+    name="llama",
+    dense_model_type="llama",
+    dense_architecture="LlamaForCausalLM",
+    moe_model_type="mixtral",
+    moe_architecture="MixtralForCausalLM",
+    dense_mlp=DENSE_MLP,
+    moe_router=MIXTRAL_ROUTER,
+    moe_expert=MIXTRAL_EXPERT,
+    unsupported={"attention_bias": False},
+    moe_config_fields=mixtral_fields,
+)

@@ -1,0 +1,226 @@
+"""HF checkpoints on disk: lazy safetensors reads (sharded or not), sharded writes with an index, atomic output dirs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from ..errors import UserError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# files copied as is next to the weights (tokenizer, chat template, generation defaults)
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+              "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise UserError(f"{path}: not a directory (expected an HF checkpoint dir)")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise UserError(f"{path}: no config.json (not an HF checkpoint dir)")
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg}: not valid JSON ({e})") from None
+
+
+def _safetensors_header(path: Path) -> dict:
+    """Parse and validate a safetensors header: the file must hold every byte the header promises."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than file")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a valid safetensors file ({e})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"{path}: truncated safetensors file ({size} bytes, header says {8 + n + end})")
+    return header
+
+
+class HFCheckpoint:
+    """Read-only view of an HF checkpoint dir: config plus lazily read tensors (one at a time, memory-mapped)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = read_config(self.path)
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+        elif (self.path / SINGLE).is_file():
+            weight_map = None
+        else:
+            if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
+                raise UserError(f"{self.path}: only safetensors checkpoints are read (pickle .bin/.pt files are "
+                                f"untrusted); re-save it with save_pretrained(..., safe_serialization=True)")
+            raise UserError(f"{self.path}: no {SINGLE} or {INDEX}")
+        self._meta: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
+        shards = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE]
+        for shard in shards:
+            f = self.path / shard
+            if not f.is_file():
+                raise UserError(f"{self.path}: shard {shard} named in {INDEX} is missing")
+            for key, info in _safetensors_header(f).items():
+                if key == "__metadata__":
+                    continue
+                if weight_map is not None and weight_map.get(key) != shard:
+                    continue
+                self._meta[key] = (shard, _DTYPES.get(info["dtype"], torch.float32), tuple(info["shape"]))
+        if weight_map is not None:
+            missing = [k for k in weight_map if k not in self._meta]
+            if missing:
+                raise UserError(f"{self.path}: tensor {missing[0]} named in {INDEX} is not in its shard")
+        self._handles: dict[str, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._meta
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta[key][2]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._meta:
+            raise UserError(f"{self.path}: tensor {key} is missing")
+        shard = self._meta[key][0]
+        h = self._handles.get(shard)
+        if h is None:
+            h = self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
+        return h.get_tensor(key)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def shard_plan(plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int) -> list[list[int]]:
+    """Split tensor entries (in order) into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, dtype, shape) in enumerate(plan):
+        nbytes = _nbytes(dtype, shape)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def write_sharded(out_dir: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], fetch,
+                  max_shard_bytes: int = 2 * 1024**3, progress=None) -> int:
+    """Stream tensors into safetensors shards (+ index when more than one), one tensor in memory at a time.
+
+    `plan` lists (key, dtype, shape) in write order; `fetch(key)` returns that tensor. The header of each shard is
+    written first from the plan, then each tensor's bytes, so memory never holds more than one tensor.
+    Returns the total number of tensor bytes written.
+    """
+    out_dir = Path(out_dir)
+    shards = shard_plan(plan, max_shard_bytes)
+    n = len(shards)
+    names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map, total = {}, 0
+    for name, idxs in zip(names, shards):
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for i in idxs:
+            key, dtype, shape = plan[i]
+            nb = _nbytes(dtype, shape)
+            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + nb]}
+            off += nb
+        hbytes = json.dumps(header, separators=(",", ":")).encode()
+        hbytes += b" " * (-len(hbytes) % 8)
+        with open(out_dir / name, "wb") as f:
+            f.write(struct.pack("<Q", len(hbytes)))
+            f.write(hbytes)
+            for i in idxs:
+                key, dtype, shape = plan[i]
+                t = fetch(key)
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise RuntimeError(f"internal error: {key} is {t.dtype}{tuple(t.shape)}, planned {dtype}{shape}")
+                if t.numel():
+                    f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                weight_map[key] = name
+                total += _nbytes(dtype, shape)
+                if progress is not None:
+                    progress.update(1)
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+def write_config(out_dir: Path, config: dict) -> None:
+    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    for name in SIDE_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / name)
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise UserError(f"{out.parent}: parent directory does not exist")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir next to `out`; on success it is renamed to `out`, on any error it is removed."""
+    out = check_output_dir(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
