@@ -14,6 +14,11 @@ from .errors import UserError
 # name -> (module with `Args` + `run(args)`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "upcycle": ("upcycle_ds.commands.upcycle", "HF dense checkpoint -> HF MoE checkpoint (sparse upcycling)"),
+    "plan": ("upcycle_ds.commands.plan", "per-rank GPU memory plan for DeepSpeed-MoE training (ep_size, ZeRO)"),
+    "upit-assemble": ("upcycle_ds.commands.upit_assemble",
+                      "UpIT: dense SFT checkpoints -> HF MoE (one expert each; genetic expansion to E)"),
+    "seed-data": ("upcycle_ds.commands.seed_data",
+                  "UpIT: pick router seed data (each sample -> its lowest-perplexity expert)"),
 }
 
 

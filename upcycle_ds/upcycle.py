@@ -9,7 +9,7 @@ tensor is the same whichever rank or process computes it, and in whatever order.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -127,12 +127,16 @@ class UpcycledView:
         self.moe_layers = parse_layers(opts.layers, n_layers)
         spec = MoESpec(num_experts=opts.num_experts, top_k=opts.top_k, moe_layers=self.moe_layers)
         self.config = self.family.moe_config(dense.config, spec)
-        self.config["upcycle_ds"] = {"upcycled_from": self.family.dense_model_type, **asdict(opts)}
+        # only the upcycling options (not a CLI subclass's paths/flags): same options -> identical config.json
+        self.config["upcycle_ds"] = {"upcycled_from": self.family.dense_model_type,
+                                     **{f.name: getattr(opts, f.name) for f in fields(UpcycleOptions)}}
         self.path = dense.path
         self._plan: dict[str, tuple[torch.dtype, tuple[int, ...], tuple]] = {}
         self._build_plan()
         self._cache_key = None
         self._cache: dict[str, torch.Tensor] = {}
+        self._dense_key = None  # the dense MLP of one layer, read once for all its experts
+        self._dense_cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ plan
     def _build_plan(self) -> None:
@@ -172,7 +176,11 @@ class UpcycledView:
 
     # ------------------------------------------------------------------ tensors
     def dense_mlp(self, layer: int) -> dict[str, torch.Tensor]:
-        return {p: self.dense.get(self.family.dense_mlp_key(layer, p)) for p in PROJS}
+        if self._dense_key != layer:
+            self._dense_cache = {}  # drop the previous layer's before reading the next
+            self._dense_cache = {p: self.dense.get(self.family.dense_mlp_key(layer, p)) for p in PROJS}
+            self._dense_key = layer
+        return self._dense_cache
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         if self._cache_key != (layer, expert):

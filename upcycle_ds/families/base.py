@@ -127,6 +127,22 @@ class Family:
             cfg.update(self.moe_config_fields(dense_cfg, spec))
         return cfg
 
+    def hf_key_for_ds_param(self, name: str, expert_offset: int = 0) -> str:
+        """HF MoE (hub layout) key of a parameter of our DeepSpeed model; `expert_offset` = this rank's first global
+        expert id (ep_rank * num_local_experts). Non-MoE parameters keep their HF names."""
+        m = _match(DS_BLOCK + "." + DS_ROUTER, name)
+        if m is not None:
+            return self.router_key(m["layer"])
+        for proj in PROJS:
+            m = _match(DS_BLOCK + "." + DS_EXPERT.replace("{proj}", proj), name)
+            if m is not None:
+                return self.expert_key(m["layer"], expert_offset + m["expert"], proj)
+        for ours, tmpl in self.moe_shared.items():
+            m = _match(DS_BLOCK + "." + ours, name)
+            if m is not None:
+                return tmpl.format(layer=m["layer"])
+        return name
+
     def dense_config(self, moe_cfg: dict) -> dict:
         """HF dense config.json content for the MoE model collapsed back to one MLP per layer."""
         cfg = {k: v for k, v in moe_cfg.items() if k not in _DROP_KEYS and k not in _MOE_KEYS}
@@ -144,7 +160,10 @@ class Family:
         return [i for i in range(n) if i not in skip and (i + 1) % step == 0]
 
     def num_experts(self, moe_cfg: dict) -> int:
-        return int(moe_cfg.get(self.num_experts_key, moe_cfg.get("num_experts", 0)))
+        for key in (self.num_experts_key, "num_experts", "num_local_experts"):
+            if moe_cfg.get(key):
+                return int(moe_cfg[key])
+        raise UserError(f"{self.moe_model_type} config has no number of experts ({self.num_experts_key})")
 
     def normalize_topk(self, moe_cfg: dict) -> bool:
         return bool(moe_cfg.get("norm_topk_prob", True))

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from ..errors import UserError
 
@@ -24,7 +23,8 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+           "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def read_config(path: str | Path) -> dict:
@@ -44,6 +44,11 @@ def read_config(path: str | Path) -> dict:
 
 def _safetensors_header(path: Path) -> dict:
     """Parse and validate a safetensors header: the file must hold every byte the header promises."""
+    return _safetensors_layout(path)[0]
+
+
+def _safetensors_layout(path: Path) -> tuple[dict, int]:
+    """(validated header, file offset where tensor data starts)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -53,14 +58,22 @@ def _safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(n))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a valid safetensors file ({e})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as e:
+        raise UserError(f"{path}: not a valid safetensors header ({type(e).__name__}: {e})") from None
     if 8 + n + end > size:
         raise UserError(f"{path}: truncated safetensors file ({size} bytes, header says {8 + n + end})")
-    return header
+    return header, 8 + n
 
 
 class HFCheckpoint:
-    """Read-only view of an HF checkpoint dir: config plus lazily read tensors (one at a time, memory-mapped)."""
+    """Read-only view of an HF checkpoint dir: config plus lazily read tensors, one at a time.
+
+    Tensors are read with plain file reads into fresh buffers, not memory-mapped: a mapping keeps every page it has
+    touched in the process's RSS (file-backed) for as long as the shard stays open, so streaming a whole checkpoint
+    through mmap shows an RSS as large as the input even though only one tensor is held.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -79,17 +92,27 @@ class HFCheckpoint:
                                 f"untrusted); re-save it with save_pretrained(..., safe_serialization=True)")
             raise UserError(f"{self.path}: no {SINGLE} or {INDEX}")
         self._meta: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
+        self._offsets: dict[str, int] = {}  # key -> absolute file offset of its bytes in its shard
         shards = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE]
         for shard in shards:
             f = self.path / shard
             if not f.is_file():
                 raise UserError(f"{self.path}: shard {shard} named in {INDEX} is missing")
-            for key, info in _safetensors_header(f).items():
+            header, data_start = _safetensors_layout(f)
+            for key, info in header.items():
                 if key == "__metadata__":
                     continue
                 if weight_map is not None and weight_map.get(key) != shard:
                     continue
-                self._meta[key] = (shard, _DTYPES.get(info["dtype"], torch.float32), tuple(info["shape"]))
+                if info.get("dtype") not in _DTYPES:
+                    raise UserError(f"{f}: tensor {key} has unsupported dtype {info.get('dtype')!r}")
+                dtype, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
+                start, end = (int(x) for x in info["data_offsets"])
+                if end - start != _nbytes(dtype, shape):
+                    raise UserError(f"{f}: tensor {key} has {end - start} bytes, its shape {list(shape)} "
+                                    f"{info['dtype']} needs {_nbytes(dtype, shape)} (corrupt header)")
+                self._meta[key] = (shard, dtype, shape)
+                self._offsets[key] = data_start + start
         if weight_map is not None:
             missing = [k for k in weight_map if k not in self._meta]
             if missing:
@@ -111,13 +134,23 @@ class HFCheckpoint:
     def get(self, key: str) -> torch.Tensor:
         if key not in self._meta:
             raise UserError(f"{self.path}: tensor {key} is missing")
-        shard = self._meta[key][0]
-        h = self._handles.get(shard)
-        if h is None:
-            h = self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
-        return h.get_tensor(key)
+        shard, dtype, shape = self._meta[key]
+        buf = torch.empty(_nbytes(dtype, shape), dtype=torch.uint8)
+        if buf.numel():
+            f = self._handles.get(shard)
+            if f is None:
+                f = self._handles[shard] = open(self.path / shard, "rb", buffering=0)
+            view, pos, done = memoryview(buf.numpy()), self._offsets[key], 0
+            while done < len(view):
+                n = os.preadv(f.fileno(), [view[done:]], pos + done)
+                if n <= 0:
+                    raise UserError(f"{self.path / shard}: unexpected end of file reading {key}")
+                done += n
+        return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
         self._handles.clear()
 
 

@@ -1,0 +1,203 @@
+"""`upcycle-ds seed-data`: each sampled row goes to the expert whose dense model gives it the lowest perplexity.
+
+Two experts are fine-tuned from one base on disjoint slices: A answers with letters
+a-f, B with u-z, after the same prompt. Every row must land on its own slice's expert.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tiny import make_dense, make_moe, make_tokenizer
+
+from upcycle_ds.cli import main
+from upcycle_ds.families import family_for
+from upcycle_ds.upit.seed_data import IGNORE, pick_indices, render, truncate
+
+pytestmark = pytest.mark.timeout(300)
+SLICES = ("abcdef", "uvwxyz")
+
+
+def slice_rows(chars: str, n: int, seed: int, messages_every: int = 0) -> list[dict]:
+    r = random.Random(seed)
+    rows = []
+    for i in range(n):
+        resp = "".join(r.choice(chars) for _ in range(8))
+        if messages_every and i % messages_every == 0:
+            rows.append({"messages": [{"role": "user", "content": "say:"}, {"role": "assistant", "content": resp}]})
+        else:
+            rows.append({"prompt": "say:", "response": resp})
+    return rows
+
+
+def reference_ids(tok, row) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt ids (+<s>) then response ids + </s>; labels only on the response."""
+    if "messages" in row:
+        prompt = tok(tok.apply_chat_template(row["messages"][:1], add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"]
+        response = row["messages"][-1]["content"]
+    else:
+        prompt, response = tok(row["prompt"])["input_ids"], row["response"]
+    resp = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([prompt + resp])
+    labels = torch.tensor([[IGNORE] * len(prompt) + resp])
+    return ids, labels
+
+
+def hf_ppl(model, tok, row) -> float:
+    ids, labels = reference_ids(tok, row)
+    with torch.no_grad():
+        return model(input_ids=ids, labels=labels).loss.exp().item()
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seed")
+    tok_dir = make_tokenizer(root / "tok")
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    base = make_dense("llama", root / "base", seed=0)
+    tok.save_pretrained(base)
+    out = {"base": base, "tok": tok}
+    torch.manual_seed(0)
+    for name, chars in zip("AB", SLICES):
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # full fine-tuning: experts differ outside MLPs too
+        batch = [reference_ids(tok, r) for r in slice_rows(chars, 64, seed=123, messages_every=2)]
+        for step in range(16):
+            part = batch[step % 2::2]  # same length within a parity: prompt/response rows, then chat rows
+            ids, labels = torch.cat([b[0] for b in part]), torch.cat([b[1] for b in part])
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = root / name
+    data = root / "train.jsonl"
+    rows = []
+    for s, chars in enumerate(SLICES):
+        rows += [{**r, "slice": s} for r in slice_rows(chars, 12, seed=7 + s, messages_every=3)]
+    random.Random(0).shuffle(rows)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out["data"], out["rows"] = data, rows
+    return out
+
+
+def read_jsonl(p: Path) -> list[dict]:
+    return [json.loads(l) for l in p.read_text().splitlines()]
+
+
+def test_every_sample_lands_on_its_expert(experts, tmp_path):
+    out = tmp_path / "seed.jsonl"
+    assert main(["seed-data", "--experts", str(experts["A"]), str(experts["B"]), "--data", str(experts["data"]),
+                 "--out", str(out), "--fraction", "1.0", "--batch-size", "5"]) == 0
+    got = read_jsonl(out)
+    rows = experts["rows"]
+    assert [g["index"] for g in got] == list(range(len(rows)))
+    for g in got:
+        assert g["expert"] == g["slice"], g
+        assert {k: v for k, v in g.items() if k not in ("index", "expert", "ppl")} == rows[g["index"]]
+        assert len(g["ppl"]) == 2 and g["ppl"][g["slice"]] * 2 < g["ppl"][1 - g["slice"]]  # clearly separated
+    rep = json.loads((tmp_path / "seed_report.json").read_text())
+    assert rep["counts"] == [12, 12] and rep["num_scored"] == 24
+    # perplexities are transformers' own loss on the response tokens (batched + padded here, one by one there)
+    for name, e in (("A", 0), ("B", 1)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(experts[name], dtype=torch.float32).eval()
+        for g in got[:6]:
+            ref = hf_ppl(model, experts["tok"], rows[g["index"]])
+            assert g["ppl"][e] == pytest.approx(ref, rel=1e-4)
+
+
+def test_expanded_experts_are_scored_with_their_swapped_mlp(experts, tmp_path):
+    moe = tmp_path / "moe"
+    assert main(["upit-assemble", "--checkpoints", str(experts["A"]), str(experts["B"]), "--num-experts", "3",
+                 "--base", str(experts["base"]), "--out", str(moe)]) == 0
+    out = tmp_path / "s.jsonl"
+    assert main(["seed-data", "--experts", str(experts["A"]), str(experts["B"]), "--moe", str(moe),
+                 "--data", str(experts["data"]), "--out", str(out), "--fraction", "0.25", "--seed", "3"]) == 0
+    got = read_jsonl(out)
+    assert len(got) == 6 and all(len(g["ppl"]) == 3 for g in got)
+    assert [g["index"] for g in got] == pick_indices(24, 0.25, 1, 3)
+    # reference: dense B with every layer's MLP replaced by expert 2 of the MoE as transformers loads it
+    fam, _ = family_for(json.loads((moe / "config.json").read_text()))
+    moe_sd = transformers.AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32).state_dict()
+    dense = transformers.AutoModelForCausalLM.from_pretrained(experts["B"], dtype=torch.float32).eval()
+    sd = dense.state_dict()
+    for l in range(4):
+        gate_up = moe_sd[fam.moe_fused["gate_up"].format(layer=l)][2]
+        inter = gate_up.shape[0] // 2
+        sd[fam.dense_mlp_key(l, "gate")], sd[fam.dense_mlp_key(l, "up")] = gate_up[:inter], gate_up[inter:]
+        sd[fam.dense_mlp_key(l, "down")] = moe_sd[fam.moe_fused["down"].format(layer=l)][2]
+    swapped = transformers.AutoModelForCausalLM.from_pretrained(experts["B"], dtype=torch.float32).eval()
+    swapped.load_state_dict(sd)
+    for g in got:
+        row = experts["rows"][g["index"]]
+        assert g["ppl"][2] == pytest.approx(hf_ppl(swapped, experts["tok"], row), rel=1e-4)
+        assert g["ppl"][1] == pytest.approx(hf_ppl(dense, experts["tok"], row), rel=1e-4)
+        assert g["ppl"][2] != pytest.approx(g["ppl"][1], rel=1e-3)  # the swap did change the model
+        assert g["expert"] == min(range(3), key=lambda e: g["ppl"][e])
+    rep = json.loads((tmp_path / "s_report.json").read_text())
+    assert sum(rep["counts"]) == 6 and "expert 2" in rep["experts"][2]["model"]
+
+    # experts given in the wrong order for the MoE -> a clear error, nothing written
+    bad = tmp_path / "bad.jsonl"
+    rc = main(["seed-data", "--experts", str(experts["B"]), str(experts["A"]), "--moe", str(moe),
+               "--data", str(experts["data"]), "--out", str(bad)])
+    assert rc == 2 and not bad.exists()
+
+
+def test_selection_size_and_determinism():
+    assert pick_indices(100, 0.05, 1, 0) == pick_indices(100, 0.05, 1, 0)
+    assert pick_indices(100, 0.05, 1, 0) != pick_indices(100, 0.05, 1, 1)
+    assert len(pick_indices(100, 0.05, 1, 0)) == 5
+    assert len(pick_indices(100, 0.05, 10, 0)) == 10
+    assert pick_indices(100, 0.05, 1000, 0) == list(range(100))
+    assert len(pick_indices(10, 0.01, 0, 0)) == 1  # never empty
+    idx = pick_indices(1000, 0.3, 1, 4)
+    assert idx == sorted(set(idx))
+
+
+def test_render_masks_the_prompt(experts):
+    tok = experts["tok"]
+    for row in ({"prompt": "hi ", "response": "yo"},
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                {"instruction": "hi", "input": "", "output": "yo"},
+                {"input": [{"role": "user", "content": "hi"}], "ideal": ["yo", "other"]}):
+        ids, labels = render(row, tok)
+        scored = [i for i, l in zip(ids, labels) if l != IGNORE]
+        assert tok.decode(scored) == "yo</s>", row
+        assert [l for l in labels if l != IGNORE] == scored
+    ids, labels = render({"text": "abc"}, tok)
+    assert ids == labels and tok.decode(ids) == "<s>abc</s>"
+    # truncation keeps the head when it still holds response tokens, else the tail
+    ids, labels = list(range(10)), [IGNORE] * 6 + list(range(6, 10))
+    assert truncate(ids, labels, 8) == (ids[:8], labels[:8])
+    assert truncate(ids, labels, 4) == (ids[-4:], labels[-4:])
+
+
+def test_bad_input(experts, tmp_path, capsys):
+    A, B, data = str(experts["A"]), str(experts["B"]), str(experts["data"])
+    out = tmp_path / "o.jsonl"
+    moe = make_moe("mixtral", tmp_path / "mixtral")
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text('{"question": "x"}\n')
+    cases = [
+        (["--experts", A, str(moe), "--data", data], "is an MoE checkpoint"),
+        (["--experts", A, B, "--moe", B, "--data", data], "is a dense checkpoint"),
+        (["--experts", A, B, "--data", str(tmp_path / "none.jsonl")], "no such file"),
+        (["--experts", A, B, "--data", str(bad_rows)], "row 0"),
+        (["--experts", A, B, "--data", data, "--fraction", "0"], "--fraction"),
+    ]
+    for argv, needle in cases:
+        rc = main(["seed-data", *argv, "--out", str(out)])
+        err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("upcycle-ds")]
+        assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
+        assert not out.exists() and not list(tmp_path.glob(".o.jsonl*"))
+    out.write_text("keep\n")
+    rc = main(["seed-data", "--experts", A, B, "--data", data, "--out", str(out)])
+    assert rc == 2 and "exists" in capsys.readouterr().err and out.read_text() == "keep\n"

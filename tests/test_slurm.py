@@ -1,0 +1,282 @@
+"""Slurm launch: pure parsing of Slurm variables, then the real slurm/*.sbatch scripts on a real local 2-node Slurm.
+
+The cluster tests use tests/slurm_standin.py in place of `upcycle-ds` (UPCYCLE_DS_CMD): it takes the same command
+line, derives its rank with upcycle_ds.launch.dist_env, and all_reduces over gloo across the two Slurm nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import NODE_ADDRS, slurm_cluster  # noqa: F401  (session fixture)
+from upcycle_ds.launch import slurm
+from upcycle_ds.launch.dist_env import DistEnv, dist_env, setup_dist_env
+
+REPO = Path(__file__).resolve().parents[1]
+STANDIN = f"{sys.executable} {REPO / 'tests' / 'slurm_standin.py'}"
+CPU_JOB = ["--cpus-per-task=1", "--time=5"]
+
+# The environment of task 1 of `srun` in `sbatch --nodes=2 --ntasks-per-node=2 --gpus-per-node=2` (real Slurm 22.05,
+# trimmed), and of the batch script itself (no step variables).
+STEP_ENV = {
+    "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+    "SLURM_NODEID": "0", "SLURM_NODELIST": "node[1-2]", "SLURM_NPROCS": "4", "SLURM_NTASKS": "4",
+    "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_STEPID": "0", "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NUM_TASKS": "4",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURMD_NODENAME": "node1",
+    "SLURM_GPUS_ON_NODE": "2",
+}
+BATCH_ENV = {k: v for k, v in STEP_ENV.items() if "STEP" not in k} | {"SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+
+
+def fake_lookup(addrs):
+    return dict(hostnames=slurm.expand_hostlist, node_addr=lambda n: addrs[n])
+
+
+# -- pure parsing ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, counts", [("8", [8]), ("2(x2)", [2, 2]), ("2(x3),1", [2, 2, 2, 1]),
+                                          ("4,3(x2)", [4, 3, 3])])
+def test_parse_tasks_per_node(spec, counts):
+    assert slurm.parse_tasks_per_node(spec) == counts
+
+
+def test_parse_tasks_per_node_rejects_garbage():
+    with pytest.raises(ValueError, match="tasks-per-node"):
+        slurm.parse_tasks_per_node("2(x)")
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node1", ["node1"]),
+    ("node[1-2]", ["node1", "node2"]),
+    ("gpu[01-03,7],login", ["gpu01", "gpu02", "gpu03", "gpu7", "login"]),  # padding per range, as scontrol does
+    ("a[1-2]b[3-4]", ["a1b3", "a1b4", "a2b3", "a2b4"]),
+    ("dgx-[009-010],cpu-a[1]-x", ["dgx-009", "dgx-010", "cpu-a1-x"]),
+])
+def test_expand_hostlist(nodelist, hosts):
+    assert slurm.expand_hostlist(nodelist) == hosts
+
+
+def test_parse_node_addr():
+    line = ("NodeName=node1 Arch=x86_64 CoresPerSocket=1 CPUAlloc=0 CPUTot=2 CPULoad=0.40 AvailableFeatures=(null) "
+            "Gres=gpu:2 NodeAddr=10.1.2.3 NodeHostName=node1 Version=22.05.8 OS=Linux")
+    assert slurm.parse_node_addr(line) == "10.1.2.3"
+    assert slurm.parse_node_addr("NodeName=x\n   NodeAddr=gpu-x.ib NodeHostName=x\n") == "gpu-x.ib"
+    assert slurm.parse_node_addr("nothing") is None
+
+
+def test_master_port_is_per_job_and_outside_ephemeral_range():
+    ports = {slurm.master_port_for_job(j) for j in range(100_000, 112_000)}
+    assert len(ports) == 12_000 and min(ports) >= 1024 and max(ports) < 32768
+    assert slurm.master_port_for_job("1234") == 21234
+
+
+# -- dist_env ---------------------------------------------------------------------------------------------------------
+def test_dist_env_torchrun_vars_win_over_slurm():
+    env = {**STEP_ENV, "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}
+    assert dist_env(env, **fake_lookup({})) == DistEnv(rank=5, world_size=8, local_rank=1, local_world_size=4,
+                                                       master_addr="10.0.0.1", master_port=29400, source="launcher")
+
+
+def test_dist_env_deepspeed_launcher_local_size():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "CROSS_RANK": "1",
+           "MASTER_ADDR": "h1", "MASTER_PORT": "29500"}
+    de = dist_env(env)
+    assert (de.rank, de.local_rank, de.local_world_size, de.source) == (3, 1, 2, "launcher")
+
+
+def test_dist_env_slurm_step():
+    de = dist_env(STEP_ENV, **fake_lookup({"node1": "10.0.0.7", "node2": "10.0.0.8"}))
+    assert de == DistEnv(rank=1, world_size=4, local_rank=1, local_world_size=2, master_addr="10.0.0.7",
+                         master_port=21234, source="slurm")
+
+
+def test_dist_env_slurm_uneven_nodes_and_exported_master():
+    env = {**STEP_ENV, "SLURM_STEP_TASKS_PER_NODE": "3,1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NODEID": "1",
+           "SLURM_PROCID": "3", "SLURM_LOCALID": "0", "MASTER_ADDR": "10.9.9.9", "MASTER_PORT": "23000"}
+    de = dist_env(env, **fake_lookup({}))  # no lookup: the exported master wins
+    assert (de.rank, de.world_size, de.local_rank, de.local_world_size) == (3, 4, 0, 1)
+    assert (de.master_addr, de.master_port) == ("10.9.9.9", 23000)
+
+
+def test_dist_env_batch_script_without_srun_is_one_process():
+    # The batch step has SLURM_PROCID=0 and SLURM_NTASKS=4 but is not rank 0 of 4: nothing would start ranks 1-3.
+    assert dist_env(BATCH_ENV).source == "single"
+    de = dist_env({})
+    assert (de.rank, de.world_size, de.local_rank, de.local_world_size, de.master_addr, de.source) == (
+        0, 1, 0, 1, "127.0.0.1", "single")
+    assert 0 < de.master_port < 65536
+    assert dist_env({"MASTER_PORT": "29511"}).master_port == 29511
+
+
+def test_dist_env_rejects_inconsistent_values():
+    with pytest.raises(ValueError, match="inconsistent"):
+        dist_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_setup_dist_env_writes_torch_variables():
+    env = {**STEP_ENV, "MASTER_ADDR": "10.0.0.7"}  # exported by the sbatch script: no scontrol lookup
+    setup_dist_env(env)
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                "MASTER_PORT")} == {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                                    "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.7",
+                                                    "MASTER_PORT": "21234"}
+
+
+# -- real Slurm -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_hostlist_parser_agrees_with_scontrol(slurm_cluster):
+    nodelist = "gpu[01-03,7],login,a[1-2]b[3-4],dgx-[009-010]"
+    assert slurm.hostnames(nodelist) == slurm.expand_hostlist(nodelist)
+    assert slurm.node_addr("node2") == NODE_ADDRS[1]
+
+
+@pytest.mark.slow
+def test_dist_env_inside_real_srun_step(slurm_cluster):
+    """No MASTER_ADDR exported: every rank derives it itself (scontrol: first host -> its NodeAddr)."""
+    code = ("import json; from upcycle_ds.launch.dist_env import dist_env; import os; "
+            "print(json.dumps({**dist_env().as_environ(), 'node': os.environ['SLURMD_NODENAME']}))")
+    out = slurm_cluster.run("srun", "--nodes=2", "--ntasks-per-node=2", *CPU_JOB, f"--chdir={REPO}",
+                            sys.executable, "-c", code, timeout=60)
+    ranks = sorted((json.loads(line) for line in out.stdout.splitlines()), key=lambda r: int(r["RANK"]))
+    assert [(r["RANK"], r["LOCAL_RANK"], r["node"]) for r in ranks] == [
+        ("0", "0", "node1"), ("1", "1", "node1"), ("2", "0", "node2"), ("3", "1", "node2")]
+    assert {(r["WORLD_SIZE"], r["LOCAL_WORLD_SIZE"], r["MASTER_ADDR"]) for r in ranks} == {("4", "2", NODE_ADDRS[0])}
+    assert len({r["MASTER_PORT"] for r in ranks}) == 1
+
+
+def _ranks(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank*.json"))]
+
+
+@pytest.mark.slow
+def test_train_sbatch_two_nodes(slurm_cluster, tmp_path):
+    """The real slurm/train.sbatch (GPU lines unchanged: the test nodes have 2 fake GPUs each), 2 nodes x 2 ranks."""
+    config, run_dir = tmp_path / "run.yaml", tmp_path / "run"
+    config.write_text("model: tiny\n")
+    job = slurm_cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, "--lr", "1e-4",
+                               env={"UPCYCLE_DS_CMD": STANDIN},
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", *CPU_JOB,
+                                            f"--output={tmp_path}/batch.log"])
+    state = slurm_cluster.wait(job, timeout=60)
+    batch_log = slurm_cluster.read_log(tmp_path / "batch.log")
+    assert state == "COMPLETED", batch_log + slurm_cluster.daemon_logs()
+
+    ranks = _ranks(run_dir)
+    assert [(r["RANK"], r["LOCAL_RANK"], r["node"]) for r in ranks] == [
+        ("0", "0", "node1"), ("1", "1", "node1"), ("2", "0", "node2"), ("3", "1", "node2")]
+    master = {(r["MASTER_ADDR"], r["MASTER_PORT"], r["WORLD_SIZE"], r["LOCAL_WORLD_SIZE"]) for r in ranks}
+    assert master == {(NODE_ADDRS[0], str(20000 + job % 12000), "4", "2")}
+    assert {r["allreduce"] for r in ranks} == {1.0 + 2 + 3 + 4}
+    assert all(r["command"] == "train" and r["config"] == str(config) and r["extra"] == ["--lr", "1e-4"]
+               and r["resume"] is False for r in ranks)
+
+    for rank in range(4):
+        log = slurm_cluster.read_log(run_dir / "logs" / f"train-{job}.0-rank{rank}.log")
+        assert f"rank {rank}/4" in log and f"rank {rank} done" in log, log
+    assert f"master {NODE_ADDRS[0]}:" in batch_log and "fresh start" in batch_log
+    assert f"job {job} done" in batch_log
+
+
+@pytest.mark.slow
+def test_train_sbatch_requeue_resumes(slurm_cluster, tmp_path):
+    """`scontrol requeue` mid-run: the script runs again under the same job id and adds --resume (checkpoint seen)."""
+    config, run_dir = tmp_path / "run.yaml", tmp_path / "run"
+    config.write_text("model: tiny\n")
+    job = slurm_cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, "--save", "--hold", "2",
+                               env={"UPCYCLE_DS_CMD": STANDIN},
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                                            f"--output={tmp_path}/batch.log"])
+    slurm_cluster.wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), timeout=60, what="checkpoint")
+    slurm_cluster.run("scontrol", "requeue", str(job))
+    # Slurm holds a requeued job for 120 s (EligibleTime); a real cluster waits, the test releases it now.
+    slurm_cluster.wait_for(lambda: slurm_cluster.job(job)["Reason"] == "BeginTime", timeout=10, what="requeue hold")
+    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    state = slurm_cluster.wait(job, timeout=60)
+    batch_log = slurm_cluster.read_log(tmp_path / "batch.log")
+    assert state == "COMPLETED", batch_log
+    assert slurm_cluster.job(job)["Restarts"] == "1"
+    ranks = _ranks(run_dir)
+    assert [(r["restart"], r["resume"]) for r in ranks] == [(1, True), (1, True)]
+    assert "fresh start" in batch_log and "--resume" in batch_log  # both runs appended to the same log
+    assert (run_dir / "logs" / f"train-{job}.1-rank1.log").exists()
+
+
+def _submit_two_ranks(cluster, tmp_path, *flags):
+    config, run_dir = tmp_path / "run.yaml", tmp_path / "run"
+    config.write_text("model: tiny\n")
+    job = cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, *flags, env={"UPCYCLE_DS_CMD": STANDIN},
+                         sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                                      f"--output={tmp_path}/batch.log"])
+    pid_file = run_dir / "pids" / "rank1.pid"
+    cluster.wait_for(pid_file.exists, timeout=60, what="rank 1 pid file")
+    time.sleep(1.5)  # past init_process_group and the first all_reduce: inside --hold
+    return job, run_dir, int(pid_file.read_text())
+
+
+def _time_to_final_state(cluster, job) -> tuple[str, float]:
+    t0 = time.monotonic()
+    state = cluster.wait(job, timeout=60)
+    return state, time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_job_fast(slurm_cluster, tmp_path):
+    """Rank 1 SIGKILLed (as by the OOM killer) while rank 0 computes without communicating for 120 s: srun's
+    --kill-on-bad-exit ends the step at once, so the job is FAILED in seconds, not after rank 0's 120 s."""
+    job, run_dir, pid = _submit_two_ranks(slurm_cluster, tmp_path, "--hold", "120")
+    os.kill(pid, signal.SIGKILL)
+    state, elapsed = _time_to_final_state(slurm_cluster, job)
+    print(f"SIGKILL rank 1 -> job {state} in {elapsed:.1f} s")
+    batch_log = slurm_cluster.read_log(tmp_path / "batch.log")
+    assert state == "FAILED" and elapsed < 30, batch_log
+    assert not (run_dir / "ranks").exists()  # no rank got to the end
+    assert f"job {job} done" not in batch_log
+
+
+@pytest.mark.slow
+def test_hung_rank_fails_job_by_collective_timeout(slurm_cluster, tmp_path):
+    """Rank 1 frozen (SIGSTOP: alive, silent, like a hung GPU or filesystem) while rank 0 waits in all_reduce: the
+    torch.distributed timeout (5 s here) fails rank 0, and --kill-on-bad-exit then takes down the frozen rank."""
+    job, run_dir, pid = _submit_two_ranks(slurm_cluster, tmp_path, "--hold", "120", "--hold-comm", "--timeout", "5")
+    os.kill(pid, signal.SIGSTOP)
+    state, elapsed = _time_to_final_state(slurm_cluster, job)
+    print(f"SIGSTOP rank 1 -> job {state} in {elapsed:.1f} s")
+    assert state == "FAILED" and elapsed < 30, slurm_cluster.read_log(tmp_path / "batch.log")
+    rank0_log = slurm_cluster.read_log(run_dir / "logs" / f"train-{job}.0-rank0.log")
+    assert "timed out" in rank0_log.lower() or "timeout" in rank0_log.lower(), rank0_log
+
+
+@pytest.mark.slow
+def test_train_sbatch_missing_config_fails_with_message(slurm_cluster, tmp_path):
+    job = slurm_cluster.submit(REPO / "slurm" / "train.sbatch", tmp_path / "nope.yaml", tmp_path / "run",
+                               env={"UPCYCLE_DS_CMD": STANDIN},
+                               sbatch_args=["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                                            f"--output={tmp_path}/batch.log"])
+    assert slurm_cluster.wait(job, timeout=30) == "FAILED"
+    assert slurm_cluster.job(job)["ExitCode"] == "2:0"
+    assert "nope.yaml not found" in slurm_cluster.read_log(tmp_path / "batch.log")
+
+
+@pytest.mark.slow
+def test_upit_sbatch_two_nodes_cpu_only(slurm_cluster, tmp_path):
+    """slurm/upit.sbatch with the GPU request dropped (--gpus-per-node=0): plain CPU ranks across 2 nodes."""
+    recipe, out = tmp_path / "recipe.yaml", tmp_path / "upit"
+    recipe.write_text("experts: []\n")
+    job = slurm_cluster.submit(REPO / "slurm" / "upit.sbatch", recipe, "--out", out,
+                               env={"UPCYCLE_DS_CMD": STANDIN, "LOG_DIR": str(tmp_path / "logs")},
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", *CPU_JOB,
+                                            f"--output={tmp_path}/batch.log"])
+    assert slurm_cluster.wait(job, timeout=60) == "COMPLETED", slurm_cluster.read_log(tmp_path / "batch.log")
+    ranks = _ranks(out)
+    assert [(r["RANK"], r["node"], r["command"], r["allreduce"]) for r in ranks] == [
+        ("0", "node1", "upit", 3.0), ("1", "node2", "upit", 3.0)]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [f"upit-{job}.0-rank0.log",
+                                                                      f"upit-{job}.0-rank1.log"]

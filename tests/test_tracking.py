@@ -1,0 +1,223 @@
+"""Expert-load tracking: what `Tracker` logs is checked against wandb's own offline run log (`.wandb`, parsed by
+`wandb_read`), against `metrics.jsonl`, and against the heatmap's pixels decoded through matplotlib's colormap."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+import matplotlib.font_manager  # noqa: F401  (load matplotlib's font cache before HOME is redirected below)
+import numpy as np
+import pytest
+from PIL import Image
+
+from upcycle_ds.errors import UserError
+from upcycle_ds.train.tracking import LayerStats, Tracker, read_heatmap_meta
+from upcycle_ds.train.wandb_read import BLOCK_LEN, find_wandb_file, read_offline_run
+
+WANDB_VARS = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE", "WANDB_SILENT")
+LAYER_IDS = [1, 3]
+# per step: per MoE layer (tokens_per_expert, aux, z, entropy, dropped)
+STEPS = {
+    0: [([10, 20, 30, 40], 1.07, 0.011, 1.28, 0.0), (np.array([5, 5, 5, 85]), 1.61, 0.021, 0.83, 0.125)],
+    1: [([25, 25, 25, 25], 1.0, 0.009, 1.386, 0.0), (np.array([0, 7, 13, 100]), 1.9, 0.03, 0.5, 0.25)],
+    2: [([1, 2, 3, 1000], 3.7, 0.5, 0.1, 0.0), (np.array([40, 30, 20, 10]), 1.2, 0.015, 1.25, 0.0)],
+}
+EVAL_LOAD = np.array([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.15, 0.05]])
+CONFIG = {"lr": 3e-4, "moe": {"num_experts": 4, "top_k": 2}, "note": "x" * 40_000}  # > 32 KiB: spans blocks
+
+
+def layer_stats(step: int) -> list[LayerStats]:
+    return [LayerStats(layer=L, tokens_per_expert=t, aux_loss=a, z_loss=z, entropy=h, dropped_fraction=d)
+            for L, (t, a, z, h, d) in zip(LAYER_IDS, STEPS[step])]
+
+
+def scalars(step: int) -> dict[str, float]:
+    return {"loss": 4.0 - 0.5 * step, "lr": 1e-4 * (step + 1), "tokens_per_s": 1000.0 + step}
+
+
+def all_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    """One real offline run, HOME and the working dir pointed at empty dirs to catch files written outside."""
+    root = tmp_path_factory.mktemp("tracking")
+    home, cwd, run_dir = root / "home", root / "cwd", root / "run"
+    home.mkdir()
+    cwd.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        for var in WANDB_VARS:
+            mp.delenv(var, raising=False)
+        mp.setenv("HOME", str(home))
+        mp.chdir(cwd)
+        tracker = Tracker(run_dir, CONFIG, name="tiny-test")
+        for step in STEPS:
+            tracker.log_step(step, scalars(step), layer_stats(step))
+        png = tracker.log_eval(3, {"loss": 2.25, "eval/ppl": 9.49}, EVAL_LOAD, LAYER_IDS)
+        tracker.finish()
+        tracker.finish()  # idempotent
+        env_after = {var: os.environ.get(var) for var in WANDB_VARS}
+    return {"run_dir": run_dir, "png": png, "home": home, "cwd": cwd, "env_after": env_after,
+            "wandb": read_offline_run(run_dir)}
+
+
+def test_history_matches_logged_layer_stats(offline_run):
+    hist = {row["_step"]: row for row in offline_run["wandb"]["history"]}
+    assert sorted(hist) == [0, 1, 2, 3]
+    for step in STEPS:
+        row = hist[step]
+        for k, v in scalars(step).items():
+            assert row[k] == pytest.approx(v, rel=1e-12)
+        for L, (tokens, aux, z, ent, dropped) in zip(LAYER_IDS, STEPS[step]):
+            tokens = np.asarray(tokens, dtype=np.float64)
+            fracs = [row[f"moe/layer{L}/expert{e}_frac"] for e in range(4)]
+            assert f"moe/layer{L}/expert4_frac" not in row
+            assert sum(fracs) == pytest.approx(1.0, abs=1e-12)
+            assert fracs == pytest.approx((tokens / tokens.sum()).tolist(), rel=1e-12)
+            assert row[f"moe/layer{L}/imbalance"] == pytest.approx(4 * tokens.max() / tokens.sum(), rel=1e-12)
+            assert row[f"moe/layer{L}/aux_loss"] == pytest.approx(aux, rel=1e-12)
+            assert row[f"moe/layer{L}/z_loss"] == pytest.approx(z, rel=1e-12)
+            assert row[f"moe/layer{L}/entropy"] == pytest.approx(ent, rel=1e-12)
+            assert row[f"moe/layer{L}/dropped_frac"] == pytest.approx(dropped, rel=1e-12)
+        assert not any(k.startswith("moe/layer2/") for k in row)  # only the MoE layers given
+
+
+def test_eval_row_has_scalars_and_the_heatmap_image(offline_run):
+    row = next(r for r in offline_run["wandb"]["history"] if r["_step"] == 3)
+    assert row["eval/loss"] == 2.25 and row["eval/ppl"] == 9.49  # prefixed once, not twice
+    image = row["moe/load_heatmap"]
+    assert image["_type"] == "image-file" and image["format"] == "png"
+    media = Path(offline_run["wandb"]["run"]["files_dir"]) / image["path"]
+    png_bytes = offline_run["png"].read_bytes()
+    assert media.read_bytes() == png_bytes
+    assert image["sha256"] == hashlib.sha256(png_bytes).hexdigest()
+    with Image.open(offline_run["png"]) as img:
+        assert (img.width, img.height) == (image["width"], image["height"])
+
+
+def test_config_summary_and_exit(offline_run):
+    run = offline_run["wandb"]
+    assert run["config"]["lr"] == CONFIG["lr"] and run["config"]["moe"] == CONFIG["moe"]
+    assert run["config"]["note"] == CONFIG["note"]
+    assert run["run"]["name"] == "tiny-test" and run["run"]["project"] == "upcycle_ds"
+    assert run["summary"]["loss"] == scalars(2)["loss"] and run["summary"]["_step"] == 3
+    assert run["exit_code"] == 0
+    assert find_wandb_file(offline_run["run_dir"]).stat().st_size > BLOCK_LEN  # the multi-block path was read
+
+
+def test_metrics_jsonl_matches_wandb_history(offline_run):
+    lines = [json.loads(l) for l in (offline_run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in lines] == [0, 1, 2, 3]
+    hist = {row["_step"]: row for row in offline_run["wandb"]["history"]}
+    for rec in lines[:3]:
+        logged = {k: v for k, v in hist[rec["step"]].items() if not k.startswith("_")}
+        assert {k: v for k, v in rec.items() if k != "step"} == pytest.approx(logged, rel=1e-12)
+    ev = lines[3]
+    assert ev["eval/loss"] == 2.25 and ev["moe/load_heatmap"] == offline_run["png"].name
+    assert ev["moe/load"] == {"layer_ids": LAYER_IDS, "fractions": EVAL_LOAD.tolist()}
+
+
+def test_heatmap_pixels_show_one_row_per_moe_layer(offline_run):
+    png = offline_run["png"]
+    assert png == offline_run["run_dir"] / "load_heatmap_step3.png"
+    meta = read_heatmap_meta(png)
+    assert meta["layer_ids"] == LAYER_IDS and meta["load"] == EVAL_LOAD.tolist()
+    # Decode the colour of each cell back to a value through the colormap and compare with the matrix.
+    table = matplotlib.colormaps[meta["cmap"]](np.linspace(0, 1, 256))[:, :3] * 255
+    rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
+    left, top, right, bottom = meta["axes_px"]
+    n_rows, n_cols = EVAL_LOAD.shape
+    cell_w, cell_h = (right - left) / n_cols, (bottom - top) / n_rows
+    decoded = np.zeros_like(EVAL_LOAD)
+    for i in range(n_rows):
+        for e in range(n_cols):
+            # a point inside the cell, off its centre (where the value is written) and off its edges
+            px = rgb[int(top + (i + 0.2) * cell_h), int(left + (e + 0.2) * cell_w)]
+            idx = np.argmin(((table - px) ** 2).sum(axis=1))
+            decoded[i, e] = meta["vmin"] + idx / 255 * (meta["vmax"] - meta["vmin"])
+    np.testing.assert_allclose(decoded, EVAL_LOAD, atol=1.5 / 255 * meta["vmax"])
+    # just outside the heatmap (above its top edge) is not a colormap cell
+    above = rgb[int(top) - 3, int(left + 0.2 * cell_w)]
+    assert above.tolist() == [255, 255, 255]
+
+
+def test_nothing_written_outside_the_run_dir(offline_run):
+    assert all_files(offline_run["home"]) == []
+    assert all_files(offline_run["cwd"]) == []
+    assert all(v is None for v in offline_run["env_after"].values())  # env restored by finish()
+    wandb_dir = offline_run["run_dir"] / "wandb"
+    assert list(wandb_dir.glob("offline-run-*/run-*.wandb"))
+    assert list((wandb_dir / ".cache").rglob("core-debug-*.log"))  # wandb's own service log landed in the run
+
+
+def test_corrupted_log_is_rejected(offline_run, tmp_path):
+    bad = tmp_path / "run-bad.wandb"
+    data = bytearray(find_wandb_file(offline_run["run_dir"]).read_bytes())
+    data[BLOCK_LEN + 100] ^= 0xFF  # a byte inside the second block
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="CRC mismatch"):
+        read_offline_run(bad)
+    bad.write_bytes(b"PK\x03\x04" + bytes(data[4:]))
+    with pytest.raises(UserError, match="not a W&B run log"):
+        read_offline_run(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .wandb run log"):
+        read_offline_run(tmp_path / "empty")
+
+
+def test_disabled_mode_writes_metrics_jsonl_and_no_wandb_dir(tmp_path, monkeypatch):
+    for var in WANDB_VARS:
+        monkeypatch.delenv(var, raising=False)
+    run_dir = tmp_path / "run"
+    tracker = Tracker(run_dir, CONFIG, mode="disabled")
+    for step in STEPS:
+        tracker.log_step(step, scalars(step), layer_stats(step))
+    png = tracker.log_eval(3, {"loss": 2.25}, EVAL_LOAD, LAYER_IDS)
+    tracker.finish()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["load_heatmap_step3.png", "metrics.jsonl"]
+    assert read_heatmap_meta(png)["load"] == EVAL_LOAD.tolist()
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in lines] == [0, 1, 2, 3]
+    rec = lines[1]
+    assert rec["loss"] == 3.5
+    assert [rec[f"moe/layer3/expert{e}_frac"] for e in range(4)] == pytest.approx([0, 7 / 120, 13 / 120, 100 / 120])
+    assert rec["moe/layer3/dropped_frac"] == 0.25
+    assert not any(var in os.environ for var in WANDB_VARS)
+
+
+def test_non_rank0_tracker_does_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    tracker = Tracker(run_dir, CONFIG, enabled=False)
+    tracker.log_step(0, scalars(0), layer_stats(0))
+    assert tracker.log_eval(0, {}, EVAL_LOAD, LAYER_IDS) is None
+    tracker.finish()
+    assert not run_dir.exists()
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(UserError, match="--wandb-mode must be one of offline, online, disabled"):
+        Tracker(tmp_path / "run", {}, mode="offlin")
+    tracker = Tracker(tmp_path / "run", {}, mode="disabled")
+    with pytest.raises(ValueError, match="layer 1 given twice"):
+        tracker.log_step(0, {}, layer_stats(0) + layer_stats(0)[:1])
+    with pytest.raises(ValueError, match=r"must be \[len\(layer_ids\)=2, E\]"):
+        tracker.log_eval(0, {}, EVAL_LOAD[:1], LAYER_IDS)
+
+
+def test_context_manager_records_a_failed_run(tmp_path, monkeypatch):
+    for var in WANDB_VARS:
+        monkeypatch.delenv(var, raising=False)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="diverged"):
+        with Tracker(run_dir, {"lr": 1.0}) as tracker:
+            tracker.log_step(0, {"loss": float("nan")}, layer_stats(0))
+            raise RuntimeError("loss diverged")
+    run = read_offline_run(run_dir)
+    assert run["exit_code"] == 1
+    assert np.isnan(run["history"][0]["loss"])
+    assert np.isnan(json.loads((run_dir / "metrics.jsonl").read_text())["loss"])

@@ -1,0 +1,176 @@
+"""Per-rank GPU memory plan for training an MoE model (or a dense one upcycled to MoE) with native DeepSpeed-MoE:
+parameters, gradients, optimizer states (exact, as DeepSpeed allocates them) and activations (an estimate), split into
+the non-expert part (replicated) and the expert part (1/ep per rank); whether it fits the GPU, and the smallest
+expert-parallel size / ZeRO stage that fits. Reads config.json only. See docs/planning.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from ..errors import UserError
+from ..families import family_for
+from ..plan import (GIB, Plan, Setup, load_config, make_plan, shape_from_config, smallest_fit, suggestions,
+                    upcycled_shape, usable_bytes, valid_ep_sizes)
+
+
+@dataclass(kw_only=True)
+class Args:
+    model: str
+    """HF checkpoint dir (dense or MoE) or a config.json file; only config.json is read."""
+    num_experts: int | None = None
+    """Experts per MoE layer when upcycling a dense model (an MoE config's own count is used otherwise)."""
+    top_k: int | None = None
+    """Experts per token when upcycling a dense model (an MoE config's own value is used otherwise)."""
+    layers: str = "all"
+    """Layers that become MoE when upcycling a dense model: all, every:N or i,j,..."""
+    ep_size: int = 1
+    """Expert-parallel size (divides the number of experts and the world size)."""
+    zero_stage: int = 2
+    """ZeRO stage 0, 1 or 2 (native DeepSpeed-MoE does not support 3)."""
+    nodes: int = 1
+    """Number of nodes."""
+    gpus_per_node: int = 8
+    """GPUs (ranks) per node."""
+    micro_batch_size: int = 1
+    """Sequences per rank per micro step."""
+    seq_len: int = 4096
+    """Tokens per sequence."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Training precision: bf16 mixed precision (bf16 params/grads, fp32 master + Adam) or fp32."""
+    activation_checkpointing: bool = True
+    """HF gradient checkpointing (one checkpoint per decoder layer)."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU in GiB (torch reports 79.2 GiB for an 80 GB H100; the margin covers the difference)."""
+    margin: float = 0.10
+    """Fraction of GPU memory kept free for what is not modelled: CUDA context and kernels, NCCL buffers, allocator
+    fragmentation, temporaries in backward."""
+    reduce_bucket_size: int = 500_000_000
+    """DeepSpeed zero_optimization.reduce_bucket_size (elements); the bucket is allocated in full."""
+    json: bool = False
+    """Print the plan as JSON instead of tables."""
+
+
+def run(args: Args) -> int:
+    if not 0 <= args.margin < 1:
+        raise UserError(f"--margin must be in [0, 1) (got {args.margin})")
+    if args.gpu_memory_gb <= 0:
+        raise UserError(f"--gpu-memory-gb must be > 0 (got {args.gpu_memory_gb})")
+    config = load_config(args.model)
+    _, is_moe = family_for(config)
+    if is_moe:
+        shape = shape_from_config(config)
+        for flag, want, have in (("--num-experts", args.num_experts, shape.num_experts),
+                                 ("--top-k", args.top_k, shape.top_k)):
+            if want is not None and want != have:
+                raise UserError(f"{flag} {want} differs from the MoE config's {have}; drop the flag")
+        if args.layers != "all":
+            raise UserError("--layers applies to upcycling a dense model; the MoE config fixes its MoE layers")
+    else:
+        if args.num_experts is None or args.top_k is None:
+            raise UserError("a dense model needs --num-experts and --top-k (the MoE it will be upcycled into)")
+        shape = upcycled_shape(config, num_experts=args.num_experts, top_k=args.top_k, layers=args.layers)
+    setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, ep_size=args.ep_size,
+                  zero_stage=args.zero_stage, dtype=args.dtype, micro_batch_size=args.micro_batch_size,
+                  seq_len=args.seq_len, activation_checkpointing=args.activation_checkpointing,
+                  reduce_bucket_size=args.reduce_bucket_size)
+    plan = make_plan(shape, setup)
+    grid = suggestions(shape, setup, args.gpu_memory_gb, args.margin)
+    best = smallest_fit(grid, args.gpu_memory_gb, args.margin, args.activation_checkpointing)
+    if args.json:
+        print(json.dumps(_as_json(plan, shape, grid, best, args), indent=2))
+    else:
+        print(render(plan, shape, grid, best, args))
+    return 0
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:.2f}"
+
+
+def render(plan: Plan, shape, grid, best, args: Args) -> str:
+    s, c = plan.setup, plan.params
+    usable = usable_bytes(args.gpu_memory_gb, args.margin)
+    lines = [
+        f"model: {shape.model_type}, {shape.num_layers} layers ({len(shape.moe_layers)} MoE), "
+        f"{shape.num_experts} experts top-{shape.top_k}, hidden {shape.hidden}, vocab {shape.vocab}",
+        f"parameters: {c.total / 1e9:.3f} B = {c.non_expert / 1e9:.3f} B non-expert (replicated) + "
+        f"{c.expert / 1e9:.3f} B expert ({c.expert / s.ep_size / 1e9:.3f} B per rank at ep_size {s.ep_size})",
+        f"layout: world {s.world} = {s.nodes} nodes x {s.gpus_per_node} GPUs; ep_size {s.ep_size}, expert-DP "
+        f"{s.world // s.ep_size}; ZeRO-{s.zero_stage}; {s.dtype}; micro batch {s.micro_batch_size} x seq "
+        f"{s.seq_len}; activation checkpointing {'on' if s.activation_checkpointing else 'off'}",
+        "",
+    ]
+    head = ("component", "non-expert GiB", "expert GiB", "total GiB", "")
+    body = [(r.name, _gib(r.non_expert), _gib(r.expert), _gib(r.total), r.note) for r in plan.rows.values()]
+    peak_ne = sum(plan.rows[k].non_expert for k in ("params", "grads", "optim", "bucket"))
+    peak_ex = sum(plan.rows[k].expert for k in ("params", "grads", "optim", "bucket"))
+    trans = ["act_layers", "act_logits"] if plan.activations >= plan.rows["step_grads"].total else ["step_grads"]
+    peak_ne += sum(plan.rows[k].non_expert for k in trans)
+    peak_ex += sum(plan.rows[k].expert for k in trans)
+    body.append(("peak per rank", _gib(peak_ne), _gib(peak_ex), _gib(plan.peak),
+                 "states + max(activations, fp32 step grads)"))
+    lines += _table(head, body, rule_before=len(body) - 1, left=(0, 4))
+    fits = plan.fits(args.gpu_memory_gb, args.margin)
+    lines += ["", f"usable per GPU: {_gib(usable)} GiB ({args.gpu_memory_gb:g} GiB - {args.margin:.0%} margin) -> "
+                  f"{'FITS' if fits else 'DOES NOT FIT'} ({_gib(plan.peak)} GiB peak)", ""]
+    eps = valid_ep_sizes(shape.num_experts, s.world)
+    lines.append("peak GiB per rank for every valid layout (* = fits):")
+    ghead = ("ep_size",) + tuple(f"ZeRO-{st}" + (" +AC" if ac else "") for ac in (False, True) for st in (0, 1, 2))
+    gbody = []
+    for ep in eps:
+        row = [str(ep)]
+        for ac in (False, True):
+            for st in (0, 1, 2):
+                p = grid[(ep, st, ac)]
+                row.append(_gib(p.peak) + ("*" if p.fits(args.gpu_memory_gb, args.margin) else " "))
+        gbody.append(tuple(row))
+    lines += _table(ghead, gbody)
+    lines.append("(AC = activation checkpointing)")
+    lines.append("")
+    if best is None:
+        lines.append("suggestion: nothing fits; lower --micro-batch-size / --seq-len, add GPUs, or offload")
+    else:
+        ep, st, ac = best
+        extra = "" if ac == s.activation_checkpointing else " with --activation-checkpointing"
+        same = (ep, st, ac) == (s.ep_size, s.zero_stage, s.activation_checkpointing)
+        lines.append(f"suggestion: --ep-size {ep} --zero-stage {st}{extra} (smallest ep_size, then ZeRO stage, that "
+                     f"fits: {_gib(grid[best].peak)} GiB){' = this plan' if same else ''}")
+    lines.append("Model states follow DeepSpeed 0.19's allocations; activations are an estimate (docs/planning.md).")
+    return "\n".join(lines)
+
+
+def _table(head, body, rule_before: int | None = None, left: tuple[int, ...] = (0,)) -> list[str]:
+    """Plain-text table; columns in `left` are left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in (head, *body)) for i in range(len(head))]
+
+    def fmt(r):
+        return "  ".join(str(v).ljust(w) if i in left else str(v).rjust(w)
+                         for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths).rstrip()
+    out = [fmt(head), rule]
+    for i, r in enumerate(body):
+        if i == rule_before:
+            out.append(rule)
+        out.append(fmt(r))
+    return out
+
+
+def _as_json(plan: Plan, shape, grid, best, args: Args) -> dict:
+    return {
+        "model_type": shape.model_type,
+        "params": {"non_expert": plan.params.non_expert, "expert": plan.params.expert, "total": plan.params.total},
+        "setup": asdict(plan.setup),
+        "rows_bytes": {k: {"non_expert": r.non_expert, "expert": r.expert, "total": r.total}
+                       for k, r in plan.rows.items()},
+        "peak_bytes": plan.peak,
+        "usable_bytes": usable_bytes(args.gpu_memory_gb, args.margin),
+        "fits": plan.fits(args.gpu_memory_gb, args.margin),
+        "grid": [{"ep_size": ep, "zero_stage": st, "activation_checkpointing": ac, "peak_bytes": p.peak,
+                  "fits": p.fits(args.gpu_memory_gb, args.margin)} for (ep, st, ac), p in grid.items()],
+        "suggestion": None if best is None else {"ep_size": best[0], "zero_stage": best[1],
+                                                 "activation_checkpointing": best[2]},
+    }

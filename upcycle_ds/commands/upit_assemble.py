@@ -1,0 +1,53 @@
+"""UpIT stages 1-2: assemble dense SFT checkpoints (same model, different training steps; oldest first) into one HF
+MoE checkpoint whose expert i is checkpoint i's MLP. With more checkpoints than --num-experts the last E given are
+used; with fewer, the pool is grown per layer by genetic expansion (dissimilar parents, crossover, DARE mutation).
+Non-expert weights come from the last checkpoint (or their average); the router is random (train it with
+router-init). Writes OUT atomically, with upit_report.json (expert sources, delta cosine similarities per layer).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ..io.hf import HFCheckpoint, atomic_output_dir, check_output_dir, copy_side_files, write_config, write_sharded
+from ..upit.assemble import REPORT, AssembledView, AssembleOptions, open_checkpoints
+
+
+@dataclass(kw_only=True)
+class Args(AssembleOptions):
+    checkpoints: list[str]
+    """HF dense checkpoint dirs, oldest first (same model at different SFT steps); expert i = checkpoint i."""
+    out: str
+    """Output dir for the HF MoE checkpoint (must not exist unless --overwrite)."""
+    base: str | None = None
+    """The dense model before SFT: expansion deltas are taken from it (recommended). Default: the first checkpoint."""
+    overwrite: bool = False
+    """Replace OUT if it exists (only after the new checkpoint is complete)."""
+    max_shard_gb: float = 2.0
+    """Largest safetensors shard, in GiB."""
+
+
+def run(args: Args) -> int:
+    check_output_dir(args.out, args.overwrite)
+    cks = open_checkpoints(args.checkpoints)
+    base = HFCheckpoint(args.base) if args.base else None
+    view = AssembledView(cks, args, base)
+    if base is None and args.num_experts > len(view.used):
+        print("note: no --base given; expansion deltas are taken from the first checkpoint "
+              f"({cks[0].path}); pass the pre-SFT dense model as --base to follow UpIT", file=sys.stderr)
+    plan = [(k, view.dtype(k), view.shape(k)) for k in view.keys()]
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        with tqdm(total=len(plan), desc="upit-assemble", unit="tensor", file=sys.stderr, disable=None) as bar:
+            nbytes = write_sharded(tmp, plan, view.get, int(args.max_shard_gb * 1024**3), progress=bar)
+        write_config(tmp, view.config)
+        copy_side_files(view.path, tmp)
+        (tmp / REPORT).write_text(json.dumps(view.report(), indent=2) + "\n")
+    n_ck = len(view.used)
+    print(f"wrote {view.config['model_type']} checkpoint with {args.num_experts} experts (top-{args.top_k}; "
+          f"{n_ck} from checkpoints, {max(0, args.num_experts - n_ck)} by expansion) in layers "
+          f"{list(view.moe_layers)} to {args.out} ({nbytes / 1e9:.2f} GB)", file=sys.stderr)
+    return 0

@@ -1,0 +1,431 @@
+"""Per-rank memory plan for training an (upcycled) MoE model with native DeepSpeed-MoE (expert parallel + ZeRO 0/1/2).
+
+Everything here is arithmetic on config.json shapes; no weights are read. The model-state figures follow what
+DeepSpeed 0.19 actually allocates (read from `runtime/engine.py`, `runtime/zero/stage_1_and_2.py`,
+`runtime/fp16/unfused_optimizer.py`), the activation figures are an *estimate* (see `layer_activation_bytes`).
+docs/planning.md explains every term and carries a worked example.
+
+Symbols: N non-expert parameters (replicated on every rank: embeddings, attention, norms, dense MLPs, routers, shared
+experts), X expert parameters of the whole model, W world size, ep expert-parallel size, X_r = X / ep the experts of
+one rank, W_e = W / ep the expert-data-parallel group size, p bytes per model element (bf16 2, fp32 4), T tokens per
+micro batch per rank.
+
+Model states per rank (`model_states`):
+- parameters: p * (N + X_r), never partitioned (no ZeRO-3 with native MoE).
+- gradients in model dtype: stage 0 p*(N + X_r); stage 2 only this rank's reduced partition p*(N/W + X_r/W_e),
+  reduced in buckets during backward; stage 1 reduces once at the end of backward, so the full gradients and the
+  partition copied out of them (`averaged_gradients`) coexist at that moment: p*(N + X_r) + p*(N/W + X_r/W_e).
+- optimizer states: fp32 master weights (4 B) + Adam exp_avg, exp_avg_sq (8 B) per element of this rank's partition
+  (stage 1/2: N/W + X_r/W_e) or of every local element (stage 0). ZeRO 1/2 clone an fp32 master partition even for
+  fp32 models; stage 0 with fp32 has no master copy (the torch optimizer updates the parameters), so 8 B only.
+- fp32 gradients at the optimizer step: the partition's gradients flattened and cast to fp32 (stage 1/2: 4 B per
+  partition element; stage 0 bf16: 4 B per local element; stage 0 fp32: none). They exist only during `step()`,
+  when activations are already freed, so the peak takes max(activations, fp32 step gradients).
+- gradient reduce bucket: `reduce_bucket_size` elements (DeepSpeed default 5e8) of model dtype, allocated in full.
+For stage 2 + bf16 this is DeepSpeed's own `estimate_zero2_model_states_mem_needs`: 2*P + 18*P/W (tested).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import UserError
+from .families import family_for
+from .upcycle import parse_layers
+
+GIB = 1024**3
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed zero_optimization.reduce_bucket_size default (elements)
+
+
+# ---------------------------------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True, kw_only=True)
+class MLPShape:
+    """One decoder layer's MLP: dense (`intermediate` > 0, no experts) or MoE (`num_experts` > 0)."""
+
+    intermediate: int = 0
+    """dense SwiGLU width (a dense layer) or 0 (an MoE layer)."""
+    bias: bool = False
+    """Llama `mlp_bias` (dense layers only)."""
+    num_experts: int = 0
+    top_k: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int | None = None
+    """Qwen2-MoE shared expert width (with its 1-output sigmoid gate); None = no shared expert."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """Every shape that decides parameter count and activation size, read from config.json."""
+
+    model_type: str
+    vocab: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    tied_embeddings: bool
+    mlps: tuple[MLPShape, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.mlps)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, m in enumerate(self.mlps) if m.is_moe)
+
+    @property
+    def num_experts(self) -> int:
+        return max((m.num_experts for m in self.mlps), default=0)
+
+    @property
+    def top_k(self) -> int:
+        return max((m.top_k for m in self.mlps), default=0)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    non_expert: int
+    """parameters every rank holds (embeddings, attention, norms, dense MLPs, routers, shared experts)."""
+    expert: int
+    """parameters of all experts of all MoE layers (each rank holds expert / ep_size)."""
+
+    @property
+    def total(self) -> int:
+        return self.non_expert + self.expert
+
+
+def load_config(path: str | Path) -> dict:
+    """config.json of an HF checkpoint dir, or a config.json file itself."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise UserError(f"{path}: no such config.json or HF checkpoint dir")
+    try:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{p}: expected a JSON object")
+    return cfg
+
+
+def _resolved(cfg: dict) -> dict:
+    """config.json with transformers' defaults filled in for absent keys (e.g. qkv_bias, head_dim)."""
+    import transformers
+
+    kw = {k: v for k, v in cfg.items() if k not in ("transformers_version", "architectures", "model_type")}
+    try:
+        hf = transformers.AutoConfig.for_model(cfg["model_type"], **kw)
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"config.json ({cfg.get('model_type')}) is not a valid transformers config: {e}") from None
+    out = dict(vars(hf))
+    out.update({k: v for k, v in cfg.items() if k not in out})
+    return out
+
+
+def _req(cfg: dict, key: str) -> int:
+    v = cfg.get(key)
+    if not isinstance(v, int) or v < 0:
+        raise UserError(f"config.json: {key} must be a non-negative integer (got {v!r})")
+    return v
+
+
+def shape_from_config(config: dict) -> ModelShape:
+    """The model a config.json describes as is (dense or MoE)."""
+    family, is_moe = family_for(config)
+    cfg = _resolved(config)
+    mt = config["model_type"]
+    hidden, heads = _req(cfg, "hidden_size"), _req(cfg, "num_attention_heads")
+    head_dim = cfg.get("head_dim") or hidden // heads
+    n_layers = _req(cfg, "num_hidden_layers")
+    attention_bias = bool(cfg.get("attention_bias", False))
+    qkv_bias, o_bias = {
+        "llama": (attention_bias, attention_bias), "qwen3": (attention_bias, attention_bias),
+        "qwen3_moe": (attention_bias, attention_bias), "qwen2": (True, False),
+        "qwen2_moe": (bool(cfg.get("qkv_bias", True)), False),
+    }.get(mt, (False, False))  # mistral, mixtral: no attention biases
+    if is_moe:
+        moe = set(family.moe_layers(cfg)) if family.num_experts(cfg) > 0 else set()
+        experts, k = family.num_experts(cfg), int(cfg.get("num_experts_per_tok", 0))
+        e_inter = family.expert_intermediate_size(cfg)
+        shared = int(cfg["shared_expert_intermediate_size"]) if mt == "qwen2_moe" else None
+        dense = MLPShape(intermediate=_req(cfg, "intermediate_size"))
+        mlps = tuple(MLPShape(num_experts=experts, top_k=k, expert_intermediate=e_inter, shared_intermediate=shared)
+                     if i in moe else dense for i in range(n_layers))
+    else:
+        bias = bool(cfg.get("mlp_bias", False)) if mt == "llama" else False
+        mlps = (MLPShape(intermediate=_req(cfg, "intermediate_size"), bias=bias),) * n_layers
+    return ModelShape(model_type=mt, vocab=_req(cfg, "vocab_size"), hidden=hidden, heads=heads,
+                      kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(head_dim),
+                      qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=mt in ("qwen3", "qwen3_moe"),
+                      tied_embeddings=bool(cfg.get("tie_word_embeddings", False)), mlps=mlps)
+
+
+def upcycled_shape(config: dict, *, num_experts: int, top_k: int, layers: str = "all") -> ModelShape:
+    """The MoE model `upcycle` makes of a dense config.json: chosen layers' MLPs become E copies + a router.
+
+    Qwen2 gains Qwen2-MoE's (empty, intermediate 0) shared expert and its gate, as `upcycle` writes it. Llama/Mistral
+    allow any layer subset here (DeepSpeed trains it), although the Mixtral export needs `all`.
+    """
+    family, is_moe = family_for(config)
+    if is_moe:
+        raise UserError(f"{config['model_type']} is already an MoE config; upcycling needs a dense one")
+    family.check_dense_config(_resolved(config))
+    if num_experts < 2:
+        raise UserError(f"--num-experts must be >= 2 (got {num_experts})")
+    if not 1 <= top_k <= num_experts:
+        raise UserError(f"--top-k must be between 1 and --num-experts={num_experts} (got {top_k})")
+    dense = shape_from_config(config)
+    moe = set(parse_layers(layers, dense.num_layers))
+    shared = 0 if family.moe_shared else None
+    mlps = tuple(MLPShape(num_experts=num_experts, top_k=top_k, expert_intermediate=m.intermediate,
+                          shared_intermediate=shared) if i in moe else m for i, m in enumerate(dense.mlps))
+    return replace(dense, mlps=mlps, model_type=family.moe_model_type)
+
+
+def count_params(s: ModelShape) -> ParamCount:
+    """Exact parameter counts (as `sum(p.numel())` of the transformers / DeepSpeed model; tied weights once)."""
+    h, a, g = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    attn = h * (a + 2 * g) + a * h + (a + 2 * g) * s.qkv_bias + h * s.o_bias + 2 * s.head_dim * s.qk_norm
+    non_expert = s.vocab * h * (1 if s.tied_embeddings else 2) + h  # embeddings (+ lm_head), final norm
+    expert = 0
+    for m in s.mlps:
+        non_expert += attn + 2 * h  # attention + 2 RMSNorms
+        if m.is_moe:
+            non_expert += m.num_experts * h  # router
+            expert += m.num_experts * 3 * h * m.expert_intermediate
+            if m.shared_intermediate is not None:
+                non_expert += 3 * h * m.shared_intermediate + h  # shared expert + its gate
+        else:
+            non_expert += 3 * h * m.intermediate + (2 * m.intermediate + h) * m.bias
+    return ParamCount(non_expert, expert)
+
+
+# ------------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True, kw_only=True)
+class Setup:
+    """Parallel layout and training settings one plan is made for."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    ep_size: int = 1
+    zero_stage: int = 2
+    dtype: str = "bf16"
+    micro_batch_size: int = 1
+    seq_len: int = 4096
+    activation_checkpointing: bool = True
+    reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len
+
+
+def valid_ep_sizes(num_experts: int, world: int) -> list[int]:
+    """ep sizes DeepSpeed-MoE accepts: divide both the number of experts and the world size."""
+    return [e for e in range(1, min(num_experts, world) + 1) if num_experts % e == 0 and world % e == 0]
+
+
+def check_setup(shape: ModelShape, setup: Setup) -> None:
+    for name in ("nodes", "gpus_per_node", "ep_size", "micro_batch_size", "seq_len"):
+        if getattr(setup, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(setup, name)})")
+    if setup.zero_stage == 3:
+        raise UserError("--zero-stage 3: native DeepSpeed-MoE is not supported with ZeRO stage 3; use 0, 1 or 2")
+    if setup.zero_stage not in (0, 1, 2):
+        raise UserError(f"--zero-stage must be 0, 1 or 2 (got {setup.zero_stage})")
+    if setup.dtype not in DTYPE_BYTES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_BYTES)} (got {setup.dtype!r})")
+    E = shape.num_experts
+    if E == 0:
+        raise UserError("the model has no MoE layer (pass --num-experts for a dense model)")
+    if E % setup.ep_size or setup.world % setup.ep_size:
+        raise UserError(f"--ep-size {setup.ep_size} must divide the number of experts ({E}) and the world size "
+                        f"({setup.world} = {setup.nodes} nodes x {setup.gpus_per_node} GPUs); valid: "
+                        f"{', '.join(map(str, valid_ep_sizes(E, setup.world)))}")
+
+
+# ---------------------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Row:
+    name: str
+    non_expert: float
+    expert: float
+    note: str = ""
+
+    @property
+    def total(self) -> float:
+        return self.non_expert + self.expert
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Bytes per rank, one row per component; `peak` = persistent rows + max(activations, fp32 step gradients)."""
+
+    setup: Setup
+    params: ParamCount
+    rows: dict[str, Row] = field(default_factory=dict)
+
+    @property
+    def persistent(self) -> float:
+        return sum(self.rows[k].total for k in ("params", "grads", "optim", "bucket"))
+
+    @property
+    def activations(self) -> float:
+        return self.rows["act_layers"].total + self.rows["act_logits"].total
+
+    @property
+    def peak(self) -> float:
+        return self.persistent + max(self.activations, self.rows["step_grads"].total)
+
+    def fits(self, gpu_memory_gb: float, margin: float) -> bool:
+        return self.peak <= usable_bytes(gpu_memory_gb, margin)
+
+
+def usable_bytes(gpu_memory_gb: float, margin: float) -> float:
+    return gpu_memory_gb * GIB * (1 - margin)
+
+
+def model_states(n: int, x: int, setup: Setup) -> dict[str, tuple[float, float]]:
+    """(non-expert, expert) bytes per rank of parameters, gradients, optimizer states, fp32 step gradients, bucket.
+
+    n: non-expert parameters; x: expert parameters of the whole model (this rank holds x / ep_size).
+    """
+    p, stage = setup.bytes, setup.zero_stage
+    x_r = x / setup.ep_size
+    dp = (setup.world, setup.world // setup.ep_size)  # ZeRO partitions over DP (non-expert) / expert-DP (experts)
+    local = (n, x_r)
+    part = tuple(c / d for c, d in zip(local, dp)) if stage >= 1 else local
+    rows = {"params": tuple(p * c for c in local)}
+    if stage == 0:
+        rows["grads"] = tuple(p * c for c in local)
+    elif stage == 1:
+        rows["grads"] = tuple(p * (c + q) for c, q in zip(local, part))
+    else:
+        rows["grads"] = tuple(p * q for q in part)
+    master = 4 if (stage >= 1 or setup.dtype != "fp32") else 0
+    rows["optim"] = tuple((master + 8) * q for q in part)
+    rows["step_grads"] = tuple(4 * q for q in part) if (stage >= 1 or setup.dtype != "fp32") else (0.0, 0.0)
+    bucket = p * min(setup.reduce_bucket_size, n + x_r)
+    rows["bucket"] = (float(bucket), 0.0)
+    return rows
+
+
+def layer_activation_bytes(shape: ModelShape, layer: int, p: int) -> tuple[float, float]:
+    """(non-expert, expert) bytes per token saved for backward by one decoder layer, without checkpointing.
+
+    An estimate of what autograd keeps for an HF decoder layer with SDPA/flash attention (no s x s score matrix) and
+    index-based expert dispatch, under balanced routing (every rank computes k tokens' worth of experts per token):
+    - each RMSNorm keeps its fp32 upcast input and normalised output: (4 + p) * width
+    - attention: q/k/v input p*h; SDPA keeps q, k, v (GQA widths) and its output p*(2a + 2g), log-sum-exp 4*heads;
+      o_proj input p*a; Qwen3 q/k norms (4 + p)*(a + g)
+    - dense SwiGLU: input p*h + gate, up, act(gate), product p*4*I
+    - MoE: router input p*h, fp32 logits + probabilities 8*E; per routed copy (k per token): expert input and
+      output p*2h and SwiGLU p*4*I_e (the expert column); a shared expert p*4*I_s + its gate input
+    """
+    h, a, g = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    norm = 4 + p
+    ne = 2 * norm * h  # input + post-attention RMSNorm
+    ne += p * h + p * (2 * a + 2 * g) + 4 * shape.heads + p * a
+    if shape.qk_norm:
+        ne += norm * (a + g)
+    m = shape.mlps[layer]
+    if not m.is_moe:
+        return ne + p * h + 4 * p * m.intermediate, 0.0
+    ne += p * h + 8 * m.num_experts
+    if m.shared_intermediate is not None:
+        ne += 4 * p * m.shared_intermediate + 4
+    ex = m.top_k * p * (2 * h + 4 * m.expert_intermediate)
+    return float(ne), float(ex)
+
+
+def activations(shape: ModelShape, setup: Setup) -> dict[str, tuple[float, float]]:
+    """(non-expert, expert) activation bytes per rank: decoder layers and logits + loss (estimates).
+
+    Without checkpointing every layer keeps `layer_activation_bytes`. With HF gradient checkpointing (one checkpoint
+    per decoder layer) each layer keeps only its input (p*h per token) and one layer at a time is recomputed in
+    backward (the largest one counts). Logits + loss: final norm and lm_head input, the logits in model dtype, their
+    fp32 upcast and the fp32 log-softmax cross-entropy keeps ((p + 8) * vocab per token).
+    """
+    p, T = setup.bytes, setup.tokens
+    per_layer = [layer_activation_bytes(shape, i, p) for i in range(shape.num_layers)]
+    if setup.activation_checkpointing:
+        ne = shape.num_layers * p * shape.hidden
+        biggest = max(per_layer, key=lambda t: t[0] + t[1])
+        layers = (ne + biggest[0], biggest[1])
+    else:
+        layers = (sum(t[0] for t in per_layer), sum(t[1] for t in per_layer))
+    logits = (4 + p) * shape.hidden + p * shape.hidden + (p + 8) * shape.vocab
+    return {"act_layers": (T * layers[0], T * layers[1]), "act_logits": (float(T * logits), 0.0)}
+
+
+ROW_NAMES = {
+    "params": "parameters",
+    "grads": "gradients",
+    "optim": "optimizer states",
+    "step_grads": "fp32 grads at step",
+    "bucket": "reduce bucket",
+    "act_layers": "activations: layers",
+    "act_logits": "activations: logits+loss",
+}
+
+
+def make_plan(shape: ModelShape, setup: Setup) -> Plan:
+    check_setup(shape, setup)
+    counts = count_params(shape)
+    parts = {**model_states(counts.non_expert, counts.expert, setup), **activations(shape, setup)}
+    master = "fp32 master + Adam m, v" if (setup.zero_stage or setup.dtype != "fp32") else "Adam m, v"
+    notes = {
+        "params": f"{setup.dtype}, not partitioned",
+        "grads": {0: "full", 1: "full + partition, end of backward", 2: "own partition"}[setup.zero_stage],
+        "optim": master + (", partitioned" if setup.zero_stage else ""),
+        "step_grads": "transient, during step()",
+        "bucket": "reduce_bucket_size x dtype",
+        "act_layers": "estimate" + (", checkpointed" if setup.activation_checkpointing else ""),
+        "act_logits": "estimate",
+    }
+    rows = {k: Row(ROW_NAMES[k], *parts[k], notes[k]) for k in ROW_NAMES}
+    return Plan(setup, counts, rows)
+
+
+def suggestions(shape: ModelShape, setup: Setup, gpu_memory_gb: float, margin: float
+                ) -> dict[tuple[int, int, bool], Plan]:
+    """Plans for every valid ep size x ZeRO stage 0/1/2, with and without activation checkpointing."""
+    out = {}
+    for ac in (False, True):
+        for ep in valid_ep_sizes(shape.num_experts, setup.world):
+            for stage in (0, 1, 2):
+                out[(ep, stage, ac)] = make_plan(shape, replace(setup, ep_size=ep, zero_stage=stage,
+                                                                activation_checkpointing=ac))
+    return out
+
+
+def smallest_fit(plans: dict[tuple[int, int, bool], Plan], gpu_memory_gb: float, margin: float,
+                 activation_checkpointing: bool) -> tuple[int, int, bool] | None:
+    """Smallest ep size, then smallest ZeRO stage, that fits; with the requested checkpointing setting first, then
+    (if nothing fits) with checkpointing on."""
+    for ac in dict.fromkeys((activation_checkpointing, True)):
+        fitting = sorted((ep, st) for (ep, st, a), pl in plans.items() if a == ac and pl.fits(gpu_memory_gb, margin))
+        if fitting:
+            return (*fitting[0], ac)
+    return None

@@ -1,0 +1,116 @@
+"""Build our DeepSpeed-MoE model: the HF MoE model class with each MoE block swapped for `UpcycledMoE`.
+
+Everything but the MoE blocks stays the transformers module of the export target (Mixtral, Qwen2-MoE, Qwen3-MoE), so
+attention, norms and embeddings compute exactly what the exported checkpoint computes in transformers. The model is
+created on the meta device and materialised only with the weights this rank needs: non-expert weights plus the
+experts of its expert-parallel slice (global ids ep_rank * E/ep ... ), read tensor by tensor from the source.
+
+A source is anything with `config`, `keys()`, `get(key)`: an HF MoE checkpoint (`io.hf.HFCheckpoint`) or an HF dense
+checkpoint seen through `upcycle.UpcycledView` (so training can start straight from a dense model).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+
+from .errors import UserError
+from .families import family_for
+from .moe.layer import UpcycledMoE, moe_layers
+
+
+def hf_config(config: dict) -> transformers.PretrainedConfig:
+    cfg = {k: v for k, v in config.items() if k not in ("transformers_version", "architectures")}
+    return transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None = None,
+                    dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Our DeepSpeed-MoE model for `source`, weights loaded; torch.distributed must be initialised when ep_size > 1.
+
+    `capacity_factor` overrides the one recorded by `upcycle` (None in both = dropless).
+    """
+    config = dict(source.config)
+    family, is_moe = family_for(config)
+    if not is_moe:
+        raise UserError(f"{source.path} is a dense checkpoint; upcycle it first (or pass it through UpcycledView)")
+    num_experts = family.num_experts(config)
+    if num_experts % ep_size:
+        raise UserError(f"--ep-size {ep_size} does not divide the number of experts {num_experts}")
+    if capacity_factor is None:
+        capacity_factor = (config.get("upcycle_ds") or {}).get("capacity_factor")
+    hcfg = hf_config(config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hcfg, dtype=dtype)
+        for layer in family.moe_layers(config):
+            old = model.model.layers[layer].mlp
+            shared = config.get("shared_expert_intermediate_size") if hasattr(old, "shared_expert") else None
+            model.model.layers[layer].mlp = UpcycledMoE(
+                hidden_size=config["hidden_size"], intermediate_size=family.expert_intermediate_size(config),
+                num_experts=num_experts, top_k=int(config["num_experts_per_tok"]), ep_size=ep_size,
+                normalize_topk=family.normalize_topk(config), capacity_factor=capacity_factor,
+                hidden_act=config.get("hidden_act", "silu"), shared_intermediate_size=shared)
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    _rebuild_non_persistent_buffers(model, hcfg)
+    for _, moe in moe_layers(model):
+        if ep_size > 1:
+            moe.set_deepspeed_parallelism()
+    load_weights(model, source, family)
+    return model
+
+
+def load_weights(model: nn.Module, source, family) -> None:
+    """Copy every parameter of `model` from `source` (HF MoE hub names), this rank's experts only."""
+    offsets = {}
+    for layer, moe in moe_layers(model):
+        offsets[layer] = moe.global_expert_ids()[0]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            layer = _layer_of(name)
+            key = family.hf_key_for_ds_param(name, offsets.get(layer, 0))
+            tensor = _read(source, family, key)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise UserError(f"{source.path}: {key} has shape {tuple(tensor.shape)}, model expects "
+                                f"{tuple(param.shape)}")
+            param.copy_(tensor.to(param.dtype))
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers":
+        return int(parts[2])
+    return None
+
+
+def _read(source, family, key: str) -> torch.Tensor:
+    if key in source:
+        return source.get(key)
+    parsed = family.parse_moe_key(key)
+    if parsed and parsed[0] == "expert":  # transformers-5 fused layout on disk
+        layer, expert, proj = parsed[1]["layer"], parsed[1]["expert"], parsed[1]["proj"]
+        if proj == "down":
+            return source.get(family.moe_fused["down"].format(layer=layer))[expert]
+        gate_up = source.get(family.moe_fused["gate_up"].format(layer=layer))[expert]
+        half = gate_up.shape[0] // 2
+        return gate_up[:half] if proj == "gate" else gate_up[half:]
+    raise UserError(f"{source.path}: tensor {key} is missing")
+
+
+def _rebuild_non_persistent_buffers(model: nn.Module, hcfg) -> None:
+    """to_empty() leaves computed buffers (rotary inv_freq) uninitialised: recompute them from the config."""
+    for module in model.modules():
+        if not module._non_persistent_buffers_set:
+            continue
+        try:
+            fresh = type(module)(config=hcfg)
+        except TypeError as e:
+            raise RuntimeError(f"cannot rebuild buffers of {type(module).__name__}: {e}") from None
+        for name in module._non_persistent_buffers_set:
+            module._buffers[name] = fresh._buffers[name].to(module._buffers[name].device)
+        for attr, value in vars(fresh).items():  # e.g. attention_scaling, original_inv_freq
+            if not attr.startswith("_") and not isinstance(value, nn.Module) and attr not in module._buffers:
+                setattr(module, attr, value)

@@ -1,0 +1,214 @@
+"""UpIT stage 1+2 (UPIT.md §2.1–2.2): dense SFT checkpoints -> one HF MoE checkpoint, expanded when E > checkpoints.
+
+`AssembledView` has the read interface of `io.hf.HFCheckpoint` (config, keys, shape, dtype, get), so
+`io.hf.write_sharded` streams it like `upcycle.UpcycledView`. Choices (UPIT.md marks them **[our choice]**):
+
+- Expert i (every MoE layer) is checkpoint i's MLP, in the order given. With more checkpoints than E, the **last E
+  given** are used (pass checkpoints oldest first: later checkpoints make better experts).
+- Non-expert weights (embeddings, attention, norms, lm_head, the MLPs of dense layers): from the last checkpoint
+  (`last`, default), or `average`: the elementwise mean over the checkpoints used as experts (computed in float64,
+  cast back to the checkpoint dtype).
+- Router: random, exactly as `upcycle` makes it (`upcycle.make_router`, seeded from --seed and the layer);
+  `router-init` trains it later.
+- Expansion base (deltas are taken from it): `--base`, the dense model before SFT, is what UpIT means and is
+  recommended. Without it the **first checkpoint given** stands in for it (the earliest one, closest to the base);
+  its own delta is then all zeros, which `expand.cosine` treats as orthogonal to every other delta (cosine 0).
+- Streaming: one MoE layer at a time — its MLPs from every checkpoint (+ base), the expanded pool — is in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..errors import UserError
+from ..families import family_for
+from ..io.hf import HFCheckpoint
+from ..upcycle import UpcycledView, UpcycleOptions
+from .expand import PROJS, delta_cosine_matrix, expand_pool, flat_delta
+
+REPORT = "upit_report.json"
+
+
+@dataclass(kw_only=True)
+class AssembleOptions:
+    num_experts: int = 8
+    """Experts per MoE layer (E >= 2). Experts beyond the number of checkpoints come from genetic expansion."""
+    top_k: int = 2
+    """Experts each token is routed to (1 <= k <= E)."""
+    layers: str = "all"
+    """Which layers become MoE: `all`, `every:N` (layers i with (i+1) % N == 0) or a comma list `i,j,...`."""
+    shared_weights: Literal["last", "average"] = "last"
+    """Non-expert weights: from the last checkpoint, or the mean over the checkpoints used as experts."""
+    dare_p: float = 0.3
+    """DARE drop probability of the expansion's mutation step (survivors are rescaled by 1/(1-p))."""
+    capacity_factor: float | None = None
+    """Expert capacity factor recorded for training (None = dropless)."""
+    seed: int = 0
+    """Seed for the router init and the expansion draws (each draw seeded from seed, layer, new expert index)."""
+
+    def validate(self) -> None:
+        self.upcycle_options().validate()
+        if not 0 <= self.dare_p < 1:
+            raise UserError(f"--dare-p must be in [0, 1) (got {self.dare_p})")
+
+    def upcycle_options(self) -> UpcycleOptions:
+        return UpcycleOptions(num_experts=self.num_experts, top_k=self.top_k, layers=self.layers,
+                              capacity_factor=self.capacity_factor, seed=self.seed)
+
+
+def _check_dense(ck: HFCheckpoint, what: str):
+    fam, is_moe = family_for(ck.config)
+    if is_moe:
+        raise UserError(f"{what} {ck.path} is an MoE checkpoint ({ck.config.get('model_type')}); "
+                        f"upit-assemble needs dense checkpoints")
+    return fam
+
+
+class AssembledView:
+    """Dense SFT checkpoints presented as their UpIT-assembled HF MoE checkpoint (hub per-expert layout), lazily."""
+
+    def __init__(self, checkpoints: list[HFCheckpoint], opts: AssembleOptions, base: HFCheckpoint | None = None):
+        opts.validate()
+        if not checkpoints:
+            raise UserError("--checkpoints: give at least one dense checkpoint")
+        self.opts = opts
+        fams = [_check_dense(ck, "checkpoint") for ck in checkpoints]
+        self.family = fams[-1]
+        last = checkpoints[-1]
+        for ck, fam in zip(checkpoints, fams):
+            if fam.name != self.family.name:
+                raise UserError(f"checkpoints mix model families: {ck.path} is {fam.name}, {last.path} is "
+                                f"{self.family.name}")
+            _check_same_tensors(ck, last)
+        E = opts.num_experts
+        self.checkpoints = checkpoints
+        self.used = checkpoints[-E:]
+        self.view = UpcycledView(last, opts.upcycle_options(), self.family)
+        self.moe_layers = self.view.moe_layers
+        if E > len(self.used) and len(self.used) < 2:
+            raise UserError(f"--num-experts {E} needs expert expansion, which merges pairs of checkpoints: give at "
+                            f"least 2 checkpoints (got 1), or use `upcycle-ds upcycle` for copies of one MLP")
+        if base is not None:
+            if _check_dense(base, "--base").name != self.family.name:
+                raise UserError(f"--base {base.path} is {family_for(base.config)[0].name}, the checkpoints are "
+                                f"{self.family.name}")
+            for l in self.moe_layers:
+                for p in PROJS:
+                    k = self.family.dense_mlp_key(l, p)
+                    if k not in base or base.shape(k) != last.shape(k):
+                        got = base.shape(k) if k in base else "missing"
+                        raise UserError(f"--base {base.path}: {k} is {got}, the checkpoints have {last.shape(k)}")
+        self.base = base
+        self.base_ckpt = base if base is not None else checkpoints[0]
+        self.path = last.path
+        self.config = self.view.config
+        self.config["upcycle_ds"]["upit"] = {
+            "checkpoints": [str(ck.path) for ck in self.used], "shared_weights": opts.shared_weights,
+            "dare_p": opts.dare_p, "base": str(base.path) if base is not None else None}
+        self._copied = set(last.keys())
+        self._layer: int | None = None
+        self._pool: list[dict[str, torch.Tensor]] = []
+        self.layer_reports: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ read interface
+    def keys(self) -> list[str]:
+        return self.view.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.view
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.view.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.view.dtype(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        parsed = self.family.parse_moe_key(key)
+        if parsed is not None and parsed[0] == "expert" and key not in self._copied:
+            m = parsed[1]
+            return self.pool(m["layer"])[m["expert"]][m["proj"]]
+        if key in self._copied and self.opts.shared_weights == "average" and self.view.dtype(key).is_floating_point:
+            ts = [ck.get(key) for ck in self.used]
+            return torch.stack([t.double() for t in ts]).mean(0).to(ts[-1].dtype)
+        return self.view.get(key)
+
+    # ------------------------------------------------------------------ experts
+    def mlp(self, ck: HFCheckpoint, layer: int) -> dict[str, torch.Tensor]:
+        return {p: ck.get(self.family.dense_mlp_key(layer, p)) for p in PROJS}
+
+    def pool(self, layer: int) -> list[dict[str, torch.Tensor]]:
+        """The E experts of one MoE layer (checkpoint MLPs, then expanded ones); one layer is cached at a time."""
+        if self._layer != layer:
+            self._pool, self._layer = [], None
+            experts = [self.mlp(ck, layer) for ck in self.used]
+            base = self.mlp(self.base_ckpt, layer)
+            if self.opts.num_experts > len(experts):
+                new, prov, cos = expand_pool(base, experts, self.opts.num_experts, seed=self.opts.seed,
+                                             layer=layer, p=self.opts.dare_p)
+                experts = experts + new
+            else:
+                prov, cos = [], delta_cosine_matrix([flat_delta(e, base) for e in experts])
+            self.layer_reports[layer] = {"cosine": cos.tolist(), "expansion": prov}
+            self._pool, self._layer = experts, layer
+        return self._pool
+
+    def report(self) -> dict:
+        """upit_report.json: where each expert came from, and the delta cosine similarities per layer."""
+        n = len(self.used)
+        experts = [{"expert": i, "source": "checkpoint", "checkpoint": str(ck.path)} for i, ck in enumerate(self.used)]
+        for i in range(n, self.opts.num_experts):
+            per_layer = {}
+            for l, rep in sorted(self.layer_reports.items()):
+                (p,) = [x for x in rep["expansion"] if x["expert"] == i]
+                per_layer[str(l)] = {k: p[k] for k in ("parents", "alpha", "parent_cosine")}
+            experts.append({"expert": i, "source": "expansion", "layers": per_layer})
+        return {
+            "family": self.family.name,
+            "moe_model_type": self.family.moe_model_type,
+            "num_experts": self.opts.num_experts,
+            "top_k": self.opts.top_k,
+            "moe_layers": list(self.moe_layers),
+            "checkpoints_given": [str(ck.path) for ck in self.checkpoints],
+            "checkpoints_used": [str(ck.path) for ck in self.used],
+            "checkpoints_dropped": [str(ck.path) for ck in self.checkpoints[:-self.opts.num_experts]],
+            "shared_weights": self.opts.shared_weights,
+            "shared_weights_from": ([str(self.used[-1].path)] if self.opts.shared_weights == "last"
+                                    else [str(ck.path) for ck in self.used]),
+            "delta_base": str(self.base_ckpt.path),
+            "delta_base_is_first_checkpoint": self.base is None,
+            "dare_p": self.opts.dare_p,
+            "seed": self.opts.seed,
+            "experts": experts,
+            "layers": {str(l): {"cosine": rep["cosine"]} for l, rep in sorted(self.layer_reports.items())},
+        }
+
+
+def _check_same_tensors(ck: HFCheckpoint, ref: HFCheckpoint) -> None:
+    a, b = set(ck.keys()), set(ref.keys())
+    if a != b:
+        k = sorted(a ^ b)[0]
+        where = ck.path if k in a else ref.path
+        raise UserError(f"checkpoints differ in their tensors: {k} is only in {where} (all checkpoints must be "
+                        f"the same model at different training steps)")
+    for k in sorted(a):
+        if ck.shape(k) != ref.shape(k):
+            raise UserError(f"checkpoints differ in shape: {k} is {list(ck.shape(k))} in {ck.path}, "
+                            f"{list(ref.shape(k))} in {ref.path}")
+        if ck.dtype(k) != ref.dtype(k):
+            raise UserError(f"checkpoints differ in dtype: {k} is {ck.dtype(k)} in {ck.path}, {ref.dtype(k)} in "
+                            f"{ref.path}; re-save them in one dtype")
+
+
+def open_checkpoints(paths: list[str]) -> list[HFCheckpoint]:
+    seen = {}
+    for p in paths:
+        r = Path(p).resolve()
+        if r in seen:
+            raise UserError(f"--checkpoints: {p} is given twice")
+        seen[r] = p
+    return [HFCheckpoint(p) for p in paths]
