@@ -6,7 +6,7 @@ and reports wall seconds, output GB/s and the subprocess's peak RSS next to the 
 /proc every 50 ms and split into anonymous memory (heap: tensors we hold) and file-backed pages (memory-mapped input
 shards, which count in RSS while mapped but are page cache the kernel can drop, not memory we allocated).
 
-    .venv/bin/python bench/upcycle_speed.py --workdir /work/bench_tmp      # writes ~2.2 GB in + ~13 GB out
+    .venv/bin/python bench/upcycle_speed.py --workdir /tmp/upcycle_bench   # writes ~2.2 GB in + ~13 GB out
 
 The dense input is written just before the run, so it is read from the page cache (warm); pass --drop-caches (root)
 to read it cold. The CLI does not fsync; `sync` time after it exits is reported separately.

@@ -41,6 +41,7 @@ NODES = ("node1", "node2")
 # Loopback addresses that differ from 127.0.0.1 (the single-process default), so a test sees that the master
 # address really came from NodeAddr. All of 127/8 is loopback on Linux.
 NODE_ADDRS = ("127.0.0.11", "127.0.0.12")
+CRED_EXPIRE_S = 8
 BINARIES = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch", "/usr/bin/srun",
             "/usr/bin/scontrol")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
@@ -276,7 +277,10 @@ def write_config(root: Path, nodes=NODES, cpus: int = 2, gpus: int = 2) -> Path:
         "SlurmdUser=root",
         "AuthType=auth/munge",
         "CredType=cred/munge",
-        f"AuthInfo=socket={munge_dir / 'munge.socket'}",
+        # cred_expire: job credential lifetime, also how long a requeued job is held (Reason=BeginTime) before it may
+        # start again on the nodes that revoked its credential. Default 120 s; starting it earlier (scontrol update
+        # StartTime=now) fails the job with "Job credential revoked".
+        f"AuthInfo=socket={munge_dir / 'munge.socket'},cred_expire={CRED_EXPIRE_S}",
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
         "SelectType=select/cons_tres",

@@ -14,6 +14,9 @@ from .errors import UserError
 # name -> (module with `Args` + `run(args)`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "upcycle": ("upcycle_ds.commands.upcycle", "HF dense checkpoint -> HF MoE checkpoint (sparse upcycling)"),
+    "train": ("upcycle_ds.commands.train", "train an MoE model with DeepSpeed (EP + ZeRO), resume, W&B load tracking"),
+    "convert": ("upcycle_ds.commands.convert",
+                "convert checkpoints: DeepSpeed MoE <-> HF MoE <-> HF dense, any ep size, streaming"),
     "plan": ("upcycle_ds.commands.plan", "per-rank GPU memory plan for DeepSpeed-MoE training (ep_size, ZeRO)"),
     "upit-assemble": ("upcycle_ds.commands.upit_assemble",
                       "UpIT: dense SFT checkpoints -> HF MoE (one expert each; genetic expansion to E)"),
@@ -30,8 +33,24 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher passes `--local_rank=N` (before the subcommand); we read LOCAL_RANK instead."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            continue
+        if a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

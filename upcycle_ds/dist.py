@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 
 import torch
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .launch.dist_env import free_port, setup_dist_env  # noqa: F401  (free_port re-exported for tests)
 
 
 def init_distributed(timeout_s: int = 300) -> None:
     """Initialise torch.distributed through DeepSpeed once (no-op if already done).
 
-    Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT as set by `deepspeed`, `torchrun` or our Slurm scripts; with none
-    set it starts a one-process group on a free local port. On CPU it uses gloo and skips DeepSpeed's shared-memory
+    Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT as set by `deepspeed` or `torchrun`, derives them from Slurm under
+    `srun`, and with neither starts a one-process group on a free local port (`launch.dist_env`). On CPU it uses gloo and skips DeepSpeed's shared-memory
     allreduce op, whose first use JIT-compiles for 50-85 s (PLATFORM.md) and which serves only inference all-reduce.
     """
     import deepspeed
@@ -28,12 +23,7 @@ def init_distributed(timeout_s: int = 300) -> None:
 
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
+    setup_dist_env()  # RANK/WORLD_SIZE/... from a launcher, from Slurm (srun), or a single process
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

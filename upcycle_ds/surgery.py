@@ -38,11 +38,31 @@ def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None =
     num_experts = family.num_experts(config)
     if num_experts % ep_size:
         raise UserError(f"--ep-size {ep_size} does not divide the number of experts {num_experts}")
+    hcfg = hf_config(config)
+    model = build_meta_model(config, ep_size=ep_size, capacity_factor=capacity_factor, dtype=dtype)
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    _rebuild_non_persistent_buffers(model, hcfg)
+    for _, moe in moe_layers(model):
+        # to_empty() from meta creates new Parameter objects, dropping the expert tags DeepSpeed's `Experts` set
+        # (allreduce=False, group_name): without them ZeRO sees no MoE param group and all-reduces expert grads.
+        for p in moe.deepspeed_moe.experts.parameters():
+            p.allreduce, p.group_name = False, moe.expert_group_name
+        if ep_size > 1:
+            moe.set_deepspeed_parallelism()
+    load_weights(model, source, family)
+    return model
+
+
+def build_meta_model(config: dict, *, ep_size: int = 1, capacity_factor: float | None = None,
+                     dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Our DeepSpeed-MoE model for an HF MoE config on the meta device (no weights, no process group needed)."""
+    family, _ = family_for(config)
+    num_experts = family.num_experts(config)
     if capacity_factor is None:
         capacity_factor = (config.get("upcycle_ds") or {}).get("capacity_factor")
-    hcfg = hf_config(config)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hcfg, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype)
         for layer in family.moe_layers(config):
             old = model.model.layers[layer].mlp
             shared = config.get("shared_expert_intermediate_size") if hasattr(old, "shared_expert") else None
@@ -51,13 +71,6 @@ def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None =
                 num_experts=num_experts, top_k=int(config["num_experts_per_tok"]), ep_size=ep_size,
                 normalize_topk=family.normalize_topk(config), capacity_factor=capacity_factor,
                 hidden_act=config.get("hidden_act", "silu"), shared_intermediate_size=shared)
-    model.to_empty(device="cpu")
-    model.to(dtype)
-    _rebuild_non_persistent_buffers(model, hcfg)
-    for _, moe in moe_layers(model):
-        if ep_size > 1:
-            moe.set_deepspeed_parallelism()
-    load_weights(model, source, family)
     return model
 
 
@@ -98,6 +111,9 @@ def _read(source, family, key: str) -> torch.Tensor:
         half = gate_up.shape[0] // 2
         return gate_up[:half] if proj == "gate" else gate_up[half:]
     raise UserError(f"{source.path}: tensor {key} is missing")
+
+
+read_moe_tensor = _read  # public name: one HF MoE tensor from a source, hub or fused layout
 
 
 def _rebuild_non_persistent_buffers(model: nn.Module, hcfg) -> None:

@@ -461,3 +461,18 @@ def batches(dataset: PackedDataset, *, micro_batch_size: int, rank: int, world_s
     if not 0 <= start <= n:
         raise ValueError(f"start={start} is outside this epoch's {n} micro-batches")
     return (dataset.batch(mine[b * micro_batch_size: (b + 1) * micro_batch_size]) for b in range(start, n))
+
+
+def check_columns(ds, path: str) -> None:
+    """Fail fast (UserError naming the row) if any row lacks every column set `render_row` understands."""
+    cols = set(ds.column_names)
+    sets = [("messages",), ("prompt", "response"), ("prompt", "completion"), ("text",)]
+    usable = [s for s in sets if set(s) <= cols]
+    if not usable:
+        raise UserError(f"{path}: rows need `messages`, `prompt`+`response` or `text` columns; found "
+                        f"{sorted(cols)}")
+    table = ds.select_columns(sorted({c for s in usable for c in s})).to_dict()
+    for i in range(len(ds)):
+        if not any(all(table[c][i] is not None for c in s) for s in usable):
+            have = sorted(c for c in cols if ds[i][c] is not None)
+            raise UserError(f"{path}: row {i} has no `messages`, `prompt`+`response` or `text` (has {have})")

@@ -1,0 +1,61 @@
+"""Convert between checkpoint formats, streaming tensor by tensor (memory does not grow with model size):
+
+  ds -> hf-moe        a DeepSpeed MoE checkpoint (save dir with `latest`, or one tag dir) -> HF MoE (Mixtral /
+                      Qwen2-MoE / Qwen3-MoE hub layout) that AutoModelForCausalLM loads; --weights master takes the
+                      fp32 master weights from the ZeRO optimizer files
+  hf-dense -> ds      upcycle straight into a module-only DeepSpeed checkpoint the trainer loads (--num-experts ...)
+  hf-moe -> ds        an HF MoE checkpoint as a module-only DeepSpeed checkpoint
+  ds -> ds            re-write at another --ep-size (module only; optimizer state is dropped)
+  hf-moe/ds -> hf-dense   collapse each MoE layer into one MLP (mean of experts, or --expert i): the exact inverse of
+                      copy-upcycling
+The input format is detected. Output is written atomically (nothing is left at --output on error).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from ..convert import convert
+from ..upcycle import UpcycleOptions
+
+
+@dataclass(kw_only=True)
+class Args(UpcycleOptions):
+    input: str
+    """Input checkpoint dir: HF dense, HF MoE, a DeepSpeed save dir (with `latest`) or one of its tag dirs."""
+    output: str
+    """Output dir (must not exist unless --overwrite)."""
+    to: Literal["hf-moe", "hf-dense", "ds"]
+    """Output format."""
+    ep_size: int = 1
+    """--to ds: expert-parallel size the checkpoint will be loaded at (must divide the number of experts; the
+    per-expert file layout itself is the same for every ep size)."""
+    tag: str | None = None
+    """DeepSpeed input: the tag (checkpoint) to read; default: the one named in `latest`."""
+    out_tag: str = "global_step0"
+    """--to ds: tag dir name of the written checkpoint."""
+    weights: Literal["module", "master"] = "module"
+    """DeepSpeed input: `module` = the model weights as saved (training dtype); `master` = fp32 master weights from
+    the ZeRO 1/2 optimizer files."""
+    expert: int | None = None
+    """--to hf-dense: take this expert's weights instead of the mean of all experts."""
+    dry_run: bool = False
+    """Print the plan (tensor, shape, dtype, bytes, total) and write nothing."""
+    overwrite: bool = False
+    """Replace --output if it exists (only after the new checkpoint is complete)."""
+    max_shard_gb: float = 2.0
+    """HF output: largest safetensors shard, in GiB."""
+
+
+def run(args: Args) -> int:
+    plan = convert(args.input, args.output, args.to, ep_size=args.ep_size, tag=args.tag, weights=args.weights,
+                   expert=args.expert, dry_run=args.dry_run, overwrite=args.overwrite, upcycle=args,
+                   max_shard_bytes=int(args.max_shard_gb * 1024**3), out_tag=args.out_tag)
+    if args.dry_run:
+        print(plan.describe())
+    else:
+        print(f"wrote {args.to} checkpoint ({len(plan.entries)} tensors, {plan.total_bytes / 1e9:.3f} GB) to "
+              f"{args.output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,162 @@
+"""Training run configuration: every field is a `upcycle-ds train` flag (and a key of its --config YAML file)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..errors import UserError
+
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+@dataclass(kw_only=True)
+class TrainArgs:
+    model: str
+    """Start from: an HF MoE checkpoint (from `upcycle-ds upcycle` or the hub), an HF dense checkpoint (upcycled on
+    the fly with --num-experts/--top-k/--layers), or a DeepSpeed checkpoint dir written by `upcycle-ds convert --to ds`."""
+    data: str
+    """Training data (.jsonl/.json/.parquet/.arrow or a save_to_disk dir) with `messages`, `prompt`+`response`, or
+    `text` rows. Loss is on responses only."""
+    out: str
+    """Run dir: checkpoints/ (DeepSpeed), metrics.jsonl, W&B offline run, load heatmaps, hf/ (final HF MoE export)."""
+    nproc: int | None = None
+    """Start this many ranks on this node with the `deepspeed` launcher (CPU ranks without GPUs). Leave unset when
+    already started by `deepspeed`, `torchrun` or `srun`."""
+    ep_size: int = 1
+    """Expert-parallel size: experts are split over this many ranks (must divide E and the world size)."""
+    zero_stage: int = 1
+    """ZeRO stage 0, 1 or 2 (DeepSpeed-MoE does not support 3). Picks ds_configs/zero{stage}.json."""
+    ds_config: str | None = None
+    """A DeepSpeed JSON config to start from instead of ds_configs/zero{stage}.json; the flags here override it."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Training precision (bf16 mixed precision with fp32 master weights, or plain fp32). fp16 is not offered."""
+    micro_batch_size: int = 2
+    """Packed rows per rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    global_batch_size: int | None = None
+    """Optional check: must equal micro_batch_size * grad_accum * world_size."""
+    max_length: int = 512
+    """Tokens per packed training row."""
+    max_steps: int | None = None
+    """Optimizer steps to train (default: --epochs over the data). The LR schedule always spans max_steps."""
+    epochs: float = 1.0
+    """Epochs over the training data when --max-steps is not given."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to norms, biases, routers)."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 = off)."""
+    aux_loss_coef: float = 0.01
+    """Load-balancing loss coefficient (Switch: E * sum f_i P_i, per MoE layer, summed over layers)."""
+    z_loss_coef: float = 1e-3
+    """Router z-loss coefficient (ST-MoE)."""
+    capacity_factor: float | None = None
+    """Expert capacity factor during training (None: as recorded by upcycle, default dropless)."""
+    freeze: list[str] = field(default_factory=list)
+    """Regexes of parameter names to freeze (e.g. 'embed_tokens' 'self_attn')."""
+    train_only: list[str] = field(default_factory=list)
+    """Regexes: train only matching parameters, freeze all others (UpIT router init: 'deepspeed_moe\\.gate')."""
+    num_experts: int | None = None
+    """Only for a dense --model: upcycle on the fly into this many experts."""
+    top_k: int = 2
+    """Only for a dense --model: experts per token."""
+    layers: str = "all"
+    """Only for a dense --model: which layers become MoE (all, every:N, i,j,...)."""
+    eval_fraction: float = 0.05
+    """Held-out fraction of --data for eval loss (0 = none); ignored with --eval-data."""
+    eval_data: str | None = None
+    """Separate eval data file."""
+    eval_every: int = 0
+    """Eval loss + expert-load heatmap every N steps (0 = only at the end)."""
+    save_every: int = 0
+    """DeepSpeed checkpoint every N steps (0 = only at the end)."""
+    exit_after_steps: int | None = None
+    """Save a checkpoint and exit 0 after this many steps in this process (wall-time-limited cluster jobs); the LR
+    schedule still follows --max-steps. Continue with --resume."""
+    resume: bool = False
+    """Continue from the latest checkpoint in OUT/checkpoints (bit-exact: weights, optimizer, LR, RNG, data position);
+    starts fresh when there is none."""
+    seed: int = 0
+    """Seed for data order, eval split and RNGs."""
+    max_samples: int | None = None
+    """Use only the first N data rows (quick runs)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (less memory, ~30% more compute)."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """W&B tracking: offline run files in OUT (default), online (opt-in), or disabled; metrics.jsonl always."""
+    wandb_project: str = "upcycle_ds"
+    """W&B project name."""
+    export_hf: bool = True
+    """At the end, also write the trained model as an HF MoE checkpoint to OUT/hf."""
+    trust_remote_code: bool = False
+    """Allow the tokenizer to run code shipped with the checkpoint (off unless you ask)."""
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def validate(self, world_size: int, num_experts: int) -> None:
+        """Checks that need no work: one clear error naming the flag, before anything starts."""
+        if self.zero_stage == 3:
+            raise UserError("--zero-stage 3 is not supported with DeepSpeed-MoE (native MoE supports ZeRO 0/1/2)")
+        if self.zero_stage not in (0, 1, 2):
+            raise UserError(f"--zero-stage must be 0, 1 or 2 (got {self.zero_stage})")
+        if self.dtype == "fp16":
+            raise UserError("fp16 is not supported; use --dtype bf16 or fp32")
+        if self.ep_size < 1 or num_experts % self.ep_size:
+            raise UserError(f"--ep-size {self.ep_size} must divide the number of experts ({num_experts})")
+        if world_size % self.ep_size:
+            raise UserError(f"--ep-size {self.ep_size} must divide the world size ({world_size} ranks)")
+        for name in ("micro_batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        want = self.micro_batch_size * self.grad_accum * world_size
+        if self.global_batch_size is not None and self.global_batch_size != want:
+            raise UserError(f"--global-batch-size {self.global_batch_size} != --micro-batch-size "
+                            f"{self.micro_batch_size} x --grad-accum {self.grad_accum} x {world_size} ranks = {want}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError("--max-steps must be >= 1")
+        if self.exit_after_steps is not None and self.exit_after_steps < 1:
+            raise UserError("--exit-after-steps must be >= 1")
+        if self.save_every < 0 or self.eval_every < 0:
+            raise UserError("--save-every / --eval-every must be >= 0")
+        if self.lr <= 0:
+            raise UserError("--lr must be > 0")
+
+    def torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.dtype == "bf16" else torch.float32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
+    """The ds_config dict: the stage's JSON file (or --ds-config) with the flags applied on top."""
+    path = Path(args.ds_config) if args.ds_config else DS_CONFIGS / f"zero{args.zero_stage}.json"
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config not found: {path}")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
+    cfg["gradient_accumulation_steps"] = args.grad_accum
+    cfg["train_batch_size"] = args.micro_batch_size * args.grad_accum * world_size
+    cfg["gradient_clipping"] = args.grad_clip
+    cfg.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    cfg["bf16"] = {"enabled": args.dtype == "bf16"}
+    cfg.pop("fp16", None)
+    cfg["zero_allow_untested_optimizer"] = True
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg

@@ -1,0 +1,39 @@
+"""Where a training run's weights come from: an HF MoE dir, an HF dense dir (upcycled on the fly), or a DeepSpeed
+checkpoint dir (`upcycle-ds convert --to ds`, or another run's checkpoints/). All present the HF MoE read interface
+(config, keys, get, ...) that `surgery.build_moe_model` loads from, plus `tokenizer_dir`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from ..families import family_for
+from ..io.hf import HFCheckpoint, read_config
+from ..upcycle import UpcycledView, UpcycleOptions
+
+
+def is_deepspeed_dir(path: Path) -> bool:
+    return (path / "latest").is_file() or (path / "mp_rank_00_model_states.pt").is_file()
+
+
+def open_source(args):
+    path = Path(args.model)
+    if path.is_dir() and is_deepspeed_dir(path):
+        from ..io.ds import DSCheckpoint
+
+        src = DSCheckpoint(path)
+        src.tokenizer_dir = path if (path / "config.json").is_file() else path.parent
+        return src
+    config = read_config(path)
+    _, is_moe = family_for(config)
+    ckpt = HFCheckpoint(path)
+    if is_moe:
+        ckpt.tokenizer_dir = path
+        return ckpt
+    if args.num_experts is None:
+        raise UserError(f"{path} is a dense {config.get('model_type')} checkpoint: pass --num-experts (and --top-k, "
+                        f"--layers) to upcycle it on the fly, or run `upcycle-ds upcycle` first")
+    view = UpcycledView(ckpt, UpcycleOptions(num_experts=args.num_experts, top_k=args.top_k, layers=args.layers,
+                                             capacity_factor=args.capacity_factor, seed=args.seed))
+    view.tokenizer_dir = path
+    return view
