@@ -289,6 +289,8 @@ def write_config(root: Path, nodes=NODES, cpus: int = 2, gpus: int = 2) -> Path:
         "MpiDefault=none",
         "ReturnToService=2",
         "SchedulerType=sched/backfill",
+        # Jobs that become eligible by time (a requeued job's hold) start at the next backfill pass: 30 s by default.
+        "SchedulerParameters=bf_interval=1",
         "KillWait=5",  # seconds between SIGTERM and SIGKILL when a step is torn down (clusters use ~30)
         "MinJobAge=600",  # keep finished jobs visible to `scontrol show job` for the whole session
         f"StateSaveLocation={root / 'state'}",

@@ -74,62 +74,6 @@ def input_ids(seed: int = 0, batch: int = 2, seq: int = 16, vocab: int = 128) ->
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
-# ---- tiny tokenizer + synthetic data (for data/training tests) ----------------------------------------------------
+# ---- tiny tokenizer + synthetic data: shipped in the package (`upcycle-ds demo` uses them too) ------------------
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
-    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
-)
-
-
-def make_tokenizer(path: Path, chat_template: bool = True) -> Path:
-    """A character-level `PreTrainedTokenizerFast` (printable ASCII + \\n \\t + <pad> <s> </s> <unk>, 101 ids < 128),
-    adding <s> in front when add_special_tokens=True (like Llama), with a User:/Assistant: chat template."""
-    import string
-
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    assert len(vocab) <= 128
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", vocab["<s>"])])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        chat_template=CHAT_TEMPLATE if chat_template else None, model_max_length=4096)
-    fast.save_pretrained(path)
-    return Path(path)
-
-
-def make_jsonl(path: Path, n: int, kind: str = "prompt_response", seed: int = 0) -> Path:
-    """`n` synthetic rows a tiny model can learn: "12+7=" -> "19" (prompt_response) or the same as a chat
-    (messages; every third row has a system turn and a second user/assistant turn, "copy: abc" -> "abc")."""
-    import json
-    import random
-
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            a, b = rng.randint(0, 99), rng.randint(0, 99)
-            prompt, response = f"{a}+{b}=", str(a + b)
-            if kind == "prompt_response":
-                row = {"prompt": prompt, "response": response}
-            elif kind == "messages":
-                msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-                if i % 3 == 0:
-                    word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6)))
-                    msgs = ([{"role": "system", "content": "Be brief."}] + msgs
-                            + [{"role": "user", "content": f"copy: {word}"}, {"role": "assistant", "content": word}])
-                row = {"messages": msgs}
-            else:
-                raise ValueError(f"unknown kind {kind!r}")
-            f.write(json.dumps(row) + "\n")
-    return Path(path)
+from upcycle_ds.demo import CHAT_TEMPLATE, make_jsonl, make_tokenizer  # noqa: E402,F401

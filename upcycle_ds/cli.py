@@ -13,6 +13,7 @@ from .errors import UserError
 
 # name -> (module with `Args` + `run(args)`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("upcycle_ds.commands.demo", "write a tiny dense model + tokenizer + data to try every command"),
     "upcycle": ("upcycle_ds.commands.upcycle", "HF dense checkpoint -> HF MoE checkpoint (sparse upcycling)"),
     "train": ("upcycle_ds.commands.train", "train an MoE model with DeepSpeed (EP + ZeRO), resume, W&B load tracking"),
     "convert": ("upcycle_ds.commands.convert",

@@ -7,9 +7,10 @@ next to `latest`), and record what the engine holds at that step for the tests t
 - `OUT/ref/rank{r}_master.pt`: this rank's fp32 master params (ZeRO: the optimizer's partitions gathered back
   through DeepSpeed's own `safe_get_full_fp32_param`), same names
 
-usage: ds_train_save.py SOURCE OUT EP_SIZE ZERO_STAGE STEPS DTYPE(fp32|bf16) [load]
-With `load` as 7th argument it instead loads OUT/checkpoints module-only into a fresh engine (fresh random weights
-first) and saves `OUT/ref/loaded_rank{r}.pt` (params by global name) and the eval logits `OUT/ref/loaded_logits.pt`.
+usage: ds_train_save.py SOURCE OUT EP_SIZE ZERO_STAGE STEPS DTYPE(fp32|bf16) [load CKPT_DIR]
+With `load CKPT_DIR` it instead loads CKPT_DIR module-only (`engine.load_checkpoint(load_module_only=True)`) into a
+fresh engine whose weights were scrambled first, and saves `OUT/ref/loaded_rank{r}.pt` (params by global name) and
+the eval logits `OUT/ref/loaded_logits.pt`.
 """
 
 import json
@@ -86,8 +87,9 @@ def eval_logits():
 
 (out / "ref").mkdir(parents=True, exist_ok=True)
 if load_mode:
-    engine.load_checkpoint(str(out / "checkpoints"), load_module_only=True, load_optimizer_states=False,
+    path, _ = engine.load_checkpoint(sys.argv[8], load_module_only=True, load_optimizer_states=False,
                            load_lr_scheduler_states=False)
+    assert path is not None, f"nothing loaded from {sys.argv[8]}"
     p, _ = global_name_params()
     torch.save(p, out / "ref" / f"loaded_rank{rank}.pt")
     lg = eval_logits()

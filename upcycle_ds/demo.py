@@ -1,0 +1,84 @@
+"""A small built-in example: a tiny random dense model with a character-level tokenizer and synthetic data
+(`upcycle-ds demo --out DIR`), so every command can be tried in seconds with no hub access. Tests use it too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-6)
+CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+
+
+def make_tokenizer(path: Path, chat_template: bool = True) -> Path:
+    """A character-level `PreTrainedTokenizerFast` (printable ASCII + \\n \\t + <pad> <s> </s> <unk>, 101 ids < 128),
+    adding <s> in front when add_special_tokens=True (like Llama), with a User:/Assistant: chat template."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    assert len(vocab) <= 128
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE if chat_template else None, model_max_length=4096)
+    fast.save_pretrained(path)
+    return Path(path)
+
+
+def make_jsonl(path: Path, n: int, kind: str = "prompt_response", seed: int = 0) -> Path:
+    """`n` synthetic rows a tiny model can learn: "12+7=" -> "19" (prompt_response) or the same as a chat
+    (messages; every third row has a system turn and a second user/assistant turn, "copy: abc" -> "abc")."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            prompt, response = f"{a}+{b}=", str(a + b)
+            if kind == "prompt_response":
+                row = {"prompt": prompt, "response": response}
+            elif kind == "messages":
+                msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+                if i % 3 == 0:
+                    word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6)))
+                    msgs = ([{"role": "system", "content": "Be brief."}] + msgs
+                            + [{"role": "user", "content": f"copy: {word}"}, {"role": "assistant", "content": word}])
+                row = {"messages": msgs}
+            else:
+                raise ValueError(f"unknown kind {kind!r}")
+            f.write(json.dumps(row) + "\n")
+    return Path(path)
+
+
+def make_demo(out: Path, family: str = "llama", rows: int = 400, seed: int = 0) -> tuple[Path, Path]:
+    """OUT/dense (tiny random dense model + tokenizer) and OUT/train.jsonl (prompt/response rows)."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    extra = {"head_dim": 16} if family == "qwen3" else {}
+    config = getattr(transformers, CONFIGS[family])(**TINY, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out / "dense")
+    make_tokenizer(out / "dense")
+    make_jsonl(out / "train.jsonl", rows, seed=seed)
+    return out / "dense", out / "train.jsonl"
