@@ -289,8 +289,9 @@ def write_config(root: Path, nodes=NODES, cpus: int = 2, gpus: int = 2) -> Path:
         "MpiDefault=none",
         "ReturnToService=2",
         "SchedulerType=sched/backfill",
-        # Jobs that become eligible by time (a requeued job's hold) start at the next backfill pass: 30 s by default.
-        "SchedulerParameters=bf_interval=1",
+        # A job that becomes eligible by time (a requeued job after its hold) waits for the next periodic scheduler
+        # pass: main loop every 60 s and backfill every 30 s by default.
+        "SchedulerParameters=sched_interval=1,bf_interval=1",
         "KillWait=5",  # seconds between SIGTERM and SIGKILL when a step is torn down (clusters use ~30)
         "MinJobAge=600",  # keep finished jobs visible to `scontrol show job` for the whole session
         f"StateSaveLocation={root / 'state'}",
