@@ -279,3 +279,35 @@ def test_upit_sbatch_two_nodes_cpu_only(slurm_cluster, tmp_path):
         ("0", "node1", "upit", 3.0), ("1", "node2", "upit", 3.0)]
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [f"upit-{job}.0-rank0.log",
                                                                       f"upit-{job}.0-rank1.log"]
+
+
+@pytest.mark.slow
+def test_real_train_on_two_slurm_nodes(slurm_cluster, tmp_path):
+    """The real `upcycle-ds train` (default command from PATH) under slurm/train.sbatch: 2 nodes x 1 CPU rank,
+    expert parallel over the two nodes (ep 2), 2 steps, checkpoint at the end."""
+    import yaml
+    from tiny import make_dense, make_jsonl, make_tokenizer
+
+    from upcycle_ds.cli import main as cli_main
+
+    dense = make_dense("llama", tmp_path / "dense")
+    make_tokenizer(dense)
+    data = make_jsonl(tmp_path / "train.jsonl", 40)
+    assert cli_main(["upcycle", "--model", str(dense), "--out", str(tmp_path / "moe"), "--num-experts", "4"]) == 0
+    config, run_dir = tmp_path / "run.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump({"model": str(tmp_path / "moe"), "data": str(data), "zero_stage": 1,
+                                      "dtype": "fp32", "micro_batch_size": 2, "max_length": 64,
+                                      "wandb_mode": "disabled"}))
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DS_ACCELERATOR": "cpu",
+           "TOKENIZERS_PARALLELISM": "false", "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_ext")}
+    job = slurm_cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, "--ep-size", "2", "--max-steps", "2",
+                               "--save-every", "2", env=env,
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                                            f"--output={tmp_path}/batch.log"])
+    state = slurm_cluster.wait(job, timeout=300)
+    logs = [slurm_cluster.read_log(run_dir / "logs" / f"train-{job}.0-rank{r}.log") for r in range(2)]
+    assert state == "COMPLETED", slurm_cluster.read_log(tmp_path / "batch.log") + "\n".join(l[-3000:] for l in logs)
+    assert "[upcycle-ds train] 2 ranks, ep_size 2" in logs[0], logs[0][-3000:]
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r] == [1, 2]

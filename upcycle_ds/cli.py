@@ -23,6 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
                       "UpIT: dense SFT checkpoints -> HF MoE (one expert each; genetic expansion to E)"),
     "seed-data": ("upcycle_ds.commands.seed_data",
                   "UpIT: pick router seed data (each sample -> its lowest-perplexity expert)"),
+    "sft": ("upcycle_ds.commands.sft",
+            "UpIT: dense instruction tuning with DeepSpeed, HF checkpoints every fraction of an epoch (the experts)"),
+    "router-init": ("upcycle_ds.commands.router_init",
+                    "UpIT: pre-train the routers on seed data (LM + BCE to each sample's expert), or init from prompts"),
+    "upit": ("upcycle_ds.commands.upit", "UpIT recipe: sft -> assemble -> seed-data -> router-init -> train, resumable"),
 }
 
 

@@ -87,9 +87,16 @@ def _scalar(tp):
     return str
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line on stderr (not the whole usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_into(cls, argv: list[str], prog: str, description: str, yaml_config: bool = False):
-    """Parse argv into an instance of dataclass `cls` (argparse exits 2 with a one-line error on bad flags)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    """Parse argv into an instance of dataclass `cls` (exits 2 with a one-line error on bad flags)."""
+    parser = _OneLineErrors(prog=prog, description=description)
     if yaml_config:
         parser.add_argument("--config", default=None, metavar="FILE.yaml",
                             help="YAML file of field values (snake_case keys); flags given here override it")

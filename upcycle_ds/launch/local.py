@@ -49,21 +49,30 @@ def preflight(args, world_size: int) -> None:
     if world_size < 1:
         raise UserError("--nproc must be >= 1")
     args.validate(world_size, _num_experts(args))
-    for path in filter(None, (args.data, args.eval_data)):
-        check_columns(read_rows(path), path)
+    import datasets
+
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # an error here must be one line on stderr, not progress bars + the line
+    try:
+        for path in filter(None, (args.data, args.eval_data)):
+            check_columns(read_rows(path), path)
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
     ckpt = Path(args.out) / "checkpoints" / "latest"
     if ckpt.is_file() and not args.resume:
         raise UserError(f"{ckpt.parent} already holds a checkpoint; pass --resume to continue it or use a new --out")
 
 
-def launch_local(args) -> int:
+def launch_local(args, command: str = "train") -> int:
+    """Start `args.nproc` ranks of `upcycle-ds COMMAND --config OUT/{COMMAND}_args.yaml` (`train`: train_args.yaml)."""
     if shutil.which("deepspeed") is None and not (Path(sys.executable).parent / "deepspeed").exists():
         raise UserError("the `deepspeed` launcher is not on PATH (pip install deepspeed)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     resolved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
     resolved["nproc"] = None
-    cfg = out / "train_args.yaml"
+    cfg = out / f"{command}_args.yaml"
     cfg.write_text(yaml.safe_dump(resolved, sort_keys=False))
     env = dict(os.environ)
     try:
@@ -77,6 +86,6 @@ def launch_local(args) -> int:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     cmd = [launcher, "--num_gpus", str(args.nproc), "--master_port", str(free_port()), "--no_local_rank", "--module",
-           "upcycle_ds.cli", "train", "--config", str(cfg)]
-    print(f"[upcycle-ds train] launching: {' '.join(cmd)}", file=sys.stderr, flush=True)
+           "upcycle_ds.cli", command, "--config", str(cfg)]
+    print(f"[upcycle-ds {command}] launching: {' '.join(cmd)}", file=sys.stderr, flush=True)
     return subprocess.call(cmd, env=env)

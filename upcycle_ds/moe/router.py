@@ -62,12 +62,18 @@ class TopKRouter(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.stats: RouterStats | None = None
+        self.record_logits = False
+        """When True, each forward leaves its fp32 logits_TE (with gradients) on `self.logits_TE` (UpIT router-init's
+        BCE loss reads them); off by default so no graph outlives its step."""
+        self.logits_TE: torch.Tensor | None = None
 
     def _set_ep_group(self, group) -> None:  # called by DeepSpeed's MOELayer; routing needs no group
         pass
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
         logits_TE = F.linear(x_TH.float(), self.weight.float())
+        if self.record_logits:
+            self.logits_TE = logits_TE
         probs_TE = torch.softmax(logits_TE, dim=-1)
         weights_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.normalize:

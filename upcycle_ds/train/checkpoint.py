@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int |
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank()
     torch.save(_rng_state(), Path(ckpt_dir) / tag / f"rng_rank{rank}.pt")
+    _fault_injection(step)
     dist.barrier()
     if rank == 0:
         tmp = Path(ckpt_dir) / f".{LATEST}.tmp"
@@ -84,6 +86,13 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int |
             _prune(Path(ckpt_dir), keep_last, tag)
     dist.barrier()
     return tag
+
+
+def _fault_injection(step: int) -> None:
+    """Tests only: UPCYCLE_DS_KILL_IN_SAVE=STEP SIGKILLs rank 0 after its checkpoint files for STEP are written and
+    before `latest` is committed — the window a crash during save hits."""
+    if os.environ.get("UPCYCLE_DS_KILL_IN_SAVE") == str(step) and dist.get_rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _prune(ckpt_dir: Path, keep_last: int, current: str) -> None:

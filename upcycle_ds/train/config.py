@@ -103,6 +103,10 @@ class TrainArgs:
     """At the end, also write the trained model as an HF MoE checkpoint to OUT/hf."""
     trust_remote_code: bool = False
     """Allow the tokenizer to run code shipped with the checkpoint (off unless you ask)."""
+    debug_dump_logits: bool = False
+    """Debugging/tests: after the final checkpoint, run the trained engine (eval mode) on each rank's first eval
+    micro-batch (train rows if there is no eval split) and save {input_ids, position_ids, logits} (fp32) to
+    OUT/debug/final_logits_rank{r}.pt, e.g. to check that OUT/hf computes the same logits in transformers."""
 
     # ------------------------------------------------------------------------------------------------ validation
     def validate(self, world_size: int, num_experts: int) -> None:
@@ -113,6 +117,8 @@ class TrainArgs:
             raise UserError(f"--zero-stage must be 0, 1 or 2 (got {self.zero_stage})")
         if self.dtype == "fp16":
             raise UserError("fp16 is not supported; use --dtype bf16 or fp32")
+        if self.dtype not in ("bf16", "fp32"):  # a --config YAML value bypasses argparse's choices
+            raise UserError(f"--dtype must be bf16 or fp32 (got {self.dtype!r})")
         if self.ep_size < 1 or num_experts % self.ep_size:
             raise UserError(f"--ep-size {self.ep_size} must divide the number of experts ({num_experts})")
         if world_size % self.ep_size:

@@ -77,6 +77,9 @@ class DataConfig:
     """Use only the first N rows after the shuffle (quick runs); applies before the eval split."""
     prompt_format: Literal["auto", "chat", "plain"] = "auto"
     """How prompt/response rows are rendered: chat template (auto: if the tokenizer has one) or plain text + EOS."""
+    label_field: str | None = None
+    """A row field holding one int per sample (UpIT router-init: 'expert'); batches then carry it on every token of
+    the sample as `sample_labels` (int64, -1 on padding). None: no such tensor."""
 
     def __post_init__(self):
         if self.max_length < 2:
@@ -146,6 +149,7 @@ class Rendered:
     spans: list[tuple[int, int]]  # character [start, end) ranges that carry loss, sorted, disjoint
     add_special_tokens: bool  # let the tokenizer add its BOS etc. (plain text) or not (chat templates include them)
     append_eos: bool  # append the EOS id after tokenizing, labelled
+    label: int | None = None  # DataConfig.label_field's value for this sample
 
 
 def _chat(tokenizer, messages, **kw) -> str:
@@ -274,6 +278,8 @@ def tokenize_rendered(tokenizer, items: list[Rendered], max_length: int, stats: 
                 stats.dropped_no_labels += 1
                 continue
             out.append({"input_ids": ids, "labels": [t if m else IGNORE for t, m in zip(ids, mask)]})
+            if r.label is not None:
+                out[-1]["sample_label"] = r.label
     return out
 
 
@@ -284,6 +290,11 @@ def _examples(ds, indices, tokenizer, cfg: DataConfig, source: str) -> tuple[lis
     for idx, row in zip(indices, rows):
         try:
             rendered.append(render_row(row, tokenizer, cfg.prompt_format))
+            if cfg.label_field is not None:
+                value = row.get(cfg.label_field)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"field {cfg.label_field!r} must be an int >= 0 (got {value!r})")
+                rendered[-1].label = value
         except MissingColumns:
             found = sorted(k for k, v in row.items() if v is not None)
             raise UserError(f"{source} row {idx}: needs 'messages', 'prompt'+'response' (or 'completion') or 'text'; "
@@ -388,6 +399,11 @@ class PackedDataset:
         self.loss_mask = torch.from_numpy(loss_mask.reshape(R, L))
         self.position_ids = torch.from_numpy(position_ids.reshape(R, L))
         self.num_label_tokens = int(self.loss_mask.sum())
+        self.sample_labels = None  # [R, L] int64: each token's sample label (DataConfig.label_field), -1 on padding
+        if examples and all("sample_label" in e for e in examples):
+            tags = np.full(R * L, -1, dtype=np.int64)
+            tags[flat_dest] = np.repeat(np.asarray([e["sample_label"] for e in examples], dtype=np.int64), lengths)
+            self.sample_labels = torch.from_numpy(tags.reshape(R, L))
 
     def __len__(self) -> int:
         return len(self.row_samples)
@@ -403,7 +419,10 @@ class PackedDataset:
             input_ids[~real] = self.pad_id
             position_ids[~real] = torch.arange(self.max_length)
         labels = torch.where(mask, input_ids, torch.full_like(input_ids, IGNORE))
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if self.sample_labels is not None:
+            out["sample_labels"] = torch.where(real[:, None], self.sample_labels[safe], -1)
+        return out
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.batch([i]).items()}

@@ -8,11 +8,14 @@ and all ranks, then logged on rank 0 (W&B + metrics.jsonl).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from ..surgery import build_moe_model
 from . import checkpoint
 from .config import TrainArgs, deepspeed_config
 from .data import IGNORE, DataConfig, batches, build_datasets, num_batches
-from .sources import open_source
+from .sources import open_dense_source, open_source
 from .tracking import LayerStats, Tracker
 
 
@@ -41,6 +44,26 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     """micro-batches this rank has consumed in `epoch` (the same on every rank)."""
+
+
+@dataclass(kw_only=True)
+class StageHooks:
+    """What a stage built on this engine changes; the defaults are `upcycle-ds train` (UpIT: sft, router-init)."""
+
+    dense: bool = False
+    """Train --model as the HF dense model it is (`from_pretrained`, no MoE layers, no aux/z loss; `upcycle-ds sft`)."""
+    label_field: str | None = None
+    """Data row field (an int per sample) carried to every token of the sample as batch["sample_labels"] (-1 on
+    padding); router-init: 'expert'."""
+    setup: Callable[[torch.nn.Module, list], None] | None = None
+    """(model, [(layer, UpcycledMoE)]) before `deepspeed.initialize` (e.g. make the routers keep their logits)."""
+    loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    """(lm=, moe=, batch=, layers=) -> (loss to backpropagate, {metric: detached scalar tensor}); default lm + moe,
+    where moe = aux_loss_coef * sum(aux) + z_loss_coef * sum(z). Metrics are averaged over micro-steps and ranks."""
+    after_step: Callable[..., None] | None = None
+    """Collective (every rank): (engine=, step=, steps_per_epoch=, max_steps=) after each optimizer step."""
+    export: Callable[..., None] | None = None
+    """Collective: (engine=, ckpt_dir=, step=) at the end instead of the HF MoE export (when --export-hf)."""
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +109,20 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     groups = [g for g in groups if g["params"]]
-    return [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+    groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+    if not any(g.get("moe") for g in groups):
+        # DeepSpeed's ZeRO/bf16 optimizers insist on a non-empty MoE param group of trainable params when the model
+        # has MoE layers. With every expert frozen (router-init) one expert weight per rank (the first) is handed to
+        # the optimizer in a group with lr 0 and no decay: AdamW then adds exactly 0 to it, so it stays bit-identical.
+        from deepspeed.moe.utils import is_moe_param
+
+        frozen = [p for p in model.parameters() if is_moe_param(p)][:1]
+        if frozen:
+            frozen[0].requires_grad_(True)
+            extra = [{"params": frozen, "weight_decay": 0.0, "lr": 0.0, "name": "frozen_experts"}]
+            groups += [g for g in split_params_into_different_moe_groups_for_optimizer(extra)
+                       if g["params"] and g.get("moe")]
+    return groups
 
 
 class RouterMeter:
@@ -128,6 +164,16 @@ class RouterMeter:
         return out
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """On resume, forget metrics.jsonl records of steps after the checkpoint (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -139,17 +185,22 @@ def log0(*a) -> None:
         print(*a, file=sys.stderr, flush=True)
 
 
-def train(args: TrainArgs) -> int:
+def train(args: TrainArgs, hooks: StageHooks | None = None) -> int:
     """The body of one rank. Collective: every rank of the job runs it."""
     import deepspeed
     from transformers import AutoTokenizer
 
+    hooks = hooks or StageHooks()
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     seed_everything(args.seed + rank)
-    source = open_source(args)
-    family, _ = family_for(source.config)
-    num_experts = family.num_experts(source.config)
+    if hooks.dense:
+        source = open_dense_source(args)
+        num_experts = 1
+    else:
+        source = open_source(args)
+        family, _ = family_for(source.config)
+        num_experts = family.num_experts(source.config)
     args.validate(world, num_experts)
     run_dir, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
     if not args.resume and checkpoint.latest_tag(ckpt_dir) is not None:
@@ -157,7 +208,8 @@ def train(args: TrainArgs) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir), trust_remote_code=args.trust_remote_code)
     data_cfg = DataConfig(data=args.data, max_length=args.max_length, eval_fraction=args.eval_fraction,
-                          eval_data=args.eval_data, seed=args.seed, max_samples=args.max_samples)
+                          eval_data=args.eval_data, seed=args.seed, max_samples=args.max_samples,
+                          label_field=hooks.label_field)
     train_ds, eval_ds = build_datasets(data_cfg, tokenizer)
     per_epoch = num_batches(len(train_ds), micro_batch_size=args.micro_batch_size, world_size=world)
     if per_epoch < args.grad_accum:
@@ -168,7 +220,12 @@ def train(args: TrainArgs) -> int:
     log0(f"[upcycle-ds train] {world} ranks, ep_size {args.ep_size}, ZeRO-{args.zero_stage}, {args.dtype}; "
          f"data: {train_ds.summary()}; {max_steps} steps ({steps_per_epoch} per epoch)")
 
-    model = build_moe_model(source, ep_size=args.ep_size, capacity_factor=args.capacity_factor)
+    if hooks.dense:
+        model = source.load_model()
+    else:
+        model = build_moe_model(source, ep_size=args.ep_size, capacity_factor=args.capacity_factor)
+    if hooks.setup is not None:
+        hooks.setup(model, moe_layers(model))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     apply_freeze(model, args.freeze, args.train_only)
@@ -187,6 +244,8 @@ def train(args: TrainArgs) -> int:
         if loaded is not None:
             state = TrainState(**loaded[1]["train_state"])
             log0(f"[upcycle-ds train] resumed from {ckpt_dir}/{loaded[0]} at step {state.step}")
+            if rank == 0:
+                drop_metrics_after(run_dir / "metrics.jsonl", state.step)
     if rank == 0:
         checkpoint.write_model_files(ckpt_dir, source.config, source.tokenizer_dir)
     tracker = Tracker(run_dir, args.to_dict(), enabled=rank == 0, mode=args.wandb_mode, project=args.wandb_project)
@@ -217,24 +276,38 @@ def train(args: TrainArgs) -> int:
             lr = scheduler.get_last_lr()[0]
             meter.reset()
             lm_sum = torch.zeros(2, dtype=torch.float64)
+            extra: dict[str, torch.Tensor] = {}
             for _ in range(args.grad_accum):
                 b = next(stream)
                 out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
                 loss_sum, n_tok = causal_lm_loss(out.logits, b["labels"])
                 lm = loss_sum / n_tok.clamp_min(1)
                 aux, z = meter.add()
-                engine.backward(lm + args.aux_loss_coef * aux + args.z_loss_coef * z)
+                loss = lm + args.aux_loss_coef * aux + args.z_loss_coef * z
+                if hooks.loss is not None:
+                    loss, metrics = hooks.loss(lm=lm, moe=loss - lm, batch=b, layers=layers)
+                    for k, v in metrics.items():
+                        extra[k] = extra.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64).detach()
+                engine.backward(loss)
                 engine.step()
                 lm_sum += torch.tensor([float(lm.detach()), 1.0], dtype=torch.float64)
             state.step += 1
             steps_here += 1
             dist.all_reduce(lm_sum)
+            names = sorted(extra)
+            if names:
+                ex = torch.stack([extra[k] for k in names]).double()
+                dist.all_reduce(ex)
+                extra = {k: v / lm_sum[1].item() for k, v in zip(names, ex.tolist())}
             stats = meter.reduce()
             dt = time.perf_counter() - t0
             tokens = args.micro_batch_size * args.grad_accum * world * args.max_length
             tracker.log_step(state.step, {"loss": lm_sum[0].item() / lm_sum[1].item(),
                                           "lr": lr, "tokens_per_s": tokens / dt,
-                                          "step_time_s": dt, "epoch": state.epoch}, stats)
+                                          "step_time_s": dt, "epoch": state.epoch, **extra}, stats)
+            if hooks.after_step is not None:
+                hooks.after_step(engine=engine, step=state.step, steps_per_epoch=steps_per_epoch,
+                                 max_steps=max_steps)
             if args.eval_every and state.step % args.eval_every == 0 and eval_ds is not None:
                 evaluate(engine, eval_ds, args, world, rank, layers, num_experts, tracker, state.step)
             if args.save_every and state.step % args.save_every == 0:
@@ -246,7 +319,11 @@ def train(args: TrainArgs) -> int:
         if eval_ds is not None and not (args.eval_every and state.step % args.eval_every == 0):
             evaluate(engine, eval_ds, args, world, rank, layers, num_experts, tracker, state.step)
         save()
-        if args.export_hf:
+        if args.debug_dump_logits:
+            dump_final_logits(engine, eval_ds if eval_ds is not None else train_ds, args, world, rank, run_dir)
+        if args.export_hf and hooks.export is not None:
+            hooks.export(engine=engine, ckpt_dir=ckpt_dir, step=state.step)
+        elif args.export_hf:
             dist.barrier()
             if rank == 0:
                 from ..convert import ds_to_hf_moe
@@ -276,15 +353,32 @@ def evaluate(engine, eval_ds, args: TrainArgs, world: int, rank: int, layers, nu
     dist.all_reduce(tot)
     stats = meter.reduce()
     loss = tot[0].item() / max(1.0, tot[1].item())
-    load = np.stack([s.fractions() for s in stats]) if stats else np.zeros((0, num_experts))
-    tracker.log_eval(step, {"loss": loss}, load, [s.layer for s in stats])
+    if stats:
+        tracker.log_eval(step, {"loss": loss}, np.stack([s.fractions() for s in stats]), [s.layer for s in stats])
+    else:  # a dense model (sft): no expert load to draw
+        tracker.log_step(step, {"eval/loss": loss}, [])
     log0(f"[upcycle-ds train] step {step}: eval loss {loss:.4f}")
     engine.train()
     return loss
 
 
-def run_rank(args: TrainArgs) -> int:
+@torch.no_grad()
+def dump_final_logits(engine, ds, args: TrainArgs, world: int, rank: int, run_dir: Path) -> Path:
+    """--debug-dump-logits: the trained engine's fp32 logits on this rank's first (unshuffled) micro-batch of `ds`,
+    saved with its inputs to OUT/debug/final_logits_rank{r}.pt. Collective (expert parallelism): every rank calls it."""
+    engine.eval()
+    b = next(batches(ds, micro_batch_size=args.micro_batch_size, rank=rank, world_size=world, seed=args.seed,
+                     epoch=0, shuffle=False, pad_remainder=True))
+    out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+    path = Path(run_dir) / "debug" / f"final_logits_rank{rank}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"input_ids": b["input_ids"], "position_ids": b["position_ids"], "logits": out.logits.float()}, path)
+    engine.train()
+    return path
+
+
+def run_rank(args: TrainArgs, hooks: StageHooks | None = None) -> int:
     try:
-        return train(args)
+        return train(args, hooks)
     finally:
         shutdown()

@@ -37,3 +37,29 @@ def open_source(args):
                                              capacity_factor=args.capacity_factor, seed=args.seed))
     view.tokenizer_dir = path
     return view
+
+
+class DenseSource:
+    """An HF dense checkpoint trained as it is (`upcycle-ds sft`): config, tokenizer dir, and the model itself."""
+
+    def __init__(self, path: Path, config: dict):
+        self.path, self.config, self.tokenizer_dir = path, config, path
+
+    def load_model(self):
+        """The HF model in fp32 (DeepSpeed casts the module to bf16 under --dtype bf16 and keeps fp32 masters)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(self.path), dtype=torch.float32)
+
+
+def open_dense_source(args) -> DenseSource:
+    path = Path(args.model)
+    config = read_config(path)
+    _, is_moe = family_for(config)
+    if is_moe:
+        raise UserError(f"{path} is an MoE checkpoint ({config.get('model_type')}); sft trains a dense model "
+                        f"(Llama, Mistral, Qwen2, Qwen3) — use `upcycle-ds train` for MoE models")
+    if is_deepspeed_dir(path):
+        raise UserError(f"{path} is a DeepSpeed checkpoint dir; sft starts from an HF dense checkpoint")
+    return DenseSource(path, config)
