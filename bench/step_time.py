@@ -67,6 +67,8 @@ def parse_args() -> argparse.Namespace:
     a("--steps", type=int, default=10, help="timed rounds (each model one step per round)")
     a("--no-ds-moe", action="store_true", help="skip DeepSpeed's native MoE reference")
     a("--profile", type=int, default=0, help="after timing, profile N steps of our MoE model (torch.profiler)")
+    a("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default); on a shared machine 1 "
+      "gives steadier ratios, as OpenMP's barriers suffer badly from a descheduled thread")
     a("--json", help="also write the results to this file")
     return p.parse_args()
 
@@ -202,6 +204,8 @@ def main() -> int:
     args = parse_args()
     from upcycle_ds.dist import init_distributed, shutdown
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if args.experts % args.ep_size or world % args.ep_size:

@@ -1,7 +1,8 @@
 """Slurm launch: pure parsing of Slurm variables, then the real slurm/*.sbatch scripts on a real local 2-node Slurm.
 
 The cluster tests use tests/slurm_standin.py in place of `upcycle-ds` (UPCYCLE_DS_CMD): it takes the same command
-line, derives its rank with upcycle_ds.launch.dist_env, and all_reduces over gloo across the two Slurm nodes.
+line, derives its rank with upcycle_ds.launch.dist_env, and all_reduces over gloo across the two Slurm nodes. The last
+test runs the real `upcycle-ds train` through slurm/train.sbatch.
 """
 
 from __future__ import annotations
