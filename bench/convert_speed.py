@@ -51,6 +51,18 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
             "cmd": " ".join(cmd)}
 
 
+def write_tokenizer(path: Path, vocab: int) -> None:
+    """A word-level fast tokenizer with `vocab` ids (mergekit-moe loads the base model's tokenizer)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(vocab - 3)]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(path)
+
+
 def install_mergekit(venv: Path) -> Path:
     """A venv with mergekit; torch 2.13.0 (local CPU wheel) first, then mergekit constrained to it."""
     exe = venv / "bin" / "mergekit-moe"
@@ -84,6 +96,7 @@ def main() -> int:
     fig: dict = {"layers": args.num_layers, "experts": args.experts}
     try:
         fig["input_gb"] = us.write_dense(dense, 1.0) / 1e9
+        write_tokenizer(dense, us.SHAPE["vocab_size"])
         print(f"dense input {fig['input_gb']:.2f} GB; free {shutil.disk_usage(work).free / 1e9:.1f} GB",
               file=sys.stderr)
         exe = Path(sys.executable).parent / "upcycle-ds"

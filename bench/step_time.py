@@ -65,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     a("--ep-size", type=int, default=1)
     a("--warmup", type=int, default=3, help="warm-up steps per model")
     a("--steps", type=int, default=10, help="timed rounds (each model one step per round)")
+    a("--fused-adamw", action="store_true", help="torch AdamW(fused=True) instead of the trainer's default AdamW")
     a("--no-ds-moe", action="store_true", help="skip DeepSpeed's native MoE reference")
     a("--profile", type=int, default=0, help="after timing, profile N steps of our MoE model (torch.profiler)")
     a("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default); on a shared machine 1 "
@@ -114,10 +115,12 @@ class DSNativeMLP(torch.nn.Module):
 
 
 def ds_config(args, world: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": args.mbs, "gradient_accumulation_steps": 1,
-            "train_batch_size": args.mbs * world, "gradient_clipping": 1.0,
-            "zero_optimization": {"stage": args.zero}, "bf16": {"enabled": False},
-            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    """The trainer's ds_config (ds_configs/zero{N}.json + its flag overrides), fp32, one micro-step per step."""
+    from upcycle_ds.train.config import TrainArgs, deepspeed_config
+
+    targs = TrainArgs(model="-", data="-", out="-", zero_stage=args.zero, dtype="fp32", micro_batch_size=args.mbs,
+                      max_length=args.seq, ep_size=args.ep_size)
+    return deepspeed_config(targs, world)
 
 
 def wrap(model, args, world: int):
@@ -125,40 +128,52 @@ def wrap(model, args, world: int):
 
     from upcycle_ds.train.engine import optimizer_groups
 
-    opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=1e-5, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
+                            fused=args.fused_adamw or None)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(args, world))
     engine.train()
     return engine
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+PHASES = ("step", "fwd", "bwd", "opt")
+
+
 class Runner:
-    """One model under DeepSpeed plus the per-micro-batch work the trainer does around it."""
+    """One model under DeepSpeed plus the per-micro-batch work the trainer does around it.
+
+    Each phase is timed on two clocks: wall time, and this process's CPU time (all its threads). On a machine shared
+    with other jobs the CPU time of a 1-thread run is the steadier measure (time spent descheduled is not counted).
+    """
 
     def __init__(self, name: str, engine, aux_fn):
         self.name, self.engine, self.aux_fn = name, engine, aux_fn
-        self.times: dict[str, list[float]] = {"step": [], "fwd": [], "bwd": [], "opt": []}
+        self.params = sum(p.numel() for p in engine.module.parameters())
+        self.times = {c: {k: [] for k in PHASES} for c in CLOCKS}
 
     def step(self, batch, record: bool) -> None:
         from upcycle_ds.train.engine import causal_lm_loss
 
-        t0 = time.perf_counter()
+        marks = [{c: f() for c, f in CLOCKS.items()}]
         out = self.engine(input_ids=batch, use_cache=False)
         loss_sum, n = causal_lm_loss(out.logits, batch)
         loss = loss_sum / n.clamp_min(1)
         extra = self.aux_fn()
         if extra is not None:
             loss = loss + extra
-        t1 = time.perf_counter()
+        marks.append({c: f() for c, f in CLOCKS.items()})
         self.engine.backward(loss)
-        t2 = time.perf_counter()
+        marks.append({c: f() for c, f in CLOCKS.items()})
         self.engine.step()
-        t3 = time.perf_counter()
+        marks.append({c: f() for c, f in CLOCKS.items()})
         if record:
-            for k, v in (("step", t3 - t0), ("fwd", t1 - t0), ("bwd", t2 - t1), ("opt", t3 - t2)):
-                self.times[k].append(v)
+            for c in CLOCKS:
+                t = [m[c] for m in marks]
+                for k, v in zip(PHASES, (t[3] - t[0], t[1] - t[0], t[2] - t[1], t[3] - t[2])):
+                    self.times[c][k].append(v)
 
-    def median(self, key: str = "step") -> float:
-        return statistics.median(self.times[key])
+    def median(self, clock: str, key: str) -> float:
+        return statistics.median(self.times[clock][key])
 
 
 def build_runners(args, dense_dir: Path, world: int) -> list[Runner]:
@@ -199,6 +214,29 @@ def build_runners(args, dense_dir: Path, world: int) -> list[Runner]:
     return runners
 
 
+def summarize(runners: list[Runner], clock: str, ideal: float) -> dict:
+    """Per model: median phase times (the slowest rank's), and MoE/dense ratios as medians of per-round ratios."""
+    med = torch.tensor([[r.median(clock, k) for k in PHASES] for r in runners], dtype=torch.float64)
+    torch.distributed.all_reduce(med, op=torch.distributed.ReduceOp.MAX)  # ranks wait for each other anyway
+    dense = runners[0]
+    d_fb, d_opt, d_step = (med[0, 1] + med[0, 2]).item(), med[0, 3].item(), med[0, 0].item()
+
+    def per_round(r, fn):
+        rounds = range(len(r.times[clock]["step"]))
+        return statistics.median(fn(r.times[clock], i) / fn(dense.times[clock], i) for i in rounds)
+
+    out = {}
+    for r, row in zip(runners, med.tolist()):
+        flop_ideal = 1.0 if r is dense else ideal
+        ratio = per_round(r, lambda t, i: t["step"][i])
+        fb = per_round(r, lambda t, i: t["fwd"][i] + t["bwd"][i])
+        with_opt = (flop_ideal * d_fb + d_opt * r.params / dense.params) / d_step
+        out[r.name] = {**{k + "_ms": 1e3 * v for k, v in zip(PHASES, row)}, "params": r.params, "ratio": ratio,
+                       "ratio_vs_ideal": ratio / flop_ideal, "ideal_with_optimizer": with_opt, "fwd_bwd_ratio": fb,
+                       "fwd_bwd_ratio_vs_ideal": fb / flop_ideal}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def main() -> int:
     args = parse_args()
@@ -230,39 +268,32 @@ def main() -> int:
         for r in order:
             r.step(batches[s % len(batches)], record=True)
 
-    # every rank's medians -> the slowest rank's (ranks wait for each other in the collectives anyway)
-    keys = ("step", "fwd", "bwd", "opt")
-    med = torch.tensor([[r.median(k) for k in keys] for r in runners], dtype=torch.float64)
-    torch.distributed.all_reduce(med, op=torch.distributed.ReduceOp.MAX)
     fd, fm = forward_flops(args, moe=False), forward_flops(args, moe=True)
     ideal = fm / fd
-    dense_i = 0
-    per_round = [statistics.median(m / d for m, d in zip(r.times["step"], runners[dense_i].times["step"]))
-                 for r in runners]
-
     result = {"shape": {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads",
                                                         "vocab", "seq", "mbs", "experts", "top_k", "zero",
                                                         "ep_size")},
               "world": world, "threads": torch.get_num_threads(), "moe_layers": args.moe_layer_ids,
-              "flops_forward": {"dense": fd, "moe": fm}, "ideal_ratio": ideal, "models": {}}
-    for r, row, pr in zip(runners, med.tolist(), per_round):
-        result["models"][r.name] = {**{k + "_ms": 1e3 * v for k, v in zip(keys, row)},
-                                    "ratio": row[0] / med[dense_i, 0].item(), "ratio_per_round_median": pr,
-                                    "fwd_bwd_ratio": (row[1] + row[2]) / (med[dense_i, 1] + med[dense_i, 2]).item()}
+              "fused_adamw": args.fused_adamw, "steps": args.steps, "warmup": args.warmup,
+              "flops_forward": {"dense": fd, "moe": fm}, "ideal_ratio": ideal,
+              "clocks": {c: summarize(runners, c, ideal) for c in CLOCKS}}
     if rank == 0:
         sh = result["shape"]
         print(f"\nLlama h{sh['hidden']}/i{sh['intermediate']}/{sh['layers']}L vocab {sh['vocab']}, seq {sh['seq']} "
-              f"x mbs {sh['mbs']}, fp32, ZeRO-{sh['zero']}, E={sh['experts']} k={sh['top_k']} in layers "
-              f"{args.moe_layer_ids}, ep_size {sh['ep_size']}, {world} rank(s) x {result['threads']} threads; "
-              f"medians of {args.steps} rounds after {args.warmup} warm-up steps")
-        print(f"FLOP-ideal MoE/dense step ratio: {ideal:.3f} "
-              f"(forward GFLOP dense {fd / 1e9:.2f}, MoE {fm / 1e9:.2f})")
-        print(f"{'model':<8} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':>6}  {'/dense':>6} {'/ideal':>6}  "
-              f"{'fwd+bwd /dense':>14} {'/ideal':>6}")
-        for name, m in result["models"].items():
-            print(f"{name:<8} {m['step_ms']:8.1f} {m['fwd_ms']:7.1f} {m['bwd_ms']:7.1f} {m['opt_ms']:6.1f}  "
-                  f"{m['ratio']:6.3f} {m['ratio'] / ideal:6.3f}  {m['fwd_bwd_ratio']:14.3f} "
-                  f"{m['fwd_bwd_ratio'] / ideal:6.3f}")
+              f"x mbs {sh['mbs']}, fp32, ZeRO-{sh['zero']}, AdamW{' fused' if args.fused_adamw else ''}, "
+              f"E={sh['experts']} k={sh['top_k']} in layers {args.moe_layer_ids}, ep_size {sh['ep_size']}, {world} "
+              f"rank(s) x {result['threads']} threads; medians of {args.steps} rounds after {args.warmup} warm-up steps")
+        print(f"FLOP-ideal MoE/dense step ratio: {ideal:.3f} (forward GFLOP dense {fd / 1e9:.2f}, MoE {fm / 1e9:.2f})")
+        print("ratio = step / dense step (median of per-round ratios); /ideal = ratio / FLOP-ideal; opt-ideal = "
+              "FLOP-ideal forward+backward plus an optimizer step costing the dense one's per parameter")
+        for c, rows in result["clocks"].items():
+            print(f"[{c} time] {'params':>7} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':>6}  {'ratio':>6} "
+                  f"{'/ideal':>6} {'opt-ideal':>9} {'/opt-ideal':>10}  {'fwd+bwd ratio':>13} {'/ideal':>6}")
+            for name, m in rows.items():
+                print(f"{name:<11} {m['params'] / 1e6:6.1f}M {m['step_ms']:8.1f} {m['fwd_ms']:7.1f} "
+                      f"{m['bwd_ms']:7.1f} {m['opt_ms']:6.1f}  {m['ratio']:6.3f} {m['ratio_vs_ideal']:6.3f} "
+                      f"{m['ideal_with_optimizer']:9.3f} {m['ratio'] / m['ideal_with_optimizer']:10.3f}  "
+                      f"{m['fwd_bwd_ratio']:13.3f} {m['fwd_bwd_ratio_vs_ideal']:6.3f}")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -2,7 +2,9 @@
 
 The cluster tests use tests/slurm_standin.py in place of `upcycle-ds` (UPCYCLE_DS_CMD): it takes the same command
 line, derives its rank with upcycle_ds.launch.dist_env, and all_reduces over gloo across the two Slurm nodes. The last
-test runs the real `upcycle-ds train` through slurm/train.sbatch.
+two tests run the real `upcycle-ds train` through slurm/train.sbatch (expert parallel across the two nodes): a
+completed run (checkpoint files of both ranks, W&B offline log), and a run whose node2 rank is SIGKILLed, resubmitted,
+killed again inside a checkpoint save, resubmitted again, and compared loss by loss with the completed one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import NODE_ADDRS, slurm_cluster  # noqa: F401  (session fixture)
+from slurm_cluster import FINAL_STATES, NODE_ADDRS, slurm_cluster  # noqa: F401  (session fixture)
 from upcycle_ds.launch import slurm
 from upcycle_ds.launch.dist_env import DistEnv, dist_env, setup_dist_env
 
@@ -282,33 +284,222 @@ def test_upit_sbatch_two_nodes_cpu_only(slurm_cluster, tmp_path):
                                                                       f"upit-{job}.0-rank1.log"]
 
 
-@pytest.mark.slow
-def test_real_train_on_two_slurm_nodes(slurm_cluster, tmp_path):
-    """The real `upcycle-ds train` (default command from PATH) under slurm/train.sbatch: 2 nodes x 1 CPU rank,
-    expert parallel over the two nodes (ep 2), 2 steps, checkpoint at the end."""
+# -- the real `upcycle-ds train` on the two Slurm nodes ---------------------------------------------------------
+# 2 nodes x 1 CPU rank, expert parallel across the nodes (ep 2: rank 0 on node1 holds experts 0-1, rank 1 on node2
+# experts 2-3), ZeRO-2, fp32, a checkpoint every 2 of 8 steps. Real-train jobs are the expensive part of this module
+# (~10-40 s each, mostly imports): the module runs four, the reference and the three of the fault test.
+REAL_STEPS, REAL_SAVE_EVERY, NUM_EXPERTS, NUM_LAYERS = 8, 2, 4, 4
+
+
+@pytest.fixture(scope="module")
+def real_train_inputs(tmp_path_factory):
+    """A tiny Mixtral (4 experts, top 2, 4 layers), its tokenizer, 200 rows of data, a run config, the job env."""
     import yaml
-    from tiny import make_dense, make_jsonl, make_tokenizer
+    from tiny import make_jsonl, make_moe, make_tokenizer
 
-    from upcycle_ds.cli import main as cli_main
-
-    dense = make_dense("llama", tmp_path / "dense")
-    make_tokenizer(dense)
-    data = make_jsonl(tmp_path / "train.jsonl", 40)
-    assert cli_main(["upcycle", "--model", str(dense), "--out", str(tmp_path / "moe"), "--num-experts", "4"]) == 0
-    config, run_dir = tmp_path / "run.yaml", tmp_path / "run"
-    config.write_text(yaml.safe_dump({"model": str(tmp_path / "moe"), "data": str(data), "zero_stage": 1,
-                                      "dtype": "fp32", "micro_batch_size": 2, "max_length": 64,
-                                      "wandb_mode": "disabled"}))
+    root = tmp_path_factory.mktemp("real_train")
+    moe = make_moe("mixtral", root / "moe", num_experts=NUM_EXPERTS, top_k=2)
+    make_tokenizer(moe)
+    data = make_jsonl(root / "train.jsonl", 200)
+    config = root / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": str(moe), "data": str(data), "ep_size": 2, "zero_stage": 2,
+                                      "dtype": "fp32", "micro_batch_size": 2, "max_length": 128, "lr": 1e-3,
+                                      "seed": 0, "max_steps": REAL_STEPS, "save_every": REAL_SAVE_EVERY,
+                                      "export_hf": False, "wandb_mode": "offline"}))
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false", "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_ext")}
-    job = slurm_cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, "--ep-size", "2", "--max-steps", "2",
-                               "--save-every", "2", env=env,
-                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
-                                            f"--output={tmp_path}/batch.log"])
+           "TOKENIZERS_PARALLELISM": "false", "TORCH_EXTENSIONS_DIR": str(root / "torch_ext")}
+    return config, env
+
+
+def _submit_real(cluster, inputs, run_dir: Path, *flags: str, env: dict[str, str] | None = None) -> int:
+    """slurm/train.sbatch with the real `upcycle-ds` (from PATH: the script's default command); batch log in
+    RUN_DIR/../batch-<run>.log (appended to by every job of the run, as on a cluster)."""
+    config, base_env = inputs
+    return cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, *flags, env={**base_env, **(env or {})},
+                          sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                                       f"--output={run_dir.parent}/batch-{run_dir.name}.log"])
+
+
+def _real_logs(cluster, run_dir: Path, job: int) -> list[str]:
+    return [cluster.read_log(run_dir / "logs" / f"train-{job}.0-rank{r}.log") for r in range(2)]
+
+
+def _why(cluster, run_dir: Path, job: int) -> str:
+    return (cluster.read_log(run_dir.parent / f"batch-{run_dir.name}.log") + str(cluster.job(job)) + "\n"
+            + "\n".join(log[-3000:] for log in _real_logs(cluster, run_dir, job)))
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _latest(run_dir: Path) -> str | None:
+    f = run_dir / "checkpoints" / "latest"
+    return f.read_text().strip() if f.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def real_reference(slurm_cluster, real_train_inputs, tmp_path_factory):
+    """One uninterrupted real-train job (W&B offline): its run dir, job id, and the losses of steps 1..REAL_STEPS."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    t0 = time.monotonic()
+    job = _submit_real(slurm_cluster, real_train_inputs, run_dir)
     state = slurm_cluster.wait(job, timeout=300)
-    logs = [slurm_cluster.read_log(run_dir / "logs" / f"train-{job}.0-rank{r}.log") for r in range(2)]
-    assert state == "COMPLETED", slurm_cluster.read_log(tmp_path / "batch.log") + "\n".join(l[-3000:] for l in logs)
-    assert "[upcycle-ds train] 2 ranks, ep_size 2" in logs[0], logs[0][-3000:]
-    assert (run_dir / "checkpoints" / "latest").is_file()
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if "loss" in r] == [1, 2]
+    assert state == "COMPLETED", _why(slurm_cluster, run_dir, job)
+    print(f"reference real-train job: {time.monotonic() - t0:.1f} s")
+    return run_dir, job, _losses(run_dir)
+
+
+@pytest.mark.slow
+def test_real_train_on_two_slurm_nodes(slurm_cluster, real_train_inputs, real_reference):
+    """The real `upcycle-ds train` under slurm/train.sbatch, 2 nodes x 1 CPU rank, ep 2 across the nodes, ZeRO-2:
+    both ranks write their own experts' files, and the W&B offline run holds every logged step."""
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from upcycle_ds.train.wandb_read import read_offline_run
+
+    run_dir, job, losses = real_reference
+    logs = _real_logs(slurm_cluster, run_dir, job)
+    assert "[upcycle-ds train] 2 ranks, ep_size 2, ZeRO-2, fp32" in logs[0], logs[0][-3000:]
+    assert sorted(losses) == list(range(1, REAL_STEPS + 1))
+    assert all(0 < v < 20 for v in losses.values()), losses
+    ckpts = run_dir / "checkpoints"
+    assert _latest(run_dir) == f"global_step{REAL_STEPS}"
+    saved = sorted(p.name for p in ckpts.glob("global_step*"))
+    assert saved == sorted(f"global_step{s}" for s in range(REAL_SAVE_EVERY, REAL_STEPS + 1, REAL_SAVE_EVERY))
+
+    # Expert files: one per (MoE layer, global expert id), for all experts. With ep 2 no rank holds the other's
+    # experts, so files 0-1 can only come from rank 0 (node1) and 2-3 only from rank 1 (node2). Each file holds expert
+    # E of its layer (global id in the keys; its weights are the source model's expert E moved by 8 small AdamW steps,
+    # nearer to it than to any other expert of the layer), and each rank's experts were trained (most moved; an expert
+    # of the last layer that gets only unlabelled tokens has no gradient and may stay put).
+    model = yaml.safe_load(real_train_inputs[0].read_text())["model"]
+    source = load_file(f"{model}/model.safetensors")
+    last = ckpts / f"global_step{REAL_STEPS}"
+    names = {p.name for p in last.glob("layer_*_expert_*_mp_rank_00_model_states.pt")}
+    assert names == {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
+                     for layer in range(NUM_LAYERS) for e in range(NUM_EXPERTS)}, sorted(names)
+    moved = {0: 0, 1: 0}
+    for layer in range(NUM_LAYERS):
+        def hf(e, proj):
+            w = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[proj]
+            return source[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"]
+
+        for e in range(NUM_EXPERTS):
+            name = f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
+            sd = torch.load(last / name, map_location="cpu", weights_only=True)
+            prefix = f"model.layers.{layer}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}."
+            assert sorted(sd) == [prefix + f"{p}.weight" for p in ("down_proj", "gate_proj", "up_proj")], (name, sd)
+            dist_to = {j: max((sd[prefix + f"{p}.weight"] - hf(j, p)).abs().max().item()
+                              for p in ("gate_proj", "up_proj", "down_proj")) for j in range(NUM_EXPERTS)}
+            assert dist_to[e] < 0.05 and all(dist_to[e] < dist_to[j] for j in dist_to if j != e), (name, dist_to)
+            moved[e * 2 // NUM_EXPERTS] += dist_to[e] > 0
+    assert all(n > NUM_LAYERS for n in moved.values()), f"expert files changed since the start, per ep rank: {moved}"
+    # The rest of the checkpoint: one ZeRO-2 optimizer shard and one RNG state per rank, the non-expert weights.
+    assert {p.name for p in last.glob("*optim_states.pt")} == {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                                                               for r in range(2)}
+    assert (last / "mp_rank_00_model_states.pt").is_file()
+    assert {p.name for p in last.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+
+    # W&B offline run (rank 0 only) under RUN_DIR/wandb: history = the logged steps with metrics.jsonl's losses.
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    wb = read_offline_run(run_dir / "wandb")
+    history = {row["_step"]: row for row in wb["history"] if "loss" in row}
+    assert sorted(history) == list(range(1, REAL_STEPS + 1))
+    assert {s: row["loss"] for s, row in history.items()} == losses
+    assert wb["exit_code"] == 0 and wb["config"]["ep_size"] == 2
+
+
+def _rank_process(run_dir: Path, rank: int):
+    """The training process of `rank` of a job writing to run_dir, found like an operator would: `ps` by command
+    line (train ... --out RUN_DIR) plus the rank Slurm gave it (SLURM_PROCID in its environment)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "train" not in cmd or str(run_dir) not in cmd:
+            continue
+        try:
+            env = p.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if env.get("SLURM_PROCID") == str(rank):
+            found.append((p, env.get("SLURMD_NODENAME")))
+    # The rank itself, not a child it started (same command line and environment): the one whose parent isn't one.
+    pids = {p.pid for p, _ in found}
+    top = [(p, node) for p, node in found if p.ppid() not in pids]
+    return top[0] if len(top) == 1 else None
+
+
+@pytest.mark.slow
+def test_real_train_rank_killed_then_resubmitted_matches_reference(slurm_cluster, real_train_inputs, real_reference,
+                                                                   tmp_path):
+    """Fault tolerance of the real training on Slurm, against the uninterrupted reference run (same config):
+
+    1. the rank on node2 is SIGKILLed once a checkpoint exists -> the job is FAILED within 60 s (no hang);
+    2. resubmitting the same script resumes (--resume) from the last complete checkpoint; this time rank 0 is
+       SIGKILLed inside the next checkpoint save after its files are written (UPCYCLE_DS_KILL_IN_SAVE, exported into
+       the job) -> FAILED, and `latest` still points at the previous checkpoint;
+    3. resubmitting again resumes from that checkpoint and completes; every step's loss, before and after each
+       resume, equals the reference run's bit for bit."""
+    _, _, reference = real_reference
+    run_dir = tmp_path / "run"
+    flags = ("--wandb-mode", "disabled")  # W&B is covered by the reference; it would only add start-up time here
+
+    # 1. SIGKILL the node2 rank after the first checkpoint is committed.
+    job1 = _submit_real(slurm_cluster, real_train_inputs, run_dir, *flags)
+    # Find the process while it starts up (seconds of imports), so the kill follows the checkpoint at once (a step
+    # takes ~0.2 s here): the killed run must have steps left after its last checkpoint.
+    found = slurm_cluster.wait_for(lambda: _rank_process(run_dir, 1) or slurm_cluster.state(job1) in FINAL_STATES,
+                                   timeout=300, poll=0.2, what="rank 1 process")
+    assert isinstance(found, tuple), _why(slurm_cluster, run_dir, job1)  # else: the job ended first
+    proc, node = found
+    assert node == "node2"
+    slurm_cluster.wait_for(lambda: _latest(run_dir) or not proc.is_running(), timeout=300, poll=0.02,
+                           what="first checkpoint")
+    assert proc.is_running() and _latest(run_dir), _why(slurm_cluster, run_dir, job1)
+    proc.kill()
+    t0 = time.monotonic()
+    state = slurm_cluster.wait(job1, timeout=60)
+    elapsed = time.monotonic() - t0
+    tag1 = _latest(run_dir)
+    print(f"SIGKILL rank 1 (node2, pid {proc.pid}) at {tag1} -> job {state} in {elapsed:.1f} s")
+    assert state == "FAILED" and elapsed < 60, _why(slurm_cluster, run_dir, job1)
+    step1 = int(tag1.removeprefix("global_step"))
+    assert step1 + REAL_SAVE_EVERY < REAL_STEPS, f"killed too late ({tag1}): nothing left to resume"
+    killed1 = _losses(run_dir)
+    assert killed1 and max(killed1) < REAL_STEPS
+    assert all(killed1[s] == reference[s] for s in killed1), (killed1, reference)
+
+    # 2. Resubmit: resumes from tag1, then rank 0 dies while saving the next checkpoint.
+    kill_step = step1 + REAL_SAVE_EVERY
+    job2 = _submit_real(slurm_cluster, real_train_inputs, run_dir, *flags,
+                        env={"UPCYCLE_DS_KILL_IN_SAVE": str(kill_step)})
+    t0 = time.monotonic()
+    state = slurm_cluster.wait(job2, timeout=300)
+    logs = _real_logs(slurm_cluster, run_dir, job2)
+    assert state == "FAILED", _why(slurm_cluster, run_dir, job2)
+    print(f"UPCYCLE_DS_KILL_IN_SAVE={kill_step}: job {state} after {time.monotonic() - t0:.1f} s")
+    assert f"resumed from {run_dir / 'checkpoints'}/{tag1} at step {step1}" in logs[0], logs[0][-3000:]
+    assert _latest(run_dir) == tag1  # the interrupted save was never committed...
+    assert (run_dir / "checkpoints" / f"global_step{kill_step}" / "rng_rank0.pt").is_file()  # ...rank 0's files were
+    killed2 = _losses(run_dir)
+    assert sorted(killed2) == list(range(1, kill_step + 1))
+    assert killed2 == {s: reference[s] for s in killed2}
+
+    # 3. Resubmit: resumes from tag1 again (the previous checkpoint is loadable) and finishes the run.
+    job3 = _submit_real(slurm_cluster, real_train_inputs, run_dir, *flags)
+    state = slurm_cluster.wait(job3, timeout=300)
+    logs = _real_logs(slurm_cluster, run_dir, job3)
+    assert state == "COMPLETED", _why(slurm_cluster, run_dir, job3)
+    assert f"resumed from {run_dir / 'checkpoints'}/{tag1} at step {step1}" in logs[0], logs[0][-3000:]
+    assert _latest(run_dir) == f"global_step{REAL_STEPS}"
+    assert _losses(run_dir) == reference
+    batch_log = slurm_cluster.read_log(tmp_path / "batch-run.log")
+    assert batch_log.count("fresh start") == 1 and batch_log.count("--resume") == 2
+    assert f"job {job3} done" in batch_log
+    assert f"job {job1} done" not in batch_log and f"job {job2} done" not in batch_log

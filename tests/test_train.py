@@ -3,10 +3,12 @@ checkpoint files, real W&B offline run files, real transformers loading.
 
 Five launches shared by all tests (each ~15-25 s on an idle 2-core machine):
     straight  `upcycle-ds train --config run.yaml` + flag overrides: ep 2, ZeRO-2, fp32, 6 steps, save every 3,
-              W&B offline, --debug-dump-logits, HF export          (the reference of the resume test)
-    half/rest launchers/train_single_node.sh twice on one OUT: 3 steps (--exit-after-steps 3), then the script adds
-              --resume by itself and the run does steps 4-6
-    direct    launchers/deepspeed_direct.sh: ep 2, ZeRO-1, bf16, 6 steps
+              W&B offline, --debug-dump-logits, HF export
+    direct    launchers/deepspeed_direct.sh: ep 2, ZeRO-1, bf16, 6 steps, save every 3, on a copy of the model with
+              attention dropout 0.1 (so training draws random numbers and resume must restore the RNG)
+    half/rest launchers/train_single_node.sh twice on one OUT, same settings as `direct`: 3 steps
+              (--exit-after-steps 3), then the script adds --resume by itself and the run does steps 4-6; compared
+              bit for bit with `direct`
     killed    ep 2, ZeRO-2, bf16, save every 2, one rank SIGKILLed after a few steps
 so ZeRO-1 and ZeRO-2, fp32 and bf16 are each trained (ZeRO-1 x fp32 is not launched here).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,7 +120,12 @@ def tiny(tmp_path_factory):
     moe = root / "moe"
     assert cli_main(["upcycle", "--model", str(dense), "--out", str(moe), "--num-experts", str(E), "--top-k",
                      str(K)]) == 0
-    return {"root": root, "dense": dense, "moe": moe, "data": data}
+    dropout = root / "moe_dropout"
+    shutil.copytree(moe, dropout)
+    cfg = json.loads((dropout / "config.json").read_text())
+    assert cfg["attention_dropout"] == 0.0
+    (dropout / "config.json").write_text(json.dumps({**cfg, "attention_dropout": 0.1}))
+    return {"root": root, "dense": dense, "moe": moe, "moe_dropout": dropout, "data": data}
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +146,8 @@ def straight(tiny):
 def resumed(tiny):
     """launchers/train_single_node.sh twice on one OUT: 3 steps and exit, then (auto --resume) steps 4-6."""
     out = tiny["root"] / "resumed"
-    env = dict(NPROC="2", MODEL=str(tiny["moe"]), DATA=str(tiny["data"]), OUT=str(out), EP="2", ZERO="2",
-               DTYPE="fp32", EXTRA_ARGS=" ".join(COMMON[2:] + ["--save-every", "3", "--wandb-mode", "disabled"]))
+    env = dict(NPROC="2", MODEL=str(tiny["moe_dropout"]), DATA=str(tiny["data"]), OUT=str(out), EP="2", ZERO="1",
+               DTYPE="bf16", EXTRA_ARGS=" ".join(COMMON[2:] + ["--save-every", "3", "--wandb-mode", "disabled"]))
     script = str(REPO / "launchers" / "train_single_node.sh")
     first = _run([script, "--exit-after-steps", "3", "--no-export-hf"], **env)
     after_first = {"latest": (out / "checkpoints" / "latest").read_text(), "steps": steps(out),
@@ -153,9 +161,9 @@ def direct(tiny):
     out = tiny["root"] / "direct"
     from upcycle_ds.launch.dist_env import free_port
 
-    env = dict(NPROC="2", MODEL=str(tiny["moe"]), DATA=str(tiny["data"]), OUT=str(out), EP="2", ZERO="1",
+    env = dict(NPROC="2", MODEL=str(tiny["moe_dropout"]), DATA=str(tiny["data"]), OUT=str(out), EP="2", ZERO="1",
                DTYPE="bf16", MASTER_PORT=str(free_port()),
-               EXTRA_ARGS=" ".join(COMMON[2:] + ["--wandb-mode", "disabled", "--no-export-hf"]))
+               EXTRA_ARGS=" ".join(COMMON[2:] + ["--save-every", "3", "--wandb-mode", "disabled", "--no-export-hf"]))
     r = _run([str(REPO / "launchers" / "deepspeed_direct.sh")], **env)
     return {"out": out, "stderr": r.stderr}
 
@@ -234,20 +242,21 @@ def test_direct_launcher_zero1_bf16(direct):
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
     assert_loss_goes_down(recs)
     assert (out / "checkpoints" / "latest").read_text() == "global_step6"
-    assert_deepspeed_files(out / "checkpoints" / "global_step6", optim_prefix="bf16_")
+    for tag in ("global_step3", "global_step6"):
+        assert_deepspeed_files(out / "checkpoints" / tag, optim_prefix="bf16_")
     assert "ZeRO-1, bf16" in direct["stderr"]
     assert not (out / "hf").exists()
 
 
 # ------------------------------------------------------------------------------------------------------ resume
 
-def test_resume_is_bit_exact(straight, resumed):
+def test_resume_is_bit_exact(direct, resumed):
     first = resumed["after_first"]
     assert first["latest"] == "global_step3" and first["tags"] == ["global_step3"]
     assert [r["step"] for r in first["steps"]] == [1, 2, 3]
     assert "resuming from global_step3" in resumed["second"].stderr  # the launcher script added --resume
     assert "resumed from" in resumed["second"].stderr and "at step 3" in resumed["second"].stderr
-    got, want = steps(resumed["out"]), steps(straight["out"])
+    got, want = steps(resumed["out"]), steps(direct["out"])
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
     for g, w in zip(got, want):
         keys = [k for k in w if k in ("loss", "lr") or k.startswith("moe/")]

@@ -1,0 +1,149 @@
+"""UpIT router init: `upcycle-ds router-init` trains only the routers (every other tensor bit-identical) so that
+tokens go to their seed sample's expert; `--mode hidden` sets router rows from per-expert prompts. Both measured
+independently with transformers' own Mixtral (`output_router_logits`) on the exported HF checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file
+
+import tiny
+
+CLI = [sys.executable, "-m", "upcycle_ds.cli"]
+ALPHABETS = ["0123456789", "abcdefghij", "ABCDEFGHIJ", "!#$%&()*+-"]
+
+
+def upcycle_ds(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"}
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
+
+
+def tensors(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def top1_match(model_dir, rows, tokenizer) -> float:
+    """Fraction of (token, MoE layer) pairs whose top-1 router expert is the row's expert (transformers' Mixtral)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hit = n = 0
+    for r in rows:
+        ids = tokenizer(r["text"], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model(input_ids=ids, output_router_logits=True)
+        for logits in out.router_logits:
+            hit += int((logits.argmax(-1) == r["expert"]).sum())
+            n += logits.shape[0]
+    return hit / n
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ri")
+    dense = tiny.make_dense("llama", d / "dense")
+    tiny.make_tokenizer(dense)
+    r = upcycle_ds("upcycle", "--model", dense, "--out", d / "moe", "--num-experts", 4, "--top-k", 2)
+    assert r.returncode == 0, r.stderr
+    return d / "moe"
+
+
+def seed_rows(n=64, seed=0):
+    """Expert e's samples are strings over alphabet e: a router can tell them apart token by token."""
+    rng = random.Random(seed)
+    return [{"index": i, "expert": i % 4, "ppl": [1.0] * 4,
+             "text": "".join(rng.choice(ALPHABETS[i % 4]) for _ in range(rng.randint(20, 40)))} for i in range(n)]
+
+
+@pytest.mark.slow
+def test_router_init_bce_learns_assignment_and_touches_only_routers(moe_dir, tmp_path):
+    rows = seed_rows()
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = upcycle_ds("router-init", "--model", moe_dir, "--seed-data", seed, "--out", tmp_path / "run",
+                   "--micro-batch-size", 4, "--dtype", "fp32", "--max-length", 128, "--epochs", 4, "--lr", 2e-2,
+                   "--wandb-mode", "disabled")
+    assert r.returncode == 0, r.stderr[-3000:]
+    tok = transformers.AutoTokenizer.from_pretrained(moe_dir)
+    before, after = top1_match(moe_dir, rows, tok), top1_match(tmp_path / "run" / "hf", rows, tok)
+    assert before < 0.4, before  # random routers: about 1/E
+    assert after > 0.8, after
+    a, b = tensors(moe_dir), tensors(tmp_path / "run" / "hf")
+    assert sorted(a) == sorted(b)
+    changed = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert changed == [f"model.layers.{l}.block_sparse_moe.gate.weight" for l in range(4)]
+    log = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in log if "bce" in m]
+    assert steps[-1]["bce"] < steps[0]["bce"] and steps[-1]["top1_match"] > 0.8
+
+
+def test_router_init_hidden_mode_routes_each_experts_prompts_to_it(moe_dir, tmp_path, capsys):
+    rows = seed_rows(16, seed=1)
+    prompts = {"experts": [{"positive_prompts": [r["text"] for r in rows if r["expert"] == e]}
+                           for e in range(4)]}
+    (tmp_path / "prompts.yaml").write_text(yaml.safe_dump(prompts))
+    from upcycle_ds.cli import main  # no DeepSpeed ranks in this mode: run it in this process
+
+    assert main(["router-init", "--mode", "hidden", "--model", str(moe_dir), "--prompts",
+                 str(tmp_path / "prompts.yaml"), "--out", str(tmp_path / "run")]) == 0
+    out = tmp_path / "run" / "hf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    for e in range(4):  # each expert's prompts, averaged over tokens, score highest on that expert in every layer
+        mean = 0
+        for r_ in (r_ for r_ in rows if r_["expert"] == e):
+            with torch.no_grad():
+                o = model(input_ids=tok(r_["text"], return_tensors="pt")["input_ids"], output_router_logits=True)
+            mean = mean + torch.stack([lg.mean(0) for lg in o.router_logits])
+        assert mean.argmax(-1).tolist() == [e] * 4, (e, mean)
+    a, b = tensors(moe_dir), tensors(out)
+    changed = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert changed == [f"model.layers.{l}.block_sparse_moe.gate.weight" for l in range(4)]
+    norms = b["model.layers.0.block_sparse_moe.gate.weight"].norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones(4))
+    # wrong number of expert entries: one-line error
+    prompts["experts"].pop()
+    (tmp_path / "p3.yaml").write_text(yaml.safe_dump(prompts))
+    assert main(["router-init", "--mode", "hidden", "--model", str(moe_dir), "--prompts", str(tmp_path / "p3.yaml"),
+                 "--out", str(tmp_path / "run2")]) == 2
+    assert "3 expert entries, the model has 4 experts" in capsys.readouterr().err
+
+
+def test_sample_labels_follow_packed_samples(tmp_path):
+    from upcycle_ds.train.data import DataConfig, batches, build_datasets
+
+    tok_dir = tiny.make_tokenizer(tmp_path / "tok")
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    rows = seed_rows(20, seed=2)
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds, _ = build_datasets(DataConfig(data=str(tmp_path / "s.jsonl"), max_length=96, eval_fraction=0,
+                                      label_field="expert"), tok)
+    assert len(ds) < 20  # packed: several samples per row
+    b = next(batches(ds, micro_batch_size=len(ds), rank=0, world_size=1, seed=0, epoch=0))
+    for ids, pos, lab in zip(b["input_ids"], b["position_ids"], b["sample_labels"]):
+        starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
+        for s, e in zip(starts, starts[1:]):
+            seg = lab[s:e]
+            text = tok.decode(ids[s:e], skip_special_tokens=True)
+            if seg[0] == -1:  # the padding tail
+                assert (seg == -1).all() and not text.strip()
+                continue
+            assert (seg == seg[0]).all()
+            assert set(text) <= set(ALPHABETS[int(seg[0])])
+    # a row without the field: one clear error
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "abc"}) + "\n" + json.dumps({"text": "d", "expert": 1}))
+    from upcycle_ds.errors import UserError
+
+    with pytest.raises(UserError, match="field 'expert' must be an int >= 0"):
+        build_datasets(DataConfig(data=str(tmp_path / "bad.jsonl"), max_length=32, eval_fraction=0,
+                                  label_field="expert"), tok)
