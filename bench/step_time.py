@@ -19,9 +19,16 @@ i intermediate, a = heads * head_dim, g = kv_heads * head_dim, V vocab, n layers
                      (q,k,v,o projections; QK^T and PV over the full S x S; gate/up/down; lm_head)
     forward(moe)   = forward(dense) + n_moe * [(k - 1) * 2T * 3 h i + 2T h E]      (k experts per token + router)
     step           ~ 3 * forward (backward = 2 * forward); ideal ratio = forward(moe) / forward(dense).
-Optimizer, norms, softmax, RoPE and dispatch are not counted: they are the overhead the measured ratio shows.
+Optimizer, norms, softmax, RoPE and dispatch are not counted: they are the overhead the measured ratio shows. A
+second reference, "opt-ideal", adds an optimizer step that costs per parameter what the dense one does (the MoE has
+~3.8x the parameters, and AdamW is memory-bound: no dispatch can remove that).
 
-    .venv/bin/python bench/step_time.py                       # h256/i688/4L, vocab 4096, seq 256 x mbs 4, E=8 k=2
+Every phase is timed on the wall clock and on this process's CPU clock. On a machine shared with other jobs, use
+--threads 1 and read the CPU-time table: OpenMP's barriers make multi-threaded runs very sensitive to one
+descheduled thread, and time spent descheduled is not CPU time.
+
+    .venv/bin/python bench/step_time.py --threads 1           # h256/i688/4L, vocab 4096, seq 256 x mbs 4, E=8 k=2
+    .venv/bin/python bench/step_time.py --threads 1 --zero 0  # plain torch AdamW step instead of ZeRO-1's
     .venv/bin/python bench/step_time.py --profile 3           # + torch.profiler table of our MoE step
     OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 bench/step_time.py --ep-size 2
 """
@@ -219,7 +226,7 @@ def summarize(runners: list[Runner], clock: str, ideal: float) -> dict:
     med = torch.tensor([[r.median(clock, k) for k in PHASES] for r in runners], dtype=torch.float64)
     torch.distributed.all_reduce(med, op=torch.distributed.ReduceOp.MAX)  # ranks wait for each other anyway
     dense = runners[0]
-    d_fb, d_opt, d_step = (med[0, 1] + med[0, 2]).item(), med[0, 3].item(), med[0, 0].item()
+    d_fb, d_opt = (med[0, 1] + med[0, 2]).item(), med[0, 3].item()
 
     def per_round(r, fn):
         rounds = range(len(r.times[clock]["step"]))
@@ -230,7 +237,7 @@ def summarize(runners: list[Runner], clock: str, ideal: float) -> dict:
         flop_ideal = 1.0 if r is dense else ideal
         ratio = per_round(r, lambda t, i: t["step"][i])
         fb = per_round(r, lambda t, i: t["fwd"][i] + t["bwd"][i])
-        with_opt = (flop_ideal * d_fb + d_opt * r.params / dense.params) / d_step
+        with_opt = (flop_ideal * d_fb + d_opt * r.params / dense.params) / (d_fb + d_opt)
         out[r.name] = {**{k + "_ms": 1e3 * v for k, v in zip(PHASES, row)}, "params": r.params, "ratio": ratio,
                        "ratio_vs_ideal": ratio / flop_ideal, "ideal_with_optimizer": with_opt, "fwd_bwd_ratio": fb,
                        "fwd_bwd_ratio_vs_ideal": fb / flop_ideal}

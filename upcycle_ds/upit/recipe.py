@@ -228,12 +228,14 @@ def run_recipe(args) -> int:
     if rank == 0:
         _atomic_write(Path(args.out) / "recipe.yaml",
                       yaml.safe_dump(_plain(dataclasses.asdict(args)), sort_keys=False))
-    ran = []
+    ran, started = [], time.time()
     for stage in recipe.stages:
         d, cfg = recipe.dirs[stage], _plain(recipe.config(stage))
         done = _done(d)
         if done is not None:
-            if ran:
+            # ranks > 0 may find a DONE that rank 0 wrote in this very run (it got ahead of them): not stale
+            fresh = rank > 0 and (d / DONE).stat().st_mtime >= started - 1
+            if ran and not fresh:
                 raise UserError(f"stage {stage} is DONE but earlier stage(s) {ran} ran again now: delete {d} (its "
                                 f"inputs changed)")
             _compare(stage, done.get("config", {}), cfg)
