@@ -206,6 +206,7 @@ def killed(tiny):
             rc = None
         exit_s = time.monotonic() - t_kill
         survivors = [p.pid for p in ranks.values() if _alive(p)]
+        print(f"kill -9 rank 1 after {_n_steps(out)} steps: job exit code {rc} after {exit_s:.1f} s")
         return {"out": out, "rc": rc, "exit_s": exit_s, "survivors": survivors, "stderr": proc.stderr.read()}
     finally:
         if proc.poll() is None:  # only on failure: end the process group this fixture started
