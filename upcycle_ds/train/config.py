@@ -149,12 +149,15 @@ class TrainArgs:
 def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
     """The ds_config dict: the stage's JSON file (or --ds-config) with the flags applied on top."""
     path = Path(args.ds_config) if args.ds_config else DS_CONFIGS / f"zero{args.zero_stage}.json"
-    if not path.is_file():
+    if args.ds_config is None and not path.is_file():
+        cfg = {"zero_optimization": {"stage": args.zero_stage}}  # installed without the repo's ds_configs/
+    elif not path.is_file():
         raise UserError(f"DeepSpeed config not found: {path}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    else:
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
     cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
     cfg["gradient_accumulation_steps"] = args.grad_accum
     cfg["train_batch_size"] = args.micro_batch_size * args.grad_accum * world_size
