@@ -39,6 +39,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -256,14 +257,19 @@ def main() -> int:
     if args.experts % args.ep_size or world % args.ep_size:
         raise SystemExit(f"--ep-size {args.ep_size} must divide --experts {args.experts} and the world size {world}")
 
-    with tempfile.TemporaryDirectory(prefix="step_time_") as tmp:
-        dense_dir = Path(tmp) / "dense"
+    tmp = [tempfile.mkdtemp(prefix="step_time_") if rank == 0 else None]  # one dir for all ranks (one host)
+    torch.distributed.broadcast_object_list(tmp, src=0)
+    dense_dir = Path(tmp[0]) / "dense"
+    try:
         if rank == 0:
             write_dense(dense_dir, args)
         torch.distributed.barrier()
         torch.manual_seed(1234 + rank)
         runners = build_runners(args, dense_dir, world)
         torch.distributed.barrier()
+    finally:
+        if rank == 0:
+            shutil.rmtree(tmp[0], ignore_errors=True)
 
     g = torch.Generator().manual_seed(100 + rank)
     batches = [torch.randint(0, args.vocab, (args.mbs, args.seq), generator=g) for _ in range(4)]
