@@ -230,7 +230,7 @@ def train(args: TrainArgs, hooks: StageHooks | None = None) -> int:
         model.gradient_checkpointing_enable()
     apply_freeze(model, args.freeze, args.train_only)
     optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.lr,
-                                  betas=tuple(args.adam_betas), eps=1e-8)
+                                  betas=tuple(args.adam_betas), eps=1e-8, fused=args.fused_adam)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, max_steps,
                                                                        args.min_lr_ratio))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
