@@ -21,6 +21,7 @@ from .families.base import PROJS
 from .io.ds import DSCheckpoint, ds_expert_name, is_ds_checkpoint, module_layout, write_ds_checkpoint
 from .io.hf import (HFCheckpoint, _nbytes, atomic_output_dir, check_output_dir, copy_side_files, read_config,
                     write_config, write_sharded)
+from .io.source import PlannedSource
 from .surgery import read_moe_tensor
 
 FORMATS = ("hf-dense", "hf-moe", "ds")
@@ -49,7 +50,7 @@ def open_checkpoint(path: str | Path, *, tag: str | None = None, weights: str = 
     return fmt, HFCheckpoint(path)
 
 
-class CollapsedView:
+class CollapsedView(PlannedSource):
     """An HF MoE checkpoint seen as the HF dense model it came from: each MoE layer's experts collapsed into one MLP
     (the mean of the experts, accumulated in float64 so that E identical copies give back the copy bit for bit, or
     expert `expert`), router dropped. The exact inverse of copy-upcycling."""
@@ -114,15 +115,6 @@ class CollapsedView:
 
     def keys(self) -> list[str]:
         return list(self._order)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._plan
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._plan[key][1]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._plan[key][0]
 
     def get(self, key: str) -> torch.Tensor:
         dtype, shape, how = self._plan[key]

@@ -15,6 +15,7 @@ import torch
 
 from .errors import UserError
 from .families import Family, MoESpec, family_for
+from .io.source import PlannedSource
 
 PROJS = ("gate", "up", "down")
 
@@ -112,7 +113,7 @@ def make_router(*, hidden: int, num_experts: int, layer: int, std: float, seed: 
     return (torch.randn(num_experts, hidden, generator=g) * std).to(dtype)
 
 
-class UpcycledView:
+class UpcycledView(PlannedSource):
     """An HF dense checkpoint presented as its upcycled HF MoE checkpoint (hub per-expert layout), lazily."""
 
     def __init__(self, dense, opts: UpcycleOptions, family: Family | None = None):
@@ -161,18 +162,6 @@ class UpcycledView:
                 shape = {"shared_mlp.gate_proj.weight": (0, hidden), "shared_mlp.up_proj.weight": (0, hidden),
                          "shared_mlp.down_proj.weight": (hidden, 0), "shared_mlp_gate.weight": (1, hidden)}[ours]
                 self._plan[tmpl.format(layer=l)] = (dtype, shape, ("zeros",))
-
-    def keys(self) -> list[str]:
-        return list(self._plan)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._plan
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._plan[key][1]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._plan[key][0]
 
     # ------------------------------------------------------------------ tensors
     def dense_mlp(self, layer: int) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -110,7 +109,7 @@ def save_hf_dense(engine, out: Path, tokenizer_dir: Path, which: str, meta: dict
     """Collective: gather (every rank), rank 0 writes OUT atomically (temp dir + rename), then a barrier."""
     import torch.distributed as dist
 
-    from ..io.hf import copy_side_files
+    from ..io.hf import copy_side_files, replace_dir
 
     sd = gather_state_dict(engine, which)
     if dist.get_rank() == 0:
@@ -127,13 +126,7 @@ def save_hf_dense(engine, out: Path, tokenizer_dir: Path, which: str, meta: dict
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     dist.barrier()
 
 

@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..families import Family, family_for
 from ..families.base import DS_BLOCK, DS_EXPERT, PROJS
 from .hf import SIDE_FILES
+from .source import PlannedSource
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILE = "layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"
@@ -108,7 +109,7 @@ def _read_config(save_dir: Path, tag_dir: Path) -> tuple[dict, Path]:
                     f"the trainer writes it)")
 
 
-class DSCheckpoint:
+class DSCheckpoint(PlannedSource):
     """A DeepSpeed MoE checkpoint as an HF MoE checkpoint (hub per-expert names): config, path, keys(), get(),
     shape(), dtype(), `in`. Expert files are opened one at a time, when one of their tensors is asked for.
 
@@ -200,15 +201,6 @@ class DSCheckpoint:
                 _check_zip(self.tag_dir / EXPERT_FILE.format(moe_layer=L, expert=g))
 
     # ------------------------------------------------------------------ read interface
-    def keys(self) -> list[str]:
-        return list(self._plan)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._plan
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._plan[key][1]
-
     def dtype(self, key: str) -> torch.dtype:
         return torch.float32 if self._master is not None else self._plan[key][0]
 

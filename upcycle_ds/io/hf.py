@@ -250,6 +250,11 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, out)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished dir `tmp` to `out`, replacing an existing `out` only once `tmp` is complete."""
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
