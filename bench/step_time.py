@@ -73,7 +73,8 @@ def parse_args() -> argparse.Namespace:
     a("--ep-size", type=int, default=1)
     a("--warmup", type=int, default=3, help="warm-up steps per model")
     a("--steps", type=int, default=10, help="timed rounds (each model one step per round)")
-    a("--fused-adamw", action="store_true", help="torch AdamW(fused=True) instead of the trainer's default AdamW")
+    a("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
+      help="torch AdamW(fused=True), the trainer's default (--no-fused-adamw: torch's foreach AdamW)")
     a("--no-ds-moe", action="store_true", help="skip DeepSpeed's native MoE reference")
     a("--profile", type=int, default=0, help="after timing, profile N steps of our MoE model (torch.profiler)")
     a("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default); on a shared machine 1 "
@@ -137,7 +138,7 @@ def wrap(model, args, world: int):
     from upcycle_ds.train.engine import optimizer_groups
 
     opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
-                            fused=args.fused_adamw or None)
+                            fused=args.fused_adamw)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(args, world))
     engine.train()
     return engine
