@@ -87,3 +87,15 @@ def test_same_logits_and_grads_ep2_on_two_ranks(tmp_path, model_type, extra, k):
         _close(ranks[0]["grads"][f"{layer}.router"] + ranks[1]["grads"][f"{layer}.router"],
                                    router)
     assert n_checked >= 4
+
+
+def test_tied_embeddings_without_lm_head_in_the_checkpoint(tmp_path):
+    """transformers saves tied models without lm_head.weight (e.g. SmolLM2); our model must tie it to the embedding."""
+    ckpt = make_moe("mixtral", tmp_path / "m", top_k=2, tie_word_embeddings=True)
+    assert "lm_head.weight" not in HFCheckpoint(ckpt).keys()
+    x = input_ids()
+    ours = build_moe_model(HFCheckpoint(ckpt)).eval()
+    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        got = ours(input_ids=x).logits
+    assert (got - logits(ckpt, x)).abs().max().item() <= 1e-5

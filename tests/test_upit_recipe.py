@@ -95,3 +95,12 @@ def test_sft_save_steps():
     assert hf_save_steps(100, 400, 0.25, 2.0) == [25, 50, 75, 100, 125, 150, 175, 200]
     assert hf_save_steps(10, 15, 0.5, None) == [5, 10, 15]
     assert hf_save_steps(2, 4, 0.25, 1.0) == [1, 2]  # finer than a step: duplicates collapse
+
+
+def test_done_stage_survives_fields_added_later_but_not_changed_values():
+    from upcycle_ds.errors import UserError
+    from upcycle_ds.upit.recipe import _compare
+
+    _compare("sft", {"lr": 1e-4}, {"lr": 1e-4, "fused_adam": True})  # a field added after the stage finished
+    with pytest.raises(UserError, match="stage sft is DONE with lr=0.0001"):
+        _compare("sft", {"lr": 1e-4}, {"lr": 2e-4})

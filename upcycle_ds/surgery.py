@@ -79,10 +79,13 @@ def load_weights(model: nn.Module, source, family) -> None:
     offsets = {}
     for layer, moe in moe_layers(model):
         offsets[layer] = moe.global_expert_ids()[0]
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     with torch.no_grad():
         for name, param in model.named_parameters():
             layer = _layer_of(name)
             key = family.hf_key_for_ds_param(name, offsets.get(layer, 0))
+            if tied and name == "lm_head.weight" and key not in source:
+                key = "model.embed_tokens.weight"  # tied embeddings: exports may omit lm_head (SmolLM2)
             tensor = _read(source, family, key)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise UserError(f"{source.path}: {key} has shape {tuple(tensor.shape)}, model expects "

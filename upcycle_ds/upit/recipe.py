@@ -150,7 +150,9 @@ def _done(stage_dir: Path) -> dict | None:
 
 
 def _compare(stage: str, old: dict, new: dict) -> None:
-    for k in sorted(set(old) | set(new)):
+    """A DONE stage must have run with the recipe's current values. Fields only one side knows (added to or removed
+    from upcycle_ds after the stage finished) are not compared, so upgrading never invalidates a finished stage."""
+    for k in sorted(set(old) & set(new)):
         if k in IGNORED_IN_COMPARISON:
             continue
         if _plain(old.get(k)) != _plain(new.get(k)):
