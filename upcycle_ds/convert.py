@@ -20,7 +20,7 @@ from .families import family_for
 from .families.base import PROJS
 from .io.ds import DSCheckpoint, ds_expert_name, is_ds_checkpoint, module_layout, write_ds_checkpoint
 from .io.hf import (HFCheckpoint, _nbytes, atomic_output_dir, check_output_dir, copy_side_files, read_config,
-                    write_config, write_sharded)
+                    write_config, write_hf_checkpoint)
 from .io.source import PlannedSource
 from .surgery import read_moe_tensor
 
@@ -190,13 +190,8 @@ def _ds_plan(view) -> Plan:
 
 # ------------------------------------------------------------------------------------------------------ writers
 def _write_hf(view, out: Path, overwrite: bool, side_dir: Path, desc: str, max_shard_bytes: int) -> int:
-    plan = [(k, view.dtype(k), tuple(view.shape(k))) for k in view.keys()]
-    with atomic_output_dir(out, overwrite) as tmp:
-        with tqdm(total=len(plan), desc=desc, unit="tensor", file=sys.stderr, disable=None) as bar:
-            nbytes = write_sharded(tmp, plan, view.get, max_shard_bytes, progress=bar)
-        write_config(tmp, view.config)
-        copy_side_files(side_dir, tmp)
-    return nbytes
+    return write_hf_checkpoint(view, out, overwrite=overwrite, side_dir=side_dir, desc=desc,
+                               max_shard_bytes=max_shard_bytes)
 
 
 def _write_ds(view, out: Path, overwrite: bool, side_dir: Path, ep_size: int, tag: str) -> int:

@@ -196,7 +196,7 @@ def run_hidden(args: Args) -> int:
     from transformers import AutoTokenizer
 
     from ..families import family_for
-    from ..io.hf import HFCheckpoint, atomic_output_dir, check_output_dir, copy_side_files, write_config, write_sharded
+    from ..io.hf import HFCheckpoint, check_output_dir, write_hf_checkpoint
     from ..surgery import build_moe_model
 
     if args.prompts is None:
@@ -216,11 +216,8 @@ def run_hidden(args: Args) -> int:
     missing = [k for k in new if k not in src]
     if missing:
         raise UserError(f"{args.model}: no router tensor {missing[0]} (expected the hub per-expert layout)")
-    plan = [(k, src.dtype(k), src.shape(k)) for k in src.keys()]
-    with atomic_output_dir(out, args.overwrite) as tmp:
-        write_sharded(tmp, plan, lambda k: new[k].to(src.dtype(k)) if k in new else src.get(k))
-        write_config(tmp, src.config)
-        copy_side_files(Path(args.model), tmp)
+    write_hf_checkpoint(src, out, overwrite=args.overwrite, side_dir=args.model, desc="router-init",
+                        get=lambda k: new[k].to(src.dtype(k)) if k in new else src.get(k))
     print(f"router-init (hidden): router rows of layers {sorted(rows)} from {args.prompts} -> {out}",
           file=sys.stderr)
     return 0

@@ -8,9 +8,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
-from ..io.hf import HFCheckpoint, atomic_output_dir, copy_side_files, write_config, write_sharded, check_output_dir
+from ..io.hf import HFCheckpoint, check_output_dir, write_hf_checkpoint
 from ..upcycle import UpcycledView, UpcycleOptions
 
 
@@ -29,12 +27,8 @@ class Args(UpcycleOptions):
 def run(args: Args) -> int:
     check_output_dir(args.out, args.overwrite)
     view = UpcycledView(HFCheckpoint(args.model), args)
-    plan = [(k, view.dtype(k), view.shape(k)) for k in view.keys()]
-    with atomic_output_dir(args.out, args.overwrite) as tmp:
-        with tqdm(total=len(plan), desc="upcycle", unit="tensor", file=sys.stderr, disable=None) as bar:
-            nbytes = write_sharded(tmp, plan, view.get, int(args.max_shard_gb * 1024**3), progress=bar)
-        write_config(tmp, view.config)
-        copy_side_files(view.path, tmp)
+    nbytes = write_hf_checkpoint(view, args.out, overwrite=args.overwrite, side_dir=view.path, desc="upcycle",
+                                 max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(f"wrote {view.config['model_type']} checkpoint with {args.num_experts} experts (top-{args.top_k}) in "
           f"layers {list(view.moe_layers)} to {args.out} ({nbytes / 1e9:.2f} GB)", file=sys.stderr)
     return 0

@@ -11,9 +11,8 @@ import json
 import sys
 from dataclasses import dataclass
 
-from tqdm import tqdm
 
-from ..io.hf import HFCheckpoint, atomic_output_dir, check_output_dir, copy_side_files, write_config, write_sharded
+from ..io.hf import HFCheckpoint, check_output_dir, write_hf_checkpoint
 from ..upit.assemble import REPORT, AssembledView, AssembleOptions, open_checkpoints
 
 
@@ -39,13 +38,9 @@ def run(args: Args) -> int:
     if base is None and args.num_experts > len(view.used):
         print("note: no --base given; expansion deltas are taken from the first checkpoint "
               f"({cks[0].path}); pass the pre-SFT dense model as --base to follow UpIT", file=sys.stderr)
-    plan = [(k, view.dtype(k), view.shape(k)) for k in view.keys()]
-    with atomic_output_dir(args.out, args.overwrite) as tmp:
-        with tqdm(total=len(plan), desc="upit-assemble", unit="tensor", file=sys.stderr, disable=None) as bar:
-            nbytes = write_sharded(tmp, plan, view.get, int(args.max_shard_gb * 1024**3), progress=bar)
-        write_config(tmp, view.config)
-        copy_side_files(view.path, tmp)
-        (tmp / REPORT).write_text(json.dumps(view.report(), indent=2) + "\n")
+    nbytes = write_hf_checkpoint(view, args.out, overwrite=args.overwrite, side_dir=view.path, desc="upit-assemble",
+                                 max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                                 extra=lambda tmp: (tmp / REPORT).write_text(json.dumps(view.report(), indent=2) + "\n"))
     n_ck = len(view.used)
     print(f"wrote {view.config['model_type']} checkpoint with {args.num_experts} experts (top-{args.top_k}; "
           f"{n_ck} from checkpoints, {max(0, args.num_experts - n_ck)} by expansion) in layers "

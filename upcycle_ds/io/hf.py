@@ -220,6 +220,27 @@ def write_sharded(out_dir: Path, plan: list[tuple[str, torch.dtype, tuple[int, .
     return total
 
 
+def write_hf_checkpoint(source, out: str | Path, *, overwrite: bool = False, side_dir: str | Path | None = None,
+                        desc: str = "write", max_shard_bytes: int = 2 * 1024**3, get=None, extra=None) -> int:
+    """Write any weight source (config, keys, shape, dtype, get) as an HF checkpoint dir, atomically: streamed
+    safetensors shards (+ index), config.json, tokenizer/generation files from `side_dir`, and `extra(tmp_dir)` for
+    any additional file. `get` overrides `source.get`. Returns the tensor bytes written."""
+    import sys
+
+    from tqdm import tqdm
+
+    plan = [(k, source.dtype(k), tuple(source.shape(k))) for k in source.keys()]
+    with atomic_output_dir(out, overwrite) as tmp:
+        with tqdm(total=len(plan), desc=desc, unit="tensor", file=sys.stderr, disable=None) as bar:
+            nbytes = write_sharded(tmp, plan, get or source.get, max_shard_bytes, progress=bar)
+        write_config(tmp, source.config)
+        if side_dir is not None:
+            copy_side_files(Path(side_dir), tmp)
+        if extra is not None:
+            extra(tmp)
+    return nbytes
+
+
 def write_config(out_dir: Path, config: dict) -> None:
     (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
