@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UserError
+from .source import PlannedSource
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -67,7 +68,7 @@ def _safetensors_layout(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-class HFCheckpoint:
+class HFCheckpoint(PlannedSource):
     """Read-only view of an HF checkpoint dir: config plus lazily read tensors, one at a time.
 
     Tensors are read with plain file reads into fresh buffers, not memory-mapped: a mapping keeps every page it has
@@ -91,7 +92,7 @@ class HFCheckpoint:
                 raise UserError(f"{self.path}: only safetensors checkpoints are read (pickle .bin/.pt files are "
                                 f"untrusted); re-save it with save_pretrained(..., safe_serialization=True)")
             raise UserError(f"{self.path}: no {SINGLE} or {INDEX}")
-        self._meta: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
+        self._plan: dict[str, tuple[torch.dtype, tuple[int, ...], str]] = {}  # key -> (dtype, shape, shard)
         self._offsets: dict[str, int] = {}  # key -> absolute file offset of its bytes in its shard
         shards = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE]
         for shard in shards:
@@ -111,30 +112,18 @@ class HFCheckpoint:
                 if end - start != _nbytes(dtype, shape):
                     raise UserError(f"{f}: tensor {key} has {end - start} bytes, its shape {list(shape)} "
                                     f"{info['dtype']} needs {_nbytes(dtype, shape)} (corrupt header)")
-                self._meta[key] = (shard, dtype, shape)
+                self._plan[key] = (dtype, shape, shard)
                 self._offsets[key] = data_start + start
         if weight_map is not None:
-            missing = [k for k in weight_map if k not in self._meta]
+            missing = [k for k in weight_map if k not in self._plan]
             if missing:
                 raise UserError(f"{self.path}: tensor {missing[0]} named in {INDEX} is not in its shard")
         self._handles: dict[str, object] = {}
 
-    def keys(self) -> list[str]:
-        return list(self._meta)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._meta
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._meta[key][2]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._meta[key][1]
-
     def get(self, key: str) -> torch.Tensor:
-        if key not in self._meta:
+        if key not in self._plan:
             raise UserError(f"{self.path}: tensor {key} is missing")
-        shard, dtype, shape = self._meta[key]
+        dtype, shape, shard = self._plan[key]
         buf = torch.empty(_nbytes(dtype, shape), dtype=torch.uint8)
         if buf.numel():
             f = self._handles.get(shard)
