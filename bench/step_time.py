@@ -249,7 +249,7 @@ def summarize(runners: list[Runner], clock: str, ideal: float) -> dict:
 # ---------------------------------------------------------------------------------------------------- main
 def main() -> int:
     args = parse_args()
-    from upcycle_ds.dist import init_distributed, shutdown
+    from upcycle_ds.launch.distributed import init_distributed, shutdown
 
     if args.threads:
         torch.set_num_threads(args.threads)

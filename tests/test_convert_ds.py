@@ -15,7 +15,7 @@ from tiny import input_ids, logits, make_dense, make_moe
 
 from upcycle_ds.cli import main
 from upcycle_ds.convert import ds_to_hf_moe
-from upcycle_ds.dist import free_port
+from upcycle_ds.launch.distributed import free_port
 from upcycle_ds.families import family_for
 from upcycle_ds.io.ds import DSCheckpoint
 from upcycle_ds.io.hf import HFCheckpoint, read_config

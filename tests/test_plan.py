@@ -259,7 +259,7 @@ def _tensor_bytes(obj) -> int:
 def ds_checkpoints(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    from upcycle_ds.dist import free_port
+    from upcycle_ds.launch.distributed import free_port
 
     out = tmp_path_factory.mktemp("ds_ckpt")
     mp.start_processes(_ckpt_worker, args=(str(out), free_port()), nprocs=CKPT_WORLD, start_method="spawn")

@@ -13,7 +13,7 @@ import transformers
 
 from tiny import input_ids, logits, make_moe
 
-from upcycle_ds.dist import free_port
+from upcycle_ds.launch.distributed import free_port
 from upcycle_ds.io.hf import HFCheckpoint
 from upcycle_ds.surgery import build_moe_model
 

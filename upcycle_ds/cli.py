@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import UserError
+from .errors import ReportedByAnotherRank, UserError
 
 # name -> (module with `Args` + `run(args)`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                           yaml_config=getattr(module, "YAML_CONFIG", False))
         rc = module.run(args)
     except UserError as e:
-        print(f"upcycle-ds {name}: error: {e}", file=sys.stderr)
+        if not isinstance(e, ReportedByAnotherRank):
+            print(f"upcycle-ds {name}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"upcycle-ds {name}: interrupted", file=sys.stderr)

@@ -77,6 +77,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
             kw["type"] = _scalar(tp)
             kw["metavar"] = f.name.upper()
         parser.add_argument(flag, **kw)
+        for alias in f.metadata.get("aliases", ()):  # old spellings: accepted, not shown in --help
+            hidden = {**kw, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS, "required": False}
+            hidden.pop("metavar", None)
+            parser.add_argument("--" + alias.replace("_", "-"), **hidden)
 
 
 def _scalar(tp):
@@ -135,9 +139,11 @@ def _load_yaml(path: str, cls) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of field: value")
     names = {f.name for f in dataclasses.fields(cls)}
+    aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
     out = {}
     for k, v in data.items():
         key = str(k).replace("-", "_")
+        key = aliases.get(key, key)
         if key not in names:
             raise UserError(f"--config {path}: unknown field {k!r}")
         out[key] = v

@@ -5,3 +5,7 @@ class UserError(Exception):
     """Bad input from the user (flags, files, checkpoints). The CLI prints `error: <message>` and exits 2."""
 
     exit_code = 2
+
+
+class ReportedByAnotherRank(UserError):
+    """A UserError of a multi-rank job that rank 0 reports: the other ranks exit 2 without printing it again."""

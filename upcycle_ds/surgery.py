@@ -26,10 +26,15 @@ def hf_config(config: dict) -> transformers.PretrainedConfig:
 
 
 def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None = None,
-                    dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Our DeepSpeed-MoE model for `source`, weights loaded; torch.distributed must be initialised when ep_size > 1.
+                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    attn_impl: str | None = None, expert_impl: str | None = None) -> nn.Module:
+    """Our DeepSpeed-MoE model for `source`, built directly in `dtype` on `device` with this rank's weights only.
 
-    `capacity_factor` overrides the one recorded by `upcycle` (None in both = dropless).
+    The model is created on the meta device (no memory), materialised empty on `device` in `dtype`, and each
+    parameter is then read from `source` (one tensor at a time on the host) and copied in: non-expert weights and the
+    experts of this rank's expert-parallel slice. Peak host memory is one tensor (plus one dense MLP for an
+    `UpcycledView`), peak device memory this rank's share of the model. torch.distributed must be initialised when
+    ep_size > 1. `capacity_factor` overrides the one recorded by `upcycle` (None in both = dropless).
     """
     config = dict(source.config)
     family, is_moe = family_for(config)
@@ -38,11 +43,9 @@ def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None =
     num_experts = family.num_experts(config)
     if num_experts % ep_size:
         raise UserError(f"--ep-size {ep_size} does not divide the number of experts {num_experts}")
-    hcfg = hf_config(config)
-    model = build_meta_model(config, ep_size=ep_size, capacity_factor=capacity_factor, dtype=dtype)
-    model.to_empty(device="cpu")
-    model.to(dtype)
-    _rebuild_non_persistent_buffers(model, hcfg)
+    model = build_meta_model(config, ep_size=ep_size, capacity_factor=capacity_factor, dtype=dtype,
+                             attn_impl=attn_impl, expert_impl=expert_impl)
+    _materialize(model, hf_config(config), device)
     for _, moe in moe_layers(model):
         # to_empty() from meta creates new Parameter objects, dropping the expert tags DeepSpeed's `Experts` set
         # (allreduce=False, group_name): without them ZeRO sees no MoE param group and all-reduces expert grads.
@@ -54,15 +57,42 @@ def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None =
     return model
 
 
+def build_dense_model(source, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                      attn_impl: str | None = None) -> nn.Module:
+    """The transformers dense model of an HF dense checkpoint (`upcycle-ds sft`), built the same way: meta ->
+    empty in `dtype` on `device` -> weights copied in tensor by tensor."""
+    config = dict(source.config)
+    family, is_moe = family_for(config)
+    if is_moe:
+        raise UserError(f"{source.path} is an MoE checkpoint; expected a dense one")
+    kw = {"attn_implementation": attn_impl} if attn_impl else {}
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype, **kw)
+    model.to(dtype)
+    _materialize(model, hf_config(config), device)
+    load_weights(model, source, family)
+    return model
+
+
+def _materialize(model: nn.Module, hcfg, device) -> None:
+    """Meta -> uninitialised storage on `device` (parameters keep their dtype), computed buffers recomputed."""
+    model.to_empty(device=device)
+    rebuild_non_persistent_buffers(model, hcfg)
+
+
 def build_meta_model(config: dict, *, ep_size: int = 1, capacity_factor: float | None = None,
-                     dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Our DeepSpeed-MoE model for an HF MoE config on the meta device (no weights, no process group needed)."""
+                     dtype: torch.dtype = torch.float32, attn_impl: str | None = None,
+                     expert_impl: str | None = None) -> nn.Module:
+    """Our DeepSpeed-MoE model for an HF MoE config on the meta device (no weights, no process group needed).
+    Every parameter has `dtype`; `attn_impl` is transformers' attn_implementation (None = its default)."""
     family, _ = family_for(config)
     num_experts = family.num_experts(config)
     if capacity_factor is None:
         capacity_factor = (config.get("upcycle_ds") or {}).get("capacity_factor")
+    kw = {"attn_implementation": attn_impl} if attn_impl else {}
+    moe_kw = {"expert_impl": expert_impl} if expert_impl else {}
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype, **kw)
         for layer in family.moe_layers(config):
             old = model.model.layers[layer].mlp
             shared = config.get("shared_expert_intermediate_size") if hasattr(old, "shared_expert") else None
@@ -70,8 +100,8 @@ def build_meta_model(config: dict, *, ep_size: int = 1, capacity_factor: float |
                 hidden_size=config["hidden_size"], intermediate_size=family.expert_intermediate_size(config),
                 num_experts=num_experts, top_k=int(config["num_experts_per_tok"]), ep_size=ep_size,
                 normalize_topk=family.normalize_topk(config), capacity_factor=capacity_factor,
-                hidden_act=config.get("hidden_act", "silu"), shared_intermediate_size=shared)
-    return model
+                hidden_act=config.get("hidden_act", "silu"), shared_intermediate_size=shared, **moe_kw)
+    return model.to(dtype)  # the MoE blocks were made in the default dtype; casting meta tensors costs nothing
 
 
 def load_weights(model: nn.Module, source, family) -> None:
@@ -90,7 +120,7 @@ def load_weights(model: nn.Module, source, family) -> None:
             if tuple(tensor.shape) != tuple(param.shape):
                 raise UserError(f"{source.path}: {key} has shape {tuple(tensor.shape)}, model expects "
                                 f"{tuple(param.shape)}")
-            param.copy_(tensor.to(param.dtype))
+            param.copy_(tensor)  # casts to the parameter dtype and moves to its device
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
 
@@ -119,8 +149,10 @@ def _read(source, family, key: str) -> torch.Tensor:
 read_moe_tensor = _read  # public name: one HF MoE tensor from a source, hub or fused layout
 
 
-def _rebuild_non_persistent_buffers(model: nn.Module, hcfg) -> None:
-    """to_empty() leaves computed buffers (rotary inv_freq) uninitialised: recompute them from the config."""
+def rebuild_non_persistent_buffers(model: nn.Module, hcfg) -> None:
+    """Recompute computed buffers (rotary inv_freq, in fp32 as transformers makes them) from the config: to_empty()
+    leaves them uninitialised, and DeepSpeed's bf16 engine casts every buffer to bf16 (a rotary table in bf16 would
+    differ from the exported model's in transformers). Kept on each buffer's current device."""
     for module in model.modules():
         if not module._non_persistent_buffers_set:
             continue
@@ -129,7 +161,8 @@ def _rebuild_non_persistent_buffers(model: nn.Module, hcfg) -> None:
         except TypeError as e:
             raise RuntimeError(f"cannot rebuild buffers of {type(module).__name__}: {e}") from None
         for name in module._non_persistent_buffers_set:
-            module._buffers[name] = fresh._buffers[name].to(module._buffers[name].device)
+            if module._buffers.get(name) is not None:
+                module._buffers[name] = fresh._buffers[name].to(module._buffers[name].device)
         for attr, value in vars(fresh).items():  # e.g. attention_scaling, original_inv_freq
             if not attr.startswith("_") and not isinstance(value, nn.Module) and attr not in module._buffers:
                 setattr(module, attr, value)

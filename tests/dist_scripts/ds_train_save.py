@@ -26,7 +26,7 @@ import deepspeed  # noqa: E402
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
-from upcycle_ds.dist import init_distributed, shutdown  # noqa: E402
+from upcycle_ds.launch.distributed import init_distributed, shutdown  # noqa: E402
 from upcycle_ds.io.hf import HFCheckpoint, read_config  # noqa: E402
 from upcycle_ds.moe.layer import moe_layers  # noqa: E402
 from upcycle_ds.surgery import build_moe_model  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import input_ids  # noqa: E402
 
-from upcycle_ds.dist import init_distributed, shutdown  # noqa: E402
+from upcycle_ds.launch.distributed import init_distributed, shutdown  # noqa: E402
 from upcycle_ds.io.hf import HFCheckpoint  # noqa: E402
 from upcycle_ds.moe.layer import moe_layers  # noqa: E402
 from upcycle_ds.surgery import build_moe_model  # noqa: E402

@@ -91,24 +91,24 @@ def router_bce(layers, sample_labels, labels, num_experts: int, response_only: b
     ok_T = lab_T >= 0
     if response_only:
         ok_T = ok_T & (labels.reshape(-1) != IGNORE)
-    target_TE = F.one_hot(lab_T.clamp(min=0), num_experts).float()
+    target_TE = lab_T.new_zeros((lab_T.shape[0], num_experts), dtype=torch.float32)
+    target_TE.scatter_(1, lab_T.clamp(min=0)[:, None], 1.0)  # one-hot without F.one_hot's range check (a sync)
+    w_T = ok_T.float()
+    n = w_T.sum().clamp_min(1)  # no host sync: masked means instead of boolean indexing
     bces, hits = [], []
     for _, moe in layers:
         logits_TE = moe.router.logits_TE
         if logits_TE is None or logits_TE.shape[0] != lab_T.shape[0]:
             raise RuntimeError("router logits missing or not one per token (record_logits not set?)")
-        if bool(ok_T.any()):
-            bces.append(F.binary_cross_entropy_with_logits(logits_TE[ok_T], target_TE[ok_T]))
-            hits.append((logits_TE[ok_T].argmax(-1) == lab_T[ok_T]).float().mean().detach())
-        else:
-            bces.append(logits_TE.sum() * 0)
+        per_TE = F.binary_cross_entropy_with_logits(logits_TE, target_TE, reduction="none")
+        bces.append((per_TE * w_T[:, None]).sum() / (n * num_experts))
+        hits.append(((logits_TE.argmax(-1) == lab_T).float() * w_T).sum().detach() / n)
     bce = torch.stack(bces).mean()
-    top1 = torch.stack(hits).mean() if hits else torch.zeros(())
-    return bce, top1
+    return bce, torch.stack(hits).mean()
 
 
 def hooks_for(args: Args):
-    from ..train.engine import StageHooks
+    from ..train.trainer import StageHooks
 
     state: dict = {}
 
@@ -124,7 +124,7 @@ def hooks_for(args: Args):
                                args.bce_tokens == "response")
         return args.alpha * lm + (1 - args.alpha) * bce + moe, {"bce": bce.detach(), "top1_match": top1}
 
-    return StageHooks(label_field=args.label_field, setup=setup, loss=loss)
+    return StageHooks(prog="upcycle-ds router-init", label_field=args.label_field, setup=setup, loss=loss)
 
 
 # --------------------------------------------------------------------------------------------------- mode hidden
@@ -231,7 +231,7 @@ def run(args: Args) -> int:
     if args.nproc is not None and not launched_by_a_launcher():
         preflight(args, world_size=args.nproc)
         return launch_local(args, command="router-init")
-    from ..train.engine import run_rank
+    from ..train.trainer import run_rank
 
     if args.data is None:
         raise UserError("--seed-data is required with --mode bce")

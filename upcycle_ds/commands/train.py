@@ -23,6 +23,6 @@ def run(args: TrainArgs) -> int:
     if args.nproc is not None and not launched_by_a_launcher():
         preflight(args, world_size=args.nproc)
         return launch_local(args)
-    from ..train.engine import run_rank
+    from ..train.trainer import run_rank
 
     return run_rank(args)

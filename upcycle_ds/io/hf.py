@@ -167,6 +167,55 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
+def shard_layout(plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int
+                 ) -> list[tuple[str, list[int]]]:
+    """(file name, plan indices) of every shard: `model.safetensors`, or `model-0000i-of-0000n.safetensors`."""
+    shards = shard_plan(plan, max_shard_bytes)
+    n = len(shards)
+    names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return list(zip(names, shards))
+
+
+def write_shard(path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], idxs: list[int], fetch,
+                progress=None) -> int:
+    """One safetensors file holding plan entries `idxs`: the header from the plan, then each tensor's bytes as
+    `fetch(key)` returns it (one tensor in memory at a time). Returns the tensor bytes written."""
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for i in idxs:
+        key, dtype, shape = plan[i]
+        nb = _nbytes(dtype, shape)
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + nb]}
+        off += nb
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    total = 0
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hbytes)))
+        f.write(hbytes)
+        for i in idxs:
+            key, dtype, shape = plan[i]
+            t = fetch(key)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"internal error: {key} is {t.dtype}{tuple(t.shape)}, planned {dtype}{shape}")
+            if t.numel():
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            total += _nbytes(dtype, shape)
+            if progress is not None:
+                progress.update(1)
+    return total
+
+
+def write_index(out_dir: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                layout: list[tuple[str, list[int]]]) -> None:
+    """`model.safetensors.index.json` for a layout of more than one shard (nothing for a single file)."""
+    if len(layout) < 2:
+        return
+    weight_map = {plan[i][0]: name for name, idxs in layout for i in idxs}
+    total = sum(_nbytes(d, s) for _, d, s in plan)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (Path(out_dir) / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
 def write_sharded(out_dir: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], fetch,
                   max_shard_bytes: int = 2 * 1024**3, progress=None) -> int:
     """Stream tensors into safetensors shards (+ index when more than one), one tensor in memory at a time.
@@ -175,37 +224,9 @@ def write_sharded(out_dir: Path, plan: list[tuple[str, torch.dtype, tuple[int, .
     written first from the plan, then each tensor's bytes, so memory never holds more than one tensor.
     Returns the total number of tensor bytes written.
     """
-    out_dir = Path(out_dir)
-    shards = shard_plan(plan, max_shard_bytes)
-    n = len(shards)
-    names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map, total = {}, 0
-    for name, idxs in zip(names, shards):
-        header, off = {"__metadata__": {"format": "pt"}}, 0
-        for i in idxs:
-            key, dtype, shape = plan[i]
-            nb = _nbytes(dtype, shape)
-            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + nb]}
-            off += nb
-        hbytes = json.dumps(header, separators=(",", ":")).encode()
-        hbytes += b" " * (-len(hbytes) % 8)
-        with open(out_dir / name, "wb") as f:
-            f.write(struct.pack("<Q", len(hbytes)))
-            f.write(hbytes)
-            for i in idxs:
-                key, dtype, shape = plan[i]
-                t = fetch(key)
-                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                    raise RuntimeError(f"internal error: {key} is {t.dtype}{tuple(t.shape)}, planned {dtype}{shape}")
-                if t.numel():
-                    f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                weight_map[key] = name
-                total += _nbytes(dtype, shape)
-                if progress is not None:
-                    progress.update(1)
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    layout = shard_layout(plan, max_shard_bytes)
+    total = sum(write_shard(Path(out_dir) / name, plan, idxs, fetch, progress) for name, idxs in layout)
+    write_index(out_dir, plan, layout)
     return total
 
 

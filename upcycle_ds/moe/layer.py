@@ -38,7 +38,7 @@ class SwiGLUExpert(nn.Module):
 class UpcycledMoE(MoE):
     def __init__(self, *, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, ep_size: int = 1,
                  normalize_topk: bool = True, capacity_factor: float | None = None, hidden_act: str = "silu",
-                 shared_intermediate_size: int | None = None):
+                 shared_intermediate_size: int | None = None, expert_impl: str = "loop"):
         expert = SwiGLUExpert(hidden_size, intermediate_size, hidden_act)
         # k=1 / drop_tokens=False only configure DeepSpeed's own gate, which we replace right away.
         super().__init__(hidden_size, expert, num_experts=num_experts, ep_size=ep_size, k=1, drop_tokens=False,

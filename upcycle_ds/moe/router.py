@@ -38,15 +38,15 @@ class RouterStats:
     """Detached per-forward routing statistics (summed over micro-batches by the trainer)."""
 
     tokens_per_expert: torch.Tensor
-    """(E,) int64 token-slots routed to each expert, before capacity drops."""
-    dropped: int
-    """token-slots dropped by capacity."""
+    """(E,) int64 token-slots routed to each expert, before capacity drops (on the input's device)."""
+    dropped: torch.Tensor
+    """() int64 token-slots dropped by capacity."""
     slots: int
-    """token-slots routed (T * k)."""
-    aux_loss: float
-    z_loss: float
-    entropy: float
-    """mean router entropy over tokens (nats)."""
+    """token-slots routed (T * k; a host int from shapes)."""
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    entropy: torch.Tensor
+    """() fp32 mean router entropy over tokens (nats); the three detached, on the input's device."""
 
 
 class TopKRouter(nn.Module):
@@ -96,9 +96,9 @@ class TopKRouter(nn.Module):
             entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
         else:
             self.aux_loss = self.z_loss = logits_TE.sum() * 0
-            entropy = torch.zeros(())
-        dropped = 0 if keep_TK is None else int((~keep_TK).sum())
+            entropy = logits_TE.new_zeros(())
+        dropped = counts_E.new_zeros(()) if keep_TK is None else (~keep_TK).sum()
         self.stats = RouterStats(tokens_per_expert=counts_E.detach(), dropped=dropped, slots=T * K,
-                                 aux_loss=float(self.aux_loss.detach()), z_loss=float(self.z_loss.detach()),
-                                 entropy=float(entropy.detach()))
+                                 aux_loss=self.aux_loss.detach().float(), z_loss=self.z_loss.detach().float(),
+                                 entropy=entropy.detach().float())
         return Routing(weights_TK=weights_TK, experts_TK=experts_TK, keep_TK=keep_TK)

@@ -1,18 +1,26 @@
-"""DeepSpeed checkpoints of a run: save with RNG + data position, commit `latest` only when complete, resume.
+"""DeepSpeed checkpoints of a run: save with RNG + data position, commit `latest` only when complete, prune, resume
+without running code from the checkpoint.
 
-DeepSpeed's own `save_checkpoint` lets rank 0 write `latest` before the other ranks have finished their files and
-truncates it in place; we save with `save_latest=False`, wait for every rank, then rank 0 replaces `latest`
-atomically (write a temp file, fsync, rename). A process killed mid-save therefore leaves `latest` at the previous
-complete checkpoint. Each rank's RNG states go to `TAG/rng_rank{r}.pt` (tensors only: loadable with weights_only).
+Saving. DeepSpeed's own `save_checkpoint` lets rank 0 write `latest` before the other ranks have finished their files
+and truncates it in place; we save with `save_latest=False`, wait for every rank, then rank 0 replaces `latest`
+atomically (temp file, fsync, rename). A process killed mid-save therefore leaves `latest` at the previous complete
+checkpoint. Each rank's RNG states go to `TAG/rng_rank{r}.pt` (tensors only). With `keep_last` N, rank 0 then deletes
+all but the N newest tags — never the one `latest` names, and only after that save is committed.
+
+Loading. A checkpoint is untrusted input: DeepSpeed's `TorchCheckpointEngine.load` calls `torch.load(...,
+weights_only=False)`, which runs any pickled code. We hand DeepSpeed `SafeCheckpointEngine`, whose `load` uses
+`weights_only=True` with exactly the DeepSpeed classes its files hold allow-listed, and before DeepSpeed opens
+anything, rank 0 opens every file of the tag the same way (`precheck`), so a bad file is one clear error for the whole
+job instead of a failure on some ranks while the others wait. Tags read from `latest` must name a directory inside
+the checkpoint dir.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
+import re
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +29,105 @@ import torch.distributed as dist
 
 from ..errors import UserError
 from ..io.hf import copy_side_files, write_config
+from ..launch.distributed import wait_for_io
 
 LATEST = "latest"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+_TAG_RE = re.compile(r"^global_step(\d+)$")
 
 
 def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
+def _tag_dir(ckpt_dir: Path, tag: str, source: str) -> Path:
+    """`ckpt_dir / tag` for a tag read from a file: a plain name of a directory inside `ckpt_dir`, nothing else."""
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or "\0" in tag or os.path.isabs(tag):
+        raise UserError(f"{source}: {tag!r} is not a checkpoint tag (a directory name inside {ckpt_dir})")
+    path = Path(ckpt_dir) / tag
+    if path.is_symlink() or (path.exists() and path.resolve().parent != Path(ckpt_dir).resolve()):
+        raise UserError(f"{source}: tag {tag!r} resolves outside {ckpt_dir}")
+    return path
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags with a model file, oldest first (by step)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    tags = [p.name for p in d.iterdir() if _TAG_RE.match(p.name) and not p.is_symlink() and (p / MODEL_STATES).is_file()]
+    return sorted(tags, key=lambda t: int(_TAG_RE.match(t).group(1)))
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names (None when there is no `latest`); an error when it names nothing usable."""
     f = Path(ckpt_dir) / LATEST
     if not f.is_file():
         return None
-    tag = f.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+    try:
+        tag = f.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{f}: unreadable ({e})") from None
+    tag_dir = _tag_dir(Path(ckpt_dir), tag, str(f))
+    if not (tag_dir / MODEL_STATES).is_file():
+        have = complete_tags(ckpt_dir)
+        hint = (f"the newest complete checkpoint is {have[-1]}: write `{have[-1]}` into {f} to resume from it, or "
+                f"use a new --out") if have else "there is no complete checkpoint; use a new --out"
+        raise UserError(f"{f} names {tag!r}, which is missing or incomplete; {hint}")
+    return tag
 
 
+# ------------------------------------------------------------------------------------------------- safe loading
+def _safe_globals() -> list:
+    """The classes DeepSpeed's checkpoint files pickle besides tensors and builtins (data holders; unpickling them
+    runs no code of the file's choosing)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | Path, map_location=None, *, mmap: bool = False):
+    """torch.load with weights_only=True and DeepSpeed's allow-listed classes; any other global, a truncated or a
+    foreign file is a one-line UserError naming the file."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # UnpicklingError for disallowed globals; RuntimeError for bad zips
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            msg = "it holds objects other than tensors and DeepSpeed's data classes, refusing to unpickle them"
+        raise UserError(f"{path}: not loadable as a checkpoint file ({msg[:300]})") from None
+
+
+def _engine_class():
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch checkpoint engine, loading with weights_only=True (see `safe_load`)."""
+
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location)
+
+    return SafeCheckpointEngine
+
+
+def install_safe_engine(engine) -> None:
+    """Make every checkpoint file DeepSpeed loads for `engine` go through `safe_load`."""
+    engine.checkpoint_engine = _engine_class()(engine._config)
+
+
+def precheck(tag_dir: Path) -> None:
+    """Open every .pt file of a tag the safe way (memory-mapped: only the pickled structure is read)."""
+    for f in sorted(Path(tag_dir).iterdir()):
+        if f.suffix == ".pt":
+            obj = safe_load(f, "cpu", mmap=True)
+            if not isinstance(obj, dict):
+                raise UserError(f"{f}: not a DeepSpeed checkpoint file (holds {type(obj).__name__}, not a dict)")
+
+
+# ---------------------------------------------------------------------------------------------------------- RNG
 def _rng_state() -> dict[str, torch.Tensor]:
     np_state = np.random.get_state()
     py_state = random.getstate()
@@ -50,17 +141,22 @@ def _rng_state() -> dict[str, torch.Tensor]:
     }
 
 
-def _set_rng_state(s: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(s["torch"])
-    meta = s["numpy_meta"].tolist()
-    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), int(meta[0]), int(meta[1]), meta[2]))
-    random.setstate((int(s["python_version"]), tuple(s["python"].tolist()), None))
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
+def _set_rng_state(s: dict[str, torch.Tensor], source: Path) -> None:
+    try:
+        torch.set_rng_state(s["torch"])
+        meta = s["numpy_meta"].tolist()
+        np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), int(meta[0]), int(meta[1]),
+                             meta[2]))
+        random.setstate((int(s["python_version"]), tuple(s["python"].tolist()), None))
+        if "cuda" in s and torch.cuda.is_available():
+            torch.cuda.set_rng_state(s["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise UserError(f"{source}: not an RNG state file of ours ({type(e).__name__}: {e})") from None
 
 
+# ------------------------------------------------------------------------------------------------------ save/load
 def write_model_files(ckpt_dir: Path, config: dict, side_files_from: Path | None) -> None:
-    """config.json (the HF MoE config the model was built from) + tokenizer files next to `latest` (rank 0)."""
+    """config.json (the HF config the model was built from) + tokenizer files next to `latest` (rank 0)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_config(ckpt_dir, config)
     if side_files_from is not None:
@@ -73,8 +169,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int |
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank()
     torch.save(_rng_state(), Path(ckpt_dir) / tag / f"rng_rank{rank}.pt")
-    _fault_injection(step)
-    dist.barrier()
+    wait_for_io()  # every rank's files are on disk (host-side barrier: slow filesystems do not hit NCCL's timeout)
     if rank == 0:
         tmp = Path(ckpt_dir) / f".{LATEST}.tmp"
         with open(tmp, "w") as f:
@@ -83,41 +178,32 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int |
             os.fsync(f.fileno())
         os.replace(tmp, Path(ckpt_dir) / LATEST)
         if keep_last:
-            _prune(Path(ckpt_dir), keep_last, tag)
-    dist.barrier()
+            prune(Path(ckpt_dir), keep_last)
+    wait_for_io()
     return tag
 
 
-def _fault_injection(step: int) -> None:
-    """Tests only: UPCYCLE_DS_KILL_IN_SAVE=STEP SIGKILLs rank 0 after its checkpoint files for STEP are written and
-    before `latest` is committed — the window a crash during save hits."""
-    if os.environ.get("UPCYCLE_DS_KILL_IN_SAVE") == str(step) and dist.get_rank() == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
-    tags = sorted((p for p in ckpt_dir.glob("global_step*") if p.is_dir()),
-                  key=lambda p: int(p.name.removeprefix("global_step") or 0))
-    for p in tags[:-keep_last]:
+def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
+    """Delete all but the `keep_last` newest tags; the tag `latest` names is always kept. Returns the deleted."""
+    current = (Path(ckpt_dir) / LATEST).read_text().strip() if (Path(ckpt_dir) / LATEST).is_file() else None
+    tags = sorted((p for p in Path(ckpt_dir).iterdir() if _TAG_RE.match(p.name) and p.is_dir() and not p.is_symlink()),
+                  key=lambda p: int(_TAG_RE.match(p.name).group(1)))
+    gone = []
+    for p in tags[:-keep_last] if keep_last > 0 else []:
         if p.name != current:
             shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    return gone
 
 
-def load(engine, ckpt_dir: Path) -> tuple[str, dict] | None:
-    """Collective: load the checkpoint `latest` points at (None if there is none); restores this rank's RNG."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return None
+def load(engine, ckpt_dir: Path, tag: str) -> dict:
+    """Collective: load checkpoint `tag` (already prechecked) into `engine`; restores this rank's RNG; returns the
+    client state."""
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"could not load DeepSpeed checkpoint {ckpt_dir}/{tag}")
     rng = Path(ckpt_dir) / tag / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=True))
-    return tag, client_state or {}
-
-
-def read_run_meta(ckpt_dir: Path) -> dict | None:
-    f = Path(ckpt_dir) / "config.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+        _set_rng_state(safe_load(rng), rng)
+    return client_state or {}

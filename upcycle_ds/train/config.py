@@ -11,7 +11,12 @@ import torch
 
 from ..errors import UserError
 
-DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+"""zero{0,1,2}.json, shipped in the package: GPU defaults (overlapped communication, 5e8-element buckets)."""
+CPU_ZERO_OVERRIDES = {"overlap_comm": False, "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
+"""Applied on CPU (gloo) ranks unless --ds-config is given: no comm/compute overlap without device streams, and
+buckets of 5e7 elements (each bucket is allocated in full, in host memory there)."""
+ATTN_IMPLS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 @dataclass(kw_only=True)
@@ -30,9 +35,9 @@ class TrainArgs:
     ep_size: int = 1
     """Expert-parallel size: experts are split over this many ranks (must divide E and the world size)."""
     zero_stage: int = 1
-    """ZeRO stage 0, 1 or 2 (DeepSpeed-MoE does not support 3). Picks ds_configs/zero{stage}.json."""
+    """ZeRO stage 0, 1 or 2 (DeepSpeed-MoE does not support 3). Picks the packaged ds_configs/zero{stage}.json."""
     ds_config: str | None = None
-    """A DeepSpeed JSON config to start from instead of ds_configs/zero{stage}.json; the flags here override it."""
+    """A DeepSpeed JSON config to start from instead of the packaged zero{stage}.json; the flags here override it."""
     dtype: Literal["bf16", "fp32"] = "bf16"
     """Training precision (bf16 mixed precision with fp32 master weights, or plain fp32). fp16 is not offered."""
     micro_batch_size: int = 2
@@ -96,8 +101,27 @@ class TrainArgs:
     """Seed for data order, eval split and RNGs."""
     max_samples: int | None = None
     """Use only the first N data rows (quick runs)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward (less memory, ~30% more compute)."""
+    activation_checkpointing: bool = field(default=False, metadata={"aliases": ["gradient_checkpointing"]})
+    """Recompute each decoder layer's activations in backward (HF gradient checkpointing: less memory, ~30% more
+    compute); `upcycle-ds plan` uses the same flag and default."""
+    attn_impl: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    """Attention kernel (transformers' attn_implementation). Packed rows hand per-sample boundaries to the kernel
+    through position_ids: flash_attention_2 and flex_attention use them as variable-length sequences; sdpa and eager
+    build a block-diagonal mask (so sdpa cannot use its flash kernel on packed rows). See docs/training.md."""
+    expert_impl: Literal["grouped", "loop"] = "grouped"
+    """Local experts as one grouped GEMM (torch grouped_mm; the loop is used where the device/dtype lacks it) or a
+    Python loop over experts."""
+    log_every: int = 1
+    """Print one progress line (loss, lr, tokens/s, MFU, memory, ETA) and log metrics every N steps; metrics stay on
+    the device in between."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for MFU (default: the data-sheet bf16/TF32 peak of known GPUs; none on CPU)."""
+    keep_last: int | None = None
+    """Keep only the N newest checkpoints (the one `latest` names is never deleted); default: keep all."""
+    dist_timeout_s: float = 1800.0
+    """Timeout of the training step's collectives (NCCL/gloo): a rank that stops answering ends the job."""
+    io_timeout_s: float = 86400.0
+    """How long ranks wait for another rank's disk writes (HF exports, sft checkpoints) in a host-side barrier."""
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     """W&B tracking: offline run files in OUT (default), online (opt-in), or disabled; metrics.jsonl always."""
     wandb_project: str = "upcycle_ds"
@@ -141,6 +165,18 @@ class TrainArgs:
             raise UserError("--save-every / --eval-every must be >= 0")
         if self.lr <= 0:
             raise UserError("--lr must be > 0")
+        if self.log_every < 1:
+            raise UserError(f"--log-every must be >= 1 (got {self.log_every})")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise UserError(f"--keep-last must be >= 1 (got {self.keep_last})")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise UserError(f"--peak-tflops must be > 0 (got {self.peak_tflops})")
+        if not (self.dist_timeout_s > 0 and self.io_timeout_s > 0):
+            raise UserError("--dist-timeout-s and --io-timeout-s must be > 0")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise UserError(f"--attn-impl must be one of {', '.join(ATTN_IMPLS)} (got {self.attn_impl!r})")
+        if self.expert_impl not in ("grouped", "loop"):
+            raise UserError(f"--expert-impl must be grouped or loop (got {self.expert_impl!r})")
 
     def torch_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
@@ -149,18 +185,21 @@ class TrainArgs:
         return asdict(self)
 
 
-def deepspeed_config(args: TrainArgs, world_size: int) -> dict:
-    """The ds_config dict: the stage's JSON file (or --ds-config) with the flags applied on top."""
+def deepspeed_config(args: TrainArgs, world_size: int, on_gpu: bool) -> dict:
+    """The ds_config dict: the stage's packaged JSON file (or --ds-config) with the flags applied on top; on CPU
+    ranks the packaged file gets `CPU_ZERO_OVERRIDES`."""
     path = Path(args.ds_config) if args.ds_config else DS_CONFIGS / f"zero{args.zero_stage}.json"
-    if args.ds_config is None and not path.is_file():
-        cfg = {"zero_optimization": {"stage": args.zero_stage}}  # installed without the repo's ds_configs/
-    elif not path.is_file():
-        raise UserError(f"DeepSpeed config not found: {path}")
-    else:
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config not found: {path}" + ("" if args.ds_config else
+                        " (the package is incomplete: reinstall upcycle_ds)"))
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    if not on_gpu and args.ds_config is None and args.zero_stage:
+        cfg.setdefault("zero_optimization", {}).update(CPU_ZERO_OVERRIDES)
     cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
     cfg["gradient_accumulation_steps"] = args.grad_accum
     cfg["train_batch_size"] = args.micro_batch_size * args.grad_accum * world_size

@@ -39,21 +39,8 @@ def open_source(args):
     return view
 
 
-class DenseSource:
-    """An HF dense checkpoint trained as it is (`upcycle-ds sft`): config, tokenizer dir, and the model itself."""
-
-    def __init__(self, path: Path, config: dict):
-        self.path, self.config, self.tokenizer_dir = path, config, path
-
-    def load_model(self):
-        """The HF model in fp32 (DeepSpeed casts the module to bf16 under --dtype bf16 and keeps fp32 masters)."""
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(str(self.path), dtype=torch.float32)
-
-
-def open_dense_source(args) -> DenseSource:
+def open_dense_source(args) -> HFCheckpoint:
+    """The HF dense checkpoint `upcycle-ds sft` trains as it is (with `tokenizer_dir`)."""
     path = Path(args.model)
     config = read_config(path)
     _, is_moe = family_for(config)
@@ -62,4 +49,6 @@ def open_dense_source(args) -> DenseSource:
                         f"(Llama, Mistral, Qwen2, Qwen3) — use `upcycle-ds train` for MoE models")
     if is_deepspeed_dir(path):
         raise UserError(f"{path} is a DeepSpeed checkpoint dir; sft starts from an HF dense checkpoint")
-    return DenseSource(path, config)
+    ckpt = HFCheckpoint(path)
+    ckpt.tokenizer_dir = path
+    return ckpt

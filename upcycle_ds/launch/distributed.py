@@ -1,0 +1,111 @@
+"""torch.distributed for one rank: the process group (nccl on GPU, gloo on CPU), this rank's device, and a second
+group for waiting on disk I/O.
+
+Two timeouts, because two kinds of waiting happen in a job:
+- collectives of the training step (all_reduce, all_to_all, ZeRO's reduce-scatter) run under `timeout_s`
+  (`--dist-timeout-s`, default 1800 s): a rank that stops answering ends the job instead of hanging it;
+- a rank that waits for another rank's file I/O (rank 0 writing an HF export, the sft checkpoints) waits in a barrier
+  of the I/O group: a gloo group with its own timeout (`--io-timeout-s`, default 24 h). Gloo's barrier runs on the
+  host, so NCCL's watchdog never aborts it, however long a 100 GB export takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .dist_env import free_port, setup_dist_env  # noqa: F401  (free_port re-exported for tests)
+
+_IO_GROUP = None
+
+
+def local_device_index() -> int:
+    """The accelerator index of this rank: LOCAL_RANK modulo the visible devices (a Slurm job that binds one GPU per
+    task shows each rank a single device 0, whatever its LOCAL_RANK)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if torch.cuda.is_available():
+        return local_rank % torch.cuda.device_count()
+    return local_rank
+
+
+def init_distributed(timeout_s: float = 1800, io_timeout_s: float = 24 * 3600) -> torch.device:
+    """Initialise torch.distributed through DeepSpeed once and return this rank's device (no-op if done).
+
+    Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT as set by `deepspeed` or `torchrun`, derives them from Slurm under
+    `srun`, and with neither starts a one-process group on a free local port (`launch.dist_env`). On GPU it binds the
+    rank to `local_device_index()` before creating the NCCL group. On CPU it uses gloo and skips DeepSpeed's
+    shared-memory all-reduce op, whose first use JIT-compiles for 50-85 s and which serves only inference.
+    """
+    global _IO_GROUP
+    import deepspeed
+    import deepspeed.comm as ds_comm
+
+    if dist.is_initialized():
+        return device()
+    setup_dist_env()  # RANK/WORLD_SIZE/... from a launcher, from Slurm (srun), or a single process
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(local_device_index())
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # `import deepspeed.comm.torch as m` would bind the *torch* package (deepspeed.comm has a `torch` attribute)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+    assert ds_comm.is_initialized()
+    _IO_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout_s))
+    return device()
+
+
+def device() -> torch.device:
+    """This rank's device: cuda:<local index> on GPU machines, cpu otherwise."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_device_index())
+    return torch.device("cpu")
+
+
+def wait_for_io() -> None:
+    """Barrier of every rank in the I/O group (host-side, its own long timeout): use it where ranks wait for another
+    rank's disk writes instead of `dist.barrier()`, whose timeout is sized for the training step's collectives."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=_IO_GROUP)
+
+
+@contextlib.contextmanager
+def one_error_for_all(what: str = "setup"):
+    """Collective: run a block on every rank; if any rank raises a UserError in it, every rank raises one after it —
+    rank 0 the first failing rank's message (printed once, by rank 0), the others `ReportedByAnotherRank` (exit 2,
+    silent). The block must hold no collective: a rank that fails inside it would leave the others waiting."""
+    from ..errors import ReportedByAnotherRank, UserError
+
+    error = None
+    try:
+        yield
+    except UserError as e:
+        error = str(e)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    errors = [error]
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error, group=_IO_GROUP)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+            raise UserError(message if rank == 0 else f"{message} (rank {rank})")
+        raise ReportedByAnotherRank(message)
+
+
+def shutdown() -> None:
+    """Barrier + destroy the process group (without it some CPU runs stall 30-60 s at exit)."""
+    global _IO_GROUP
+    if dist.is_initialized():
+        try:
+            wait_for_io()
+        finally:
+            _IO_GROUP = None
+            dist.destroy_process_group()

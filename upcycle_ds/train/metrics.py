@@ -1,0 +1,131 @@
+"""Training metrics that stay on the device until a logging step: one all_reduce and one device->host copy per log.
+
+`StepMeter` accumulates, per micro-step and on the engine's device, the LM loss, the stage's extra metrics and the
+router statistics of every MoE layer (token-slots per expert, dropped slots, aux / z loss, entropy — device tensors
+left on each router by its forward). `reduce()` packs everything into one flat float64 tensor, all_reduces it over
+the job once, and copies it to the host once. Nothing in between reads a value back, so the GPU never waits for the
+host inside the training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .tracking import LayerStats
+
+
+@dataclass
+class Reduced:
+    """Means over the micro-steps of the window and over ranks (loss, extras); router counts summed."""
+
+    loss: float
+    extras: dict[str, float]
+    layers: list[LayerStats]
+    grad_norm: float | None
+    micro_steps: int
+
+
+class StepMeter:
+    """Accumulates a logging window (one or more optimizer steps) on `device`. See the module docstring."""
+
+    _ROUTER = 4  # dropped, aux, z, entropy
+
+    def __init__(self, layers: list[tuple[int, object]], num_experts: int, device: torch.device):
+        self.layers, self.E, self.device = layers, num_experts, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(len(self.layers), self.E, dtype=torch.float64, device=self.device)
+        self.router = torch.zeros(len(self.layers), self._ROUTER, dtype=torch.float64, device=self.device)
+        self.extras: dict[str, torch.Tensor] = {}
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.has_grad_norm = False
+        self.slots = 0  # host int: T * K summed (known from shapes)
+        self.micro_steps = 0
+
+    def add_micro_step(self, lm_loss: torch.Tensor, extras: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """Record one forward: its LM loss (a device scalar), the stage's extra metrics, the routers' statistics.
+        Returns (sum of aux losses, sum of z losses) over MoE layers, with gradients, for the loss."""
+        self.loss += lm_loss.detach()
+        for k, v in (extras or {}).items():
+            v = v.detach().to(torch.float64)
+            self.extras[k] = self.extras[k] + v if k in self.extras else v
+        aux = z = 0.0
+        if self.layers:
+            stats = [moe.router.stats for _, moe in self.layers]
+            self.counts += torch.stack([s.tokens_per_expert for s in stats]).to(torch.float64)
+            self.router += torch.stack([torch.stack([s.dropped.to(torch.float64), s.aux_loss.to(torch.float64),
+                                                     s.z_loss.to(torch.float64), s.entropy.to(torch.float64)])
+                                        for s in stats])
+            self.slots += sum(s.slots for s in stats)
+            for _, moe in self.layers:
+                aux, z = aux + moe.router.aux_loss, z + moe.router.z_loss
+        self.micro_steps += 1
+        return aux, z
+
+    def add_grad_norm(self, norm) -> None:
+        """The global gradient norm DeepSpeed computed for the last optimizer step (a tensor or a float)."""
+        if norm is None:
+            return
+        self.grad_norm += torch.as_tensor(norm, dtype=torch.float64).to(self.device)
+        self.has_grad_norm = True
+
+    def reduce(self, steps: int) -> Reduced:
+        """Collective: sum over ranks with ONE all_reduce, copy to the host ONCE. `steps` = optimizer steps in the
+        window (for the mean grad norm)."""
+        names = sorted(self.extras)
+        parts = [self.loss.reshape(1), self.grad_norm.reshape(1), self.counts.reshape(-1), self.router.reshape(-1)]
+        parts += [self.extras[k].reshape(1) for k in names]
+        flat = torch.cat(parts)
+        world = 1
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            dist.all_reduce(flat)
+        host = flat.tolist()  # the one device -> host transfer of the window
+        n = self.micro_steps * world
+        loss, gnorm = host[0] / n, host[1] / world / max(1, steps)
+        nL, E = len(self.layers), self.E
+        counts = host[2: 2 + nL * E]
+        router = host[2 + nL * E: 2 + nL * E + nL * self._ROUTER]
+        extras = dict(zip(names, (v / n for v in host[2 + nL * E + nL * self._ROUTER:])))
+        slots = self.slots * world / max(1, nL)  # per layer
+        layers = []
+        for i, (layer, _) in enumerate(self.layers):
+            dropped, aux, z, ent = router[i * self._ROUTER: (i + 1) * self._ROUTER]
+            layers.append(LayerStats(layer=layer, tokens_per_expert=[int(round(c)) for c in counts[i * E:(i + 1) * E]],
+                                     aux_loss=aux / n, z_loss=z / n, entropy=ent / n,
+                                     dropped_fraction=dropped / slots if slots else 0.0))
+        return Reduced(loss=loss, extras=extras, layers=layers,
+                       grad_norm=gnorm if self.has_grad_norm else None, micro_steps=self.micro_steps)
+
+
+def format_duration(s: float) -> str:
+    s = int(max(0, s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+def step_line(*, prog: str, step: int, total: int, loss: float, lr: float, tokens_per_s: float, step_time_s: float,
+              mfu: float | None, max_mem_gib: float | None, grad_norm: float | None, eta_s: float,
+              extras: dict[str, float] | None = None) -> str:
+    """One line per logging step for a batch log (no TTY needed), e.g.
+    `[upcycle-ds train] step 120/2000 | loss 2.3145 | lr 1.00e-04 | 51.2k tok/s | MFU 41.3% | mem 61.2 GiB |
+    gnorm 0.81 | 1.02 s/step | ETA 31m58s`."""
+    parts = [f"[{prog}] step {step}/{total}", f"loss {loss:.4f}", f"lr {lr:.2e}"]
+    parts += [f"{k} {v:.4f}" for k, v in sorted((extras or {}).items())]
+    tps = f"{tokens_per_s / 1e3:.1f}k" if tokens_per_s >= 1e3 else f"{tokens_per_s:.0f}"
+    parts.append(f"{tps} tok/s")
+    if mfu is not None:
+        parts.append(f"MFU {100 * mfu:.1f}%")
+    if max_mem_gib is not None:
+        parts.append(f"mem {max_mem_gib:.1f} GiB")
+    if grad_norm is not None:
+        parts.append(f"gnorm {grad_norm:.3g}")
+    parts += [f"{step_time_s:.2f} s/step", f"ETA {format_duration(eta_s)}"]
+    return " | ".join(parts)

@@ -1,0 +1,62 @@
+"""What the optimizer sees: trainable parameters (freeze / train-only regexes), AdamW groups split into DeepSpeed's
+MoE / non-MoE groups, and the LR schedule (linear warmup, cosine decay to lr * min_lr_ratio)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from ..errors import UserError
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """LambdaLR factor of optimizer step `step` (0-based): linear warmup, then cosine from 1 to `min_ratio`."""
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def apply_freeze(model: torch.nn.Module, freeze: list[str], train_only: list[str]) -> int:
+    """Freeze parameters by regex; returns the number of trainable parameters (error if none)."""
+    fz, only = [re.compile(p) for p in freeze], [re.compile(p) for p in train_only]
+    n = 0
+    for name, p in model.named_parameters():
+        trainable = (not only or any(r.search(name) for r in only)) and not any(r.search(name) for r in fz)
+        p.requires_grad_(trainable)
+        n += p.numel() if trainable else 0
+    if n == 0:
+        raise UserError(f"--freeze {freeze} / --train-only {train_only} leave no trainable parameter")
+    return n
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups (no decay for norms, biases, routers), split into DeepSpeed's MoE / non-MoE groups."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "deepspeed_moe.gate" in name or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [g for g in groups if g["params"]]
+    groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+    if not any(g.get("moe") for g in groups):
+        # DeepSpeed's ZeRO/bf16 optimizers insist on a non-empty MoE param group of trainable params when the model
+        # has MoE layers. With every expert frozen (router-init) one expert weight per rank (the first) is handed to
+        # the optimizer in a group with lr 0 and no decay: AdamW then adds exactly 0 to it, so it stays bit-identical.
+        from deepspeed.moe.utils import is_moe_param
+
+        frozen = [p for p in model.parameters() if is_moe_param(p)][:1]
+        if frozen:
+            frozen[0].requires_grad_(True)
+            extra = [{"params": frozen, "weight_decay": 0.0, "lr": 0.0, "name": "frozen_experts"}]
+            groups += [g for g in split_params_into_different_moe_groups_for_optimizer(extra)
+                       if g["params"] and g.get("moe")]
+    return groups
