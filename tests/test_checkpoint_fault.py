@@ -1,5 +1,7 @@
 """A rank killed (SIGKILL) while a checkpoint is being saved: the job fails fast, `latest` still points at the
-previous complete checkpoint, and --resume from it reproduces the losses the killed run had logged."""
+previous complete checkpoint, and --resume from it reproduces the losses the killed run had logged.
+
+The kill comes from tests/inject/sitecustomize.py (test-only fault injection on PYTHONPATH); the product has no hook."""
 
 import json
 import os
@@ -10,7 +12,11 @@ import time
 
 import pytest
 
+from pathlib import Path
+
 from tiny import make_jsonl, make_moe, make_tokenizer
+
+INJECT = str(Path(__file__).parent / "inject")
 
 
 def _losses(path):
@@ -28,8 +34,9 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
            "--micro-batch-size", "2", "--seed", "0", "--dtype", "fp32", "--lr", "1e-3", "--max-length", "128",
            "--wandb-mode", "disabled", "--no-export-hf"]
     t0 = time.time()
-    r = subprocess.run(cmd, env={**os.environ, "UPCYCLE_DS_KILL_IN_SAVE": "4"}, capture_output=True, text=True,
-                       timeout=240)
+    env = {**os.environ, "UPCYCLE_DS_TEST_KILL_IN_SAVE": "4",
+           "PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode != 0, "the job must fail when a rank is killed"
     assert time.time() - t0 < 200
     ckpts = run / "checkpoints"

@@ -442,8 +442,9 @@ def test_real_train_rank_killed_then_resubmitted_matches_reference(slurm_cluster
 
     1. the rank on node2 is SIGKILLed once a checkpoint exists -> the job is FAILED within 60 s (no hang);
     2. resubmitting the same script resumes (--resume) from the last complete checkpoint; this time rank 0 is
-       SIGKILLed inside the next checkpoint save after its files are written (UPCYCLE_DS_KILL_IN_SAVE, exported into
-       the job) -> FAILED, and `latest` still points at the previous checkpoint;
+       SIGKILLed inside the next checkpoint save after its files are written (tests/inject/sitecustomize.py,
+       switched on by UPCYCLE_DS_TEST_KILL_IN_SAVE exported into the job) -> FAILED, and `latest` still points at
+       the previous checkpoint;
     3. resubmitting again resumes from that checkpoint and completes; every step's loss, before and after each
        resume, equals the reference run's bit for bit."""
     _, _, reference = real_reference
@@ -477,13 +478,15 @@ def test_real_train_rank_killed_then_resubmitted_matches_reference(slurm_cluster
 
     # 2. Resubmit: resumes from tag1, then rank 0 dies while saving the next checkpoint.
     kill_step = step1 + REAL_SAVE_EVERY
+    inject = str(Path(__file__).parent / "inject")  # test-only fault injection (tests/inject/sitecustomize.py)
     job2 = _submit_real(slurm_cluster, real_train_inputs, run_dir, *flags,
-                        env={"UPCYCLE_DS_KILL_IN_SAVE": str(kill_step)})
+                        env={"UPCYCLE_DS_TEST_KILL_IN_SAVE": str(kill_step),
+                             "PYTHONPATH": os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")]))})
     t0 = time.monotonic()
     state = slurm_cluster.wait(job2, timeout=300)
     logs = _real_logs(slurm_cluster, run_dir, job2)
     assert state == "FAILED", _why(slurm_cluster, run_dir, job2)
-    print(f"UPCYCLE_DS_KILL_IN_SAVE={kill_step}: job {state} after {time.monotonic() - t0:.1f} s")
+    print(f"UPCYCLE_DS_TEST_KILL_IN_SAVE={kill_step}: job {state} after {time.monotonic() - t0:.1f} s")
     assert f"resumed from {run_dir / 'checkpoints'}/{tag1} at step {step1}" in logs[0], logs[0][-3000:]
     assert _latest(run_dir) == tag1  # the interrupted save was never committed...
     assert (run_dir / "checkpoints" / f"global_step{kill_step}" / "rng_rank0.pt").is_file()  # ...rank 0's files were

@@ -267,7 +267,7 @@ def test_resume_is_bit_exact(direct, resumed):
 
 
 def test_resume_continues_lr_schedule(resumed):
-    from upcycle_ds.train.engine import lr_lambda
+    from upcycle_ds.train.optim import lr_lambda
 
     lrs = [r["lr"] for r in steps(resumed["out"])]
     f = lr_lambda(0, 6, 0.1)

@@ -1,0 +1,83 @@
+"""Test-only fault injection, loaded by Python at start-up when this directory is on PYTHONPATH (never by the
+product). Each behaviour is switched on by an environment variable that only tests set:
+
+UPCYCLE_DS_TEST_KILL_IN_SAVE=STEP   SIGKILL rank 0 during the save of STEP: after every file of that checkpoint is
+                                    written, before `latest` is committed (the window a crash during a save hits).
+UPCYCLE_DS_TEST_SLOW_WRITE=SECONDS  rank 0 sleeps this long before writing each shard of an HF export (a slow
+                                    filesystem), while the other ranks wait for it.
+
+The patches are applied right after the product module is imported (an import hook), so nothing is imported early.
+"""
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _patch_checkpoint(mod) -> None:
+    step = int(os.environ["UPCYCLE_DS_TEST_KILL_IN_SAVE"])
+    save, wait = mod.save, mod.wait_for_io
+    current = {}
+
+    def save_hook(engine, ckpt_dir, s, *a, **kw):
+        current["step"] = s
+        return save(engine, ckpt_dir, s, *a, **kw)
+
+    def wait_hook():
+        wait()
+        if current.get("step") == step and _rank() == 0:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    mod.save, mod.wait_for_io = save_hook, wait_hook
+
+
+def _patch_export(mod) -> None:
+    seconds = float(os.environ["UPCYCLE_DS_TEST_SLOW_WRITE"])
+    write_shard = mod.write_shard
+
+    def slow(*a, **kw):
+        if _rank() == 0:
+            import time
+
+            time.sleep(seconds)
+        return write_shard(*a, **kw)
+
+    mod.write_shard = slow
+
+
+PATCHES = {
+    "upcycle_ds.train.checkpoint": ("UPCYCLE_DS_TEST_KILL_IN_SAVE", _patch_checkpoint),
+    "upcycle_ds.train.export": ("UPCYCLE_DS_TEST_SLOW_WRITE", _patch_export),
+}
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name not in PATCHES or not os.environ.get(PATCHES[name][0]):
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, patch = spec.loader.exec_module, PATCHES[name][1]
+
+        def exec_and_patch(module):
+            exec_module(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+if any(os.environ.get(var) for var, _ in PATCHES.values()):
+    sys.meta_path.insert(0, _Finder())
