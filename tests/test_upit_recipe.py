@@ -89,7 +89,7 @@ def test_upit_recipe_rejects_unknown_stage_field(tmp_path):
 
 
 def test_sft_save_steps():
-    from upcycle_ds.commands.sft import hf_save_steps
+    from upcycle_ds.upit.sft import hf_save_steps
 
     # UpIT: every 0.25 epoch over the first 2 of 4 epochs -> 8 checkpoints
     assert hf_save_steps(100, 400, 0.25, 2.0) == [25, 50, 75, 100, 125, 150, 175, 200]

@@ -45,9 +45,10 @@ def wrap_collective(name):
         tensors = [t for t in list(a) + list(kw.values()) if isinstance(t, torch.Tensor)]
         tensors += [t for x in list(a) + list(kw.values()) if isinstance(x, (list, tuple)) for t in x
                     if isinstance(t, torch.Tensor)]
-        stack = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_stack()[:-1]
-                 if f.filename.startswith(PKG)]
-        record["collectives"].append({"name": name, "phase": record["phase"], "ours": bool(stack), "where": stack[-1:],
+        caller = traceback.extract_stack()[-2]  # who called the collective: our code, or DeepSpeed's
+        ours = caller.filename.startswith(PKG)
+        record["collectives"].append({"name": name, "phase": record["phase"], "ours": ours,
+                                      "where": f"{Path(caller.filename).name}:{caller.lineno}",
                                       "devices": sorted({str(t.device) for t in tensors})})
         return fn(*a, **kw)
 

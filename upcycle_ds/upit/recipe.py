@@ -93,9 +93,9 @@ class Recipe:
     """The resolved recipe: one dataclass instance (or dict) per stage, built before anything runs."""
 
     def __init__(self, args):
-        from ..commands.router_init import Args as RouterInitArgs
+        from .router_init import RouterInitConfig as RouterInitArgs
         from ..commands.seed_data import Args as SeedDataArgs
-        from ..commands.sft import Args as SFTArgs
+        from .sft import SFTConfig as SFTArgs
         from ..train.config import TrainArgs
         from .assemble import AssembleOptions
 
@@ -193,7 +193,7 @@ def _wait_for(stage: str, stage_dir: Path, since: float, poll_s: float = 2.0) ->
 
 def run_assemble(recipe: Recipe) -> None:
     from ..commands import upit_assemble
-    from ..commands.sft import list_checkpoints
+    from .sft import list_checkpoints
 
     cks = list_checkpoints(recipe.dirs["sft"])
     if not cks:
@@ -208,7 +208,7 @@ def run_assemble(recipe: Recipe) -> None:
 
 def run_seed_data(recipe: Recipe) -> None:
     from ..commands import seed_data
-    from ..commands.sft import list_checkpoints
+    from .sft import list_checkpoints
 
     cks = list_checkpoints(recipe.dirs["sft"])
     used = cks[-recipe.assemble.num_experts:]
@@ -266,7 +266,7 @@ def run_recipe(args) -> int:
                 elif stage == "seed_data":
                     run_seed_data(recipe)
                 else:
-                    from ..commands import router_init
+                    from . import router_init
 
                     router_init.run_hidden(dataclasses.replace(recipe.router_init, overwrite=True))
             except BaseException as e:
