@@ -1,6 +1,7 @@
 """The package a cluster installs: a wheel built from this checkout, installed into a fresh virtual environment, run
 from a directory outside the repository — the README quickstart (demo -> upcycle -> train -> load the HF export)
-works, and the trainer uses the DeepSpeed configs shipped inside the package (not the repository's files)."""
+works, the trainer uses the DeepSpeed configs shipped inside the package (not the repository's files), and
+`upcycle-ds scripts` copies out the Slurm / launch scripts shipped with it."""
 
 from __future__ import annotations
 
@@ -51,3 +52,6 @@ def test_wheel_installs_and_runs_the_quickstart_outside_the_repo(tmp_path):
     assert "ZeRO-2" in log and "step 2/2" in log, log[-2000:]
     run(str(venv / "bin" / "python"), "-c",
         "import transformers; transformers.AutoModelForCausalLM.from_pretrained('demo/run/hf')")
+    run(cli, "scripts", "--out", "scripts")  # the cluster scripts ship in the wheel
+    for rel in ("slurm/train.sbatch", "slurm/upit.sbatch", "launchers/train_single_node.sh"):
+        assert (work / "scripts" / rel).read_text() == (REPO / rel).read_text()
