@@ -359,7 +359,7 @@ def test_real_train_on_two_slurm_nodes(slurm_cluster, real_train_inputs, real_re
     import yaml
     from safetensors.torch import load_file
 
-    from upcycle_ds.train.wandb_read import read_offline_run
+    from wandb_read import read_offline_run
 
     run_dir, job, losses = real_reference
     logs = _real_logs(slurm_cluster, run_dir, job)

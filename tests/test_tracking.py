@@ -1,5 +1,6 @@
 """Expert-load tracking: what `Tracker` logs is checked against wandb's own offline run log (`.wandb`, parsed by
-`wandb_read`), against `metrics.jsonl`, and against the heatmap's pixels decoded through matplotlib's colormap."""
+`wandb_read`), against `metrics.jsonl`, and against the heatmap's pixels decoded through matplotlib's colormap.
+Also: the W&B environment variables a user sets apply unless a flag is given; the collapse warning."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from PIL import Image
 
 from upcycle_ds.errors import UserError
 from upcycle_ds.train.tracking import LayerStats, Tracker, read_heatmap_meta
-from upcycle_ds.train.wandb_read import BLOCK_LEN, find_wandb_file, read_offline_run
+from wandb_read import BLOCK_LEN, find_wandb_file, read_offline_run
 
 WANDB_VARS = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE", "WANDB_SILENT")
 LAYER_IDS = [1, 3]
@@ -55,7 +56,9 @@ def offline_run(tmp_path_factory):
             mp.delenv(var, raising=False)
         mp.setenv("HOME", str(home))
         mp.chdir(cwd)
-        tracker = Tracker(run_dir, CONFIG, name="tiny-test")
+        warnings = []
+        tracker = Tracker(run_dir, CONFIG, name="tiny-test", heatmap_every=2, collapse_factor=2.0, collapse_steps=2,
+                          warn=warnings.append)
         for step in STEPS:
             tracker.log_step(step, scalars(step), layer_stats(step))
         png = tracker.log_eval(3, {"loss": 2.25, "eval/ppl": 9.49}, EVAL_LOAD, LAYER_IDS)
@@ -63,10 +66,15 @@ def offline_run(tmp_path_factory):
         tracker.finish()  # idempotent
         env_after = {var: os.environ.get(var) for var in WANDB_VARS}
     return {"run_dir": run_dir, "png": png, "home": home, "cwd": cwd, "env_after": env_after,
-            "wandb": read_offline_run(run_dir)}
+            "wandb": read_offline_run(run_dir), "warnings": warnings}
 
 
-def test_history_matches_logged_layer_stats(offline_run):
+def shares(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens, dtype=np.float64)
+    return tokens / tokens.sum()
+
+
+def test_history_has_a_handful_of_scalars_per_layer(offline_run):
     hist = {row["_step"]: row for row in offline_run["wandb"]["history"]}
     assert sorted(hist) == [0, 1, 2, 3]
     for step in STEPS:
@@ -74,17 +82,54 @@ def test_history_matches_logged_layer_stats(offline_run):
         for k, v in scalars(step).items():
             assert row[k] == pytest.approx(v, rel=1e-12)
         for L, (tokens, aux, z, ent, dropped) in zip(LAYER_IDS, STEPS[step]):
-            tokens = np.asarray(tokens, dtype=np.float64)
-            fracs = [row[f"moe/layer{L}/expert{e}_frac"] for e in range(4)]
-            assert f"moe/layer{L}/expert4_frac" not in row
-            assert sum(fracs) == pytest.approx(1.0, abs=1e-12)
-            assert fracs == pytest.approx((tokens / tokens.sum()).tolist(), rel=1e-12)
-            assert row[f"moe/layer{L}/imbalance"] == pytest.approx(4 * tokens.max() / tokens.sum(), rel=1e-12)
+            f = shares(tokens)
+            assert not any(k.startswith(f"moe/layer{L}/expert") and k.endswith("_frac") for k in row)
+            assert row[f"moe/layer{L}/max_share"] == pytest.approx(f.max(), rel=1e-12)
+            assert row[f"moe/layer{L}/min_share"] == pytest.approx(f.min(), rel=1e-12)
+            assert row[f"moe/layer{L}/imbalance"] == pytest.approx(4 * f.max(), rel=1e-12)
+            nz = f[f > 0]
+            assert row[f"moe/layer{L}/load_entropy"] == pytest.approx(-(nz * np.log(nz)).sum() / np.log(4), rel=1e-12)
+            assert row[f"moe/layer{L}/starved_frac"] == (f < 1 / 16).mean()
             assert row[f"moe/layer{L}/aux_loss"] == pytest.approx(aux, rel=1e-12)
             assert row[f"moe/layer{L}/z_loss"] == pytest.approx(z, rel=1e-12)
             assert row[f"moe/layer{L}/entropy"] == pytest.approx(ent, rel=1e-12)
             assert row[f"moe/layer{L}/dropped_frac"] == pytest.approx(dropped, rel=1e-12)
         assert not any(k.startswith("moe/layer2/") for k in row)  # only the MoE layers given
+
+
+def test_expert_share_chart_at_the_heatmap_interval_equals_metrics_jsonl(offline_run):
+    """heatmap_every=2: pictures at steps 0 and 2; the chart's table at step 2 holds both points, and each point is
+    the load since the previous heatmap (step 2: steps 1 + 2 together), as metrics.jsonl records it."""
+    hist = {row["_step"]: row for row in offline_run["wandb"]["history"]}
+    lines = {r["step"]: r for r in map(json.loads, (offline_run["run_dir"] / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r}
+    assert [s for s in lines if "moe/train_load" in lines[s]] == [0, 2]
+    assert [s for s in hist if "moe/load_heatmap_train" in hist[s]] == [0, 2]
+    files = Path(offline_run["wandb"]["run"]["files_dir"])
+    for i, L in enumerate(LAYER_IDS):
+        want0 = shares(STEPS[0][i][0])
+        want2 = shares(np.asarray(STEPS[1][i][0], dtype=np.float64) + np.asarray(STEPS[2][i][0]))
+        assert lines[2]["moe/train_load"]["fractions"][i] == pytest.approx(want2.tolist(), rel=1e-12)
+        assert lines[0]["moe/train_load"]["fractions"][i] == pytest.approx(want0.tolist(), rel=1e-12)
+        table = hist[2][f"moe/layer{L}/expert_share_table"]
+        assert table["_type"] == "table-file"
+        data = json.loads((files / table["path"]).read_text())
+        points = {}  # (series, step) -> y
+        for row in data["data"]:
+            rec = dict(zip(data["columns"], row))
+            points[(rec["lineKey"], rec["step"])] = rec["lineVal"]
+        for e in range(4):
+            assert points[(f"expert {e}", 0)] == pytest.approx(want0[e], rel=1e-12)
+            assert points[(f"expert {e}", 2)] == pytest.approx(want2[e], rel=1e-12)
+        png = offline_run["run_dir"] / "load_heatmap_train_step2.png"
+        assert read_heatmap_meta(png)["load"][i] == pytest.approx(want2.tolist(), rel=1e-12)
+
+
+def test_collapse_warning_once_per_layer(offline_run):
+    """collapse_factor 2, 2 steps: layer 3 has one expert above 50% at steps 0 and 1 -> one warning; layer 1 only
+    at step 2 (one step) -> none."""
+    assert len(offline_run["warnings"]) == 1, offline_run["warnings"]
+    assert "MoE layer 3 may be collapsing" in offline_run["warnings"][0] and "expert 3" in offline_run["warnings"][0]
 
 
 def test_eval_row_has_scalars_and_the_heatmap_image(offline_run):
@@ -115,8 +160,12 @@ def test_metrics_jsonl_matches_wandb_history(offline_run):
     assert [rec["step"] for rec in lines] == [0, 1, 2, 3]
     hist = {row["_step"]: row for row in offline_run["wandb"]["history"]}
     for rec in lines[:3]:
-        logged = {k: v for k, v in hist[rec["step"]].items() if not k.startswith("_")}
-        assert {k: v for k, v in rec.items() if k != "step"} == pytest.approx(logged, rel=1e-12)
+        logged = {k: v for k, v in hist[rec["step"]].items() if not k.startswith("_") and not isinstance(v, dict)}
+        ours = {k: v for k, v in rec.items() if k in logged}
+        assert ours == pytest.approx(logged, rel=1e-12) and len(ours) == len(logged)
+        for i, L in enumerate(LAYER_IDS):  # each expert's share of the step: metrics.jsonl only
+            got = [rec[f"moe/layer{L}/expert{e}_frac"] for e in range(4)]
+            assert got == pytest.approx(shares(STEPS[rec["step"]][i][0]).tolist(), rel=1e-12)
     ev = lines[3]
     assert ev["eval/loss"] == 2.25 and ev["moe/load_heatmap"] == offline_run["png"].name
     assert ev["moe/load"] == {"layer_ids": LAYER_IDS, "fractions": EVAL_LOAD.tolist()}
@@ -174,7 +223,7 @@ def test_disabled_mode_writes_metrics_jsonl_and_no_wandb_dir(tmp_path, monkeypat
     for var in WANDB_VARS:
         monkeypatch.delenv(var, raising=False)
     run_dir = tmp_path / "run"
-    tracker = Tracker(run_dir, CONFIG, mode="disabled")
+    tracker = Tracker(run_dir, CONFIG, mode="disabled", heatmap_every=0)
     for step in STEPS:
         tracker.log_step(step, scalars(step), layer_stats(step))
     png = tracker.log_eval(3, {"loss": 2.25}, EVAL_LOAD, LAYER_IDS)
@@ -221,3 +270,41 @@ def test_context_manager_records_a_failed_run(tmp_path, monkeypatch):
     assert run["exit_code"] == 1
     assert np.isnan(run["history"][0]["loss"])
     assert np.isnan(json.loads((run_dir / "metrics.jsonl").read_text())["loss"])
+
+
+@pytest.mark.parametrize("var,value,key,want", [
+    ("WANDB_PROJECT", "myproj", "project", "myproj"),
+    ("WANDB_ENTITY", "myteam", "entity", "myteam"),
+    ("WANDB_RUN_GROUP", "sweep-7", "group", "sweep-7"),
+    ("WANDB_TAGS", "moe, upcycled", "tags", ["moe", "upcycled"]),
+])
+def test_wandb_environment_applies_unless_a_flag_is_given(tmp_path, monkeypatch, var, value, key, want):
+    for v in WANDB_VARS + ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_TAGS"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, value)
+    with Tracker(tmp_path / "env", {}) as tracker:  # offline: the run record says what wandb was given
+        tracker.log_step(0, {"loss": 1.0}, [])
+    assert read_offline_run(tmp_path / "env")["run"][key] == want
+    flag = {"project": "flagproj", "entity": "flagteam", "group": "flaggroup", "tags": ["flag"]}[key]
+    with Tracker(tmp_path / "flag", {}, **{key: flag}) as tracker:
+        tracker.log_step(0, {"loss": 1.0}, [])
+    assert read_offline_run(tmp_path / "flag")["run"][key] == flag
+
+
+def test_wandb_mode_from_the_environment(tmp_path, monkeypatch):
+    for v in WANDB_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_PROJECT", "myproj")
+    with Tracker(tmp_path / "off", {}) as tracker:
+        tracker.log_step(0, {"loss": 1.0}, [])
+    assert not (tmp_path / "off" / "wandb").exists()
+    assert (tmp_path / "off" / "metrics.jsonl").is_file()
+    with Tracker(tmp_path / "on", {}, mode="offline") as tracker:  # the flag wins over WANDB_MODE
+        tracker.log_step(0, {"loss": 1.0}, [])
+    assert read_offline_run(tmp_path / "on")["run"]["project"] == "myproj"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_PROJECT")
+    with Tracker(tmp_path / "default", {}) as tracker:  # nothing set: offline, project upcycle_ds
+        tracker.log_step(0, {"loss": 1.0}, [])
+    assert read_offline_run(tmp_path / "default")["run"]["project"] == "upcycle_ds"

@@ -135,7 +135,8 @@ def straight(tiny):
     cfg = tiny["root"] / "run.yaml"
     cfg.write_text(yaml.safe_dump({"model": str(tiny["moe"]), "data": str(tiny["data"]), "out": str(out),
                                    "nproc": 2, "zero_stage": 1, "dtype": "bf16", "max_steps": 100, "lr": 1e-3,
-                                   "save_every": 3, "wandb_mode": "offline", "debug_dump_logits": True}))
+                                   "save_every": 3, "wandb_mode": "offline", "debug_dump_logits": True,
+                                   "heatmap_every": 2}))
     t0 = time.monotonic()
     r = _run([str(BIN / "upcycle-ds"), "train", "--config", str(cfg), *COMMON, "--zero-stage", "2",
               "--dtype", "fp32"])
@@ -317,31 +318,40 @@ def _optim_prefix(tag_dir: Path) -> str:
 # ------------------------------------------------------------------------------------------------------- W&B
 
 def _wandb_steps(out: Path) -> dict[int, dict]:
-    from upcycle_ds.train.wandb_read import read_offline_run
+    from wandb_read import read_offline_run
 
     run = read_offline_run(out / "wandb")
     assert run["exit_code"] == 0
     return {row["_step"]: row for row in run["history"] if "loss" in row}
 
 
-def test_wandb_fractions_match_metrics_and_sum_to_one(straight):
+def test_wandb_load_scalars_match_metrics_and_shares_sum_to_one(straight):
     hist = _wandb_steps(straight["out"])
     assert sorted(hist) == [1, 2, 3, 4, 5, 6]
     for rec in steps(straight["out"]):
         row = hist[rec["step"]]
         assert row["loss"] == rec["loss"] and row["lr"] == rec["lr"]
         for L in MOE_LAYERS:
-            fr = [row[f"moe/layer{L}/expert{e}_frac"] for e in range(E)]
-            assert f"moe/layer{L}/expert{E}_frac" not in row
+            fr = [rec[f"moe/layer{L}/expert{e}_frac"] for e in range(E)]  # each expert's share: metrics.jsonl
+            assert f"moe/layer{L}/expert0_frac" not in row  # W&B gets the handful of scalars, not E per layer
+            assert f"moe/layer{L}/expert{E}_frac" not in rec
             assert sum(fr) == pytest.approx(1.0, abs=1e-12)
-            assert fr == [rec[f"moe/layer{L}/expert{e}_frac"] for e in range(E)]
+            assert row[f"moe/layer{L}/max_share"] == max(fr) and row[f"moe/layer{L}/min_share"] == min(fr)
             # fraction x (2 ranks x 2 rows x 128 tokens x k) is a whole number of token-slots
             slots = [f * WORLD * MBS * SEQ * K for f in fr]
             assert slots == pytest.approx([round(s) for s in slots], abs=1e-6)
-    assert f"moe/layer{MOE_LAYERS[-1] + 1}/expert0_frac" not in hist[1]
+    assert f"moe/layer{MOE_LAYERS[-1] + 1}/max_share" not in hist[1]
 
 
-def test_wandb_step1_fractions_equal_transformers_router_counts(straight, tiny):
+def test_expert_share_chart_every_heatmap_interval(straight):
+    """--heatmap-every 2: the layer x expert heatmap and each layer's expert-share chart at steps 2, 4 and 6."""
+    hist = _wandb_steps(straight["out"])
+    assert [s for s in sorted(hist) if "moe/load_heatmap_train" in hist[s]] == [2, 4, 6]
+    assert all(f"moe/layer{L}/expert_share_table" in hist[6] for L in MOE_LAYERS)
+    assert (straight["out"] / "load_heatmap_train_step4.png").is_file()
+
+
+def test_step1_expert_shares_equal_transformers_router_counts(straight, tiny):
     """Independent count: step 1 routes the untrained upcycled weights, so transformers' own Mixtral, loaded from
     the upcycled checkpoint and run on exactly the step-1 micro-batches of both ranks (rebuilt with
     upcycle_ds.train.data), must pick the same top-k experts."""
@@ -366,7 +376,8 @@ def test_wandb_step1_fractions_equal_transformers_router_counts(straight, tiny):
             counts[i] += torch.bincount(top.reshape(-1), minlength=E)
     total = WORLD * MBS * SEQ * K
     assert (counts.sum(dim=1) == total).all()
-    row = _wandb_steps(straight["out"])[1]
+    row = steps(straight["out"])[0]
+    assert row["step"] == 1
     logged = torch.tensor([[row[f"moe/layer{L}/expert{e}_frac"] * total for e in range(E)] for L in MOE_LAYERS],
                           dtype=torch.float64)
     assert torch.equal(logged.round().long(), counts), (logged, counts)

@@ -122,10 +122,24 @@ class TrainArgs:
     """Timeout of the training step's collectives (NCCL/gloo): a rank that stops answering ends the job."""
     io_timeout_s: float = 86400.0
     """How long ranks wait for another rank's disk writes (HF exports, sft checkpoints) in a host-side barrier."""
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    """W&B tracking: offline run files in OUT (default), online (opt-in), or disabled; metrics.jsonl always."""
-    wandb_project: str = "upcycle_ds"
-    """W&B project name."""
+    wandb_mode: Literal["offline", "online", "disabled"] | None = None
+    """W&B tracking: offline run files in OUT, online (opt-in), or disabled (default: $WANDB_MODE, else offline);
+    metrics.jsonl always."""
+    wandb_project: str | None = None
+    """W&B project (default: $WANDB_PROJECT, else upcycle_ds)."""
+    wandb_entity: str | None = None
+    """W&B entity, a user or team (default: $WANDB_ENTITY, else your W&B default)."""
+    wandb_group: str | None = None
+    """W&B run group (default: $WANDB_RUN_GROUP)."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B tags (default: $WANDB_TAGS, comma-separated)."""
+    heatmap_every: int = 100
+    """Every N steps: an expert-load heatmap (layers x experts) and a per-layer expert-share-over-steps chart in W&B
+    and OUT/load_heatmap_train_step{N}.png (0 = only at eval)."""
+    collapse_factor: float = 4.0
+    """Warn (once per layer) when one expert gets more than this many times its fair share 1/E ..."""
+    collapse_steps: int = 10
+    """... for this many logged steps in a row."""
     export_hf: bool = True
     """At the end, also write the trained model as an HF MoE checkpoint to OUT/hf."""
     trust_remote_code: bool = False
@@ -165,6 +179,8 @@ class TrainArgs:
             raise UserError("--save-every / --eval-every must be >= 0")
         if self.lr <= 0:
             raise UserError("--lr must be > 0")
+        if self.heatmap_every < 0 or self.collapse_steps < 1 or not self.collapse_factor > 1:
+            raise UserError("--heatmap-every must be >= 0, --collapse-steps >= 1 and --collapse-factor > 1")
         if self.log_every < 1:
             raise UserError(f"--log-every must be >= 1 (got {self.log_every})")
         if self.keep_last is not None and self.keep_last < 1:

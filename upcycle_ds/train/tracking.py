@@ -1,22 +1,32 @@
-"""Training metrics and expert-load tracking: W&B (offline by default) + `metrics.jsonl` + load heatmaps.
+"""Training metrics and expert-load tracking: W&B (offline by default) + `metrics.jsonl` + load pictures.
 
 Only rank 0 builds an enabled `Tracker`; the other ranks build `Tracker(..., enabled=False)`, whose methods do
-nothing, so the training loop calls them unconditionally. Per optimizer step the loop passes one `LayerStats` per
-MoE layer (already summed over micro-batches and ranks); the tracker logs, for MoE layer L and expert e:
+nothing, so the training loop calls them unconditionally. Per logging step the loop passes one `LayerStats` per
+MoE layer (summed over the window's micro-batches and ranks). "Is my router collapsing?" is answered by:
 
-    moe/layer{L}/expert{e}_frac   share of layer L's routed token-slots sent to expert e (sums to 1 over e)
-    moe/layer{L}/imbalance        max_e frac * E (1 = perfectly balanced, E = everything on one expert)
-    moe/layer{L}/aux_loss, z_loss, entropy, dropped_frac
+- a handful of scalars per MoE layer L (W&B and metrics.jsonl), whatever the number of experts E:
+      moe/layer{L}/max_share, min_share  share of the layer's routed token-slots on its busiest / idlest expert
+      moe/layer{L}/imbalance              max_share * E (1 = balanced, E = everything on one expert)
+      moe/layer{L}/load_entropy           entropy of the shares / log E (1 = balanced, 0 = one expert)
+      moe/layer{L}/starved_frac           fraction of experts below a quarter of their fair share, 1 / (4E)
+      moe/layer{L}/aux_loss, z_loss, entropy (router entropy, nats), dropped_frac
+- every `heatmap_every` steps: a [MoE layers x experts] heatmap of the load since the previous one
+  (`moe/load_heatmap_train`, `load_heatmap_train_step{N}.png`), and per layer a line chart of every expert's share
+  over the run (`moe/layer{L}/expert_share`, a W&B `line_series` whose table holds one point per heatmap); the
+  same points go to metrics.jsonl as `moe/train_load`;
+- a warning line in the log, once per layer, when one expert holds more than `collapse_factor` x its fair share for
+  `collapse_steps` logged steps in a row.
+metrics.jsonl also keeps each expert's share of every logged step (`moe/layer{L}/expert{e}_frac`); W&B does not
+get those E x layers keys (416 at Llama-3-8B x 8 experts), only the pictures above.
 
-Every record also goes, as one JSON line {"step": ..., key: value, ...}, to `run_dir/metrics.jsonl` (whatever the
-wandb mode, "disabled" included). `log_eval` draws a [MoE layers x experts] load heatmap to
-`run_dir/load_heatmap_step{N}.png`, whose PNG text chunk `upcycle_ds.load` holds the matrix, the colour scale and
-the heatmap's pixel box (so a reader can check the picture against the numbers).
+`log_eval` draws the eval load heatmap to `run_dir/load_heatmap_step{N}.png`; every heatmap PNG's text chunk
+`upcycle_ds.load` holds the matrix, the colour scale and the heatmap's pixel box (to check a picture against numbers).
 
+W&B settings: a flag wins; otherwise the environment a W&B user sets applies (WANDB_MODE, WANDB_PROJECT,
+WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_DIR); with neither, the run is offline in project `upcycle_ds`.
 W&B files stay inside the run: unless already set, WANDB_DIR = run_dir and WANDB_CACHE_DIR / WANDB_DATA_DIR (and
 WANDB_CONFIG_DIR, except in "online" mode, which uses the user's own wandb login/settings) point under
-`run_dir/wandb/`. Offline runs can be uploaded later with `wandb sync run_dir/wandb/offline-run-*` or read
-locally with `upcycle_ds.train.wandb_read.read_offline_run(run_dir)`.
+`run_dir/wandb/`. Offline runs can be uploaded later with `wandb sync run_dir/wandb/offline-run-*`.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +44,7 @@ import numpy as np
 from ..errors import UserError
 
 WANDB_MODES = ("offline", "online", "disabled")
+_WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # older spellings wandb itself accepts
 HEATMAP_META_KEY = "upcycle_ds.load"
 HEATMAP_CMAP = "viridis"
 
@@ -66,7 +78,7 @@ class LayerStats:
 
 
 def layer_metrics(layers: Sequence[LayerStats]) -> dict[str, float]:
-    """The flat `moe/layer{L}/...` metrics of one step."""
+    """The per-layer scalars of one logged step (see the module docstring), for W&B and metrics.jsonl."""
     out: dict[str, float] = {}
     seen: set[int] = set()
     for st in layers:
@@ -74,15 +86,24 @@ def layer_metrics(layers: Sequence[LayerStats]) -> dict[str, float]:
             raise ValueError(f"layer {st.layer} given twice in one step")
         seen.add(st.layer)
         frac = st.fractions()
+        E = frac.size
         prefix = f"moe/layer{st.layer}/"
-        for e, f in enumerate(frac):
-            out[f"{prefix}expert{e}_frac"] = float(f)
-        out[prefix + "imbalance"] = float(frac.max() * frac.size)
+        out[prefix + "max_share"] = float(frac.max())
+        out[prefix + "min_share"] = float(frac.min())
+        out[prefix + "imbalance"] = float(frac.max() * E)
+        nz = frac[frac > 0]
+        out[prefix + "load_entropy"] = float(-(nz * np.log(nz)).sum() / np.log(E)) if E > 1 else 1.0
+        out[prefix + "starved_frac"] = float((frac < 1 / (4 * E)).mean())
         out[prefix + "aux_loss"] = _scalar(st.aux_loss)
         out[prefix + "z_loss"] = _scalar(st.z_loss)
         out[prefix + "entropy"] = _scalar(st.entropy)
         out[prefix + "dropped_frac"] = _scalar(st.dropped_fraction)
     return out
+
+
+def expert_shares(layers: Sequence[LayerStats]) -> dict[str, float]:
+    """`moe/layer{L}/expert{e}_frac` of one logged step (metrics.jsonl only)."""
+    return {f"moe/layer{st.layer}/expert{e}_frac": float(f) for st in layers for e, f in enumerate(st.fractions())}
 
 
 def _scalar(v: Any) -> float | int | bool:
@@ -94,24 +115,48 @@ def _scalar(v: Any) -> float | int | bool:
     return float(v)
 
 
-class Tracker:
-    """W&B run + `metrics.jsonl` + heatmaps for one training run. See the module docstring."""
+def resolve_wandb(mode: str | None = None, project: str | None = None, entity: str | None = None,
+                  group: str | None = None, tags: Sequence[str] | None = None, environ=None) -> dict[str, Any]:
+    """W&B settings: each flag given wins, else the W&B user's environment variable, else our default (offline,
+    project upcycle_ds)."""
+    env = os.environ if environ is None else environ
+    mode = mode or env.get("WANDB_MODE") or "offline"
+    mode = _WANDB_MODE_ALIASES.get(mode, mode)
+    if mode not in WANDB_MODES:
+        raise UserError(f"--wandb-mode must be one of {', '.join(WANDB_MODES)} (got {mode!r})")
+    env_tags = [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
+    return {"mode": mode, "project": project or env.get("WANDB_PROJECT") or "upcycle_ds",
+            "entity": entity or env.get("WANDB_ENTITY") or None, "group": group or env.get("WANDB_RUN_GROUP") or None,
+            "tags": list(tags) if tags else env_tags or None}
 
-    def __init__(self, run_dir: Path | str, config: dict, *, enabled: bool = True, mode: str = "offline",
-                 project: str = "upcycle_ds", name: str | None = None):
-        if mode not in WANDB_MODES:
-            raise UserError(f"--wandb-mode must be one of {', '.join(WANDB_MODES)} (got {mode!r})")
+
+class Tracker:
+    """W&B run + `metrics.jsonl` + load pictures for one training run. See the module docstring."""
+
+    def __init__(self, run_dir: Path | str, config: dict, *, enabled: bool = True, mode: str | None = None,
+                 project: str | None = None, entity: str | None = None, group: str | None = None,
+                 tags: Sequence[str] | None = None, name: str | None = None, heatmap_every: int = 100,
+                 collapse_factor: float = 4.0, collapse_steps: int = 10, warn=None):
+        self.wandb = resolve_wandb(mode, project, entity, group, tags)
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.mode = mode
+        self.mode = self.wandb["mode"]
         self.run = None
+        self.heatmap_every, self.collapse_factor, self.collapse_steps = heatmap_every, collapse_factor, collapse_steps
+        self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._saved_env: dict[str, str | None] = {}
+        self._window: dict[int, np.ndarray] = {}  # layer -> token-slot counts since the last heatmap
+        self._history: dict[int, list[list[float]]] = {}  # layer -> share of every expert at each heatmap
+        self._history_steps: list[int] = []
+        self._hot: dict[int, int] = {}  # layer -> logged steps in a row with one expert over collapse_factor x fair
+        self._warned: set[int] = set()
+        self._prev_step: int | None = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        if mode != "disabled":
-            self.run = self._init_wandb(config, project, name)
+        if self.mode != "disabled":
+            self.run = self._init_wandb(config, name)
 
     # -- W&B ---------------------------------------------------------------------------------------------------
     def _wandb_env(self) -> dict[str, str]:
@@ -122,7 +167,7 @@ class Tracker:
             env["WANDB_CONFIG_DIR"] = str(wb / ".config")
         return env
 
-    def _init_wandb(self, config: dict, project: str, name: str | None):
+    def _init_wandb(self, config: dict, name: str | None):
         # Set before importing/initialising wandb: its service process inherits this environment.
         for key, value in self._wandb_env().items():
             if os.environ.get(key):
@@ -131,8 +176,10 @@ class Tracker:
             os.environ[key] = value
         import wandb
 
+        w = self.wandb
         try:
-            return wandb.init(project=project, name=name, config=config, mode=self.mode, dir=str(self.run_dir),
+            return wandb.init(project=w["project"], entity=w["entity"], group=w["group"], tags=w["tags"], name=name,
+                              config=config, mode=self.mode, dir=os.environ["WANDB_DIR"],
                               settings=wandb.Settings(silent=True))
         except Exception as exc:  # wandb raises its own error types for login / network problems
             self._restore_env()
@@ -153,14 +200,62 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
 
     def log_step(self, step: int, scalars: dict[str, float], layers: Sequence[LayerStats]) -> None:
-        """Log one optimizer step: `scalars` (loss, lr, tokens_per_s, ...) as given plus the per-layer MoE metrics."""
+        """Log one logging step: `scalars` (loss, lr, tokens_per_s, ...) as given, the per-layer load scalars, and
+        every `heatmap_every` steps the load pictures; warn once per collapsing layer."""
         if not self.enabled:
             return
         metrics = {k: _scalar(v) for k, v in scalars.items()}
         metrics.update(layer_metrics(layers))
-        self._append_jsonl({"step": int(step), **metrics})
+        record = {"step": int(step), **metrics, **expert_shares(layers)}
+        wandb_extra: dict[str, Any] = {}
+        for st in layers:
+            counts = np.asarray(st.tokens_per_expert, dtype=np.float64)
+            self._window[st.layer] = self._window.get(st.layer, 0) + counts
+            self._check_collapse(st)
+        prev, self._prev_step = self._prev_step, int(step)
+        N = self.heatmap_every
+        if layers and N and step // N > (step - 1 if prev is None else prev) // N:  # reached or crossed a multiple
+            record["moe/train_load"], wandb_extra = self._heatmap(int(step), layers)
+        self._append_jsonl(record)
         if self.run is not None:
-            self.run.log(metrics, step=int(step))
+            self.run.log({**metrics, **wandb_extra}, step=int(step))
+
+    def _check_collapse(self, st: LayerStats) -> None:
+        frac = st.fractions()
+        E = frac.size
+        if not np.isfinite(frac).all() or frac.max() <= self.collapse_factor / E:
+            self._hot[st.layer] = 0
+            return
+        self._hot[st.layer] = self._hot.get(st.layer, 0) + 1
+        if self._hot[st.layer] >= self.collapse_steps and st.layer not in self._warned:
+            self._warned.add(st.layer)
+            e = int(frac.argmax())
+            self.warn(f"warning: MoE layer {st.layer} may be collapsing: expert {e} got {frac[e]:.0%} of the "
+                      f"token-slots ({frac[e] * E:.1f}x its fair share of {1 / E:.1%}) for {self._hot[st.layer]} "
+                      f"logged steps in a row (raise --aux-loss-coef, or lower the learning rate)")
+
+    def _heatmap(self, step: int, layers: Sequence[LayerStats]) -> tuple[dict, dict]:
+        """The load since the previous heatmap: a PNG and, per layer, the share-over-steps chart."""
+        ids = [st.layer for st in layers]
+        load = np.stack([LayerStats(layer=L, tokens_per_expert=self._window[L], aux_loss=0, z_loss=0,
+                                    entropy=0).fractions() for L in ids])
+        self._window = {}
+        path = render_load_heatmap(load, ids, self.run_dir / f"load_heatmap_train_step{step}.png",
+                                   title=f"expert load up to step {step}")
+        self._history_steps.append(step)
+        for L, row in zip(ids, load):
+            self._history.setdefault(L, []).append(row.tolist())
+        extra: dict[str, Any] = {}
+        if self.run is not None:
+            import wandb
+
+            extra["moe/load_heatmap_train"] = wandb.Image(str(path))
+            for L in ids:
+                hist = np.asarray(self._history[L])
+                extra[f"moe/layer{L}/expert_share"] = wandb.plot.line_series(
+                    xs=list(self._history_steps), ys=hist.T.tolist(), keys=[f"expert {e}" for e in range(hist.shape[1])],
+                    title=f"MoE layer {L}: share of token-slots per expert", xname="step")
+        return {"layer_ids": ids, "fractions": load.tolist(), "heatmap": path.name}, extra
 
     def log_eval(self, step: int, scalars: dict[str, float], load: np.ndarray,
                  layer_ids: Sequence[int]) -> Path | None:

@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UserError
+from upcycle_ds.errors import UserError
 
 HEADER = struct.Struct("<4sHB")
 HEADER_IDENT, HEADER_MAGIC, HEADER_VERSION = b":W&B", 0xBEE1, 0
@@ -126,7 +126,7 @@ def read_offline_run(path: Path | str, *, check_crc: bool = True) -> dict[str, A
     """Parse an offline run: `path` is a `.wandb` file or a directory holding one (the newest is used).
 
     Returns {"history": [row, ...], "summary": {...}, "config": {...},
-    "run": {"id", "project", "name", "files_dir"}, "exit_code": int | None}. Each history row maps the logged
+    "run": {"id", "project", "name", "entity", "group", "tags", "files_dir"}, "exit_code": int | None}. Each history row maps the logged
     keys (as logged, e.g. "moe/layer3/aux_loss") to their values and has "_step", "_runtime", "_timestamp"; a
     logged dict comes back as a nested dict, so a media value is wandb's descriptor ({"_type": "image-file",
     "path": ..., "sha256": ...}, path relative to the run's `files/` dir, `run["files_dir"]`)."""
@@ -160,7 +160,8 @@ def read_offline_run(path: Path | str, *, check_crc: bool = True) -> dict[str, A
                 _del_item(config, it)
         elif kind == "run":
             r = rec.run
-            run.update(id=r.run_id, project=r.project, name=r.display_name)
+            run.update(id=r.run_id, project=r.project, name=r.display_name, entity=r.entity, group=r.run_group,
+                       tags=list(r.tags))
             for it in r.config.update:
                 _set_item(config, it)
         elif kind == "exit":
