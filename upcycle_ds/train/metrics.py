@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..progress import format_duration
 from .tracking import LayerStats
 
 
@@ -102,13 +103,6 @@ class StepMeter:
                                      dropped_fraction=dropped / slots if slots else 0.0))
         return Reduced(loss=loss, extras=extras, layers=layers,
                        grad_norm=gnorm if self.has_grad_norm else None, micro_steps=self.micro_steps)
-
-
-def format_duration(s: float) -> str:
-    s = int(max(0, s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 
 
 def step_line(*, prog: str, step: int, total: int, loss: float, lr: float, tokens_per_s: float, step_time_s: float,
