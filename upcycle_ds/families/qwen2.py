@@ -21,7 +21,8 @@ def qwen_moe_fields(dense: dict, spec: MoESpec) -> dict:
     n = dense["num_hidden_layers"]
     return {
         "num_experts": spec.num_experts,
-        "moe_intermediate_size": dense["intermediate_size"],
+        "moe_intermediate_size": (dense["intermediate_size"] if spec.expert_intermediate is None
+                                  else spec.expert_intermediate),
         "norm_topk_prob": True,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [i for i in range(n) if i not in set(spec.moe_layers)],
@@ -30,7 +31,8 @@ def qwen_moe_fields(dense: dict, spec: MoESpec) -> dict:
 
 
 def qwen2_moe_fields(dense: dict, spec: MoESpec) -> dict:
-    return {**qwen_moe_fields(dense, spec), "shared_expert_intermediate_size": 0, "qkv_bias": True}
+    return {**qwen_moe_fields(dense, spec), "shared_expert_intermediate_size": spec.shared_intermediate,
+            "qkv_bias": True}
 
 
 def qwen_dense_fields(moe: dict) -> dict:
