@@ -130,6 +130,13 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     return layers
 
 
+def check_shared_target(family: Family, opts: UpcycleOptions) -> None:
+    """--shared-fraction needs an export target that has a shared expert (Qwen2-MoE)."""
+    if opts.shared_fraction > 0 and not family.has_shared_expert:
+        raise UserError(f"--shared-fraction needs an export target with a shared expert: Qwen2-MoE (upcycle a Qwen2 "
+                        f"model); {family.name} -> {family.moe_model_type} has none")
+
+
 def derive_seed(*parts) -> int:
     """A stable 63-bit seed from any parts (same on every machine and Python run)."""
     h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
@@ -189,9 +196,7 @@ class UpcycledView(PlannedSource):
         self.family = family or fam
         n_layers = int(dense.config["num_hidden_layers"])
         self.moe_layers = parse_layers(opts.layers, n_layers)
-        if opts.shared_fraction > 0 and not self.family.has_shared_expert:
-            raise UserError(f"--shared-fraction needs an export target with a shared expert: Qwen2-MoE (upcycle a "
-                            f"Qwen2 model); {self.family.name} -> {self.family.moe_model_type} has none")
+        check_shared_target(self.family, opts)
         self.dense_intermediate = int(dense.config["intermediate_size"])
         self.expert_intermediate, self.shared_intermediate = split_sizes(
             self.dense_intermediate, opts.granularity, opts.shared_fraction)
