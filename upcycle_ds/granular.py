@@ -15,6 +15,7 @@ This module knows which neurons go where (`NeuronSplit`, `split_neurons`), how o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -110,8 +111,7 @@ def balanced_kmeans(x: torch.Tensor, k: int, *, generator: torch.Generator, iter
         if torch.equal(new, labels):
             break
         labels = new
-        for c in range(k):
-            centroids[c] = torch.nn.functional.normalize(x[labels == c].mean(0), dim=0)
+        centroids = torch.nn.functional.normalize(torch.zeros_like(centroids).index_add_(0, labels, x), dim=1)
     return labels
 
 
@@ -133,15 +133,30 @@ def _balanced_assign(sim: torch.Tensor, cap: int) -> torch.Tensor:
             room[c] -= take.numel()
 
 
-def scale(t: torch.Tensor, factor: float) -> torch.Tensor:
-    """t * factor computed in fp32 (or wider) and rounded once to t's dtype (exact for powers of two)."""
+def scale_(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """t * factor, in place on a tensor we own: exact in t's dtype for a power of two (a shift of the exponent),
+    otherwise computed in fp32 and rounded once to t's dtype."""
     if factor == 1:
-        return t.clone()
-    wide = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    return (wide * factor).to(t.dtype)
+        return t
+    if math.frexp(factor)[0] == 0.5 or t.dtype in (torch.float32, torch.float64):
+        return t.mul_(factor)
+    return t.copy_(t.float().mul_(factor))
+
+
+def take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """t's entries `idx` along `dim`: a view when idx is a contiguous range along dim 0 (rows of a contiguous tensor
+    stay contiguous), otherwise a new tensor."""
+    n = idx.numel()
+    if n and int(idx[-1]) - int(idx[0]) == n - 1 and bool((idx.diff() == 1).all()):
+        view = t.narrow(dim, int(idx[0]), n)
+        return view if view.is_contiguous() else view.contiguous()
+    return t.index_select(dim, idx)
 
 
 def slice_mlp(mlp: dict[str, torch.Tensor], idx: torch.Tensor, down_scale: float) -> dict[str, torch.Tensor]:
-    """The SwiGLU MLP restricted to neurons `idx` (rows of gate/up, columns of down), `down` times `down_scale`."""
-    return {"gate": mlp["gate"].index_select(0, idx), "up": mlp["up"].index_select(0, idx),
-            "down": scale(mlp["down"].index_select(1, idx), down_scale)}
+    """The SwiGLU MLP restricted to neurons `idx` (rows of gate/up, columns of down), `down` times `down_scale`.
+    gate/up may be views of `mlp` (read-only use); `down` is always a new tensor (it is scaled in place)."""
+    down = take(mlp["down"], 1, idx)
+    if down_scale != 1 and down.untyped_storage().data_ptr() == mlp["down"].untyped_storage().data_ptr():
+        down = down.clone()  # all columns: a view, which must not be scaled in place
+    return {"gate": take(mlp["gate"], 0, idx), "up": take(mlp["up"], 0, idx), "down": scale_(down, down_scale)}

@@ -271,8 +271,12 @@ class UpcycledView(PlannedSource):
             mlp = self.dense_mlp(layer)
             if self.opts.is_granular:
                 G = self.opts.granularity
-                mlp = slice_mlp(mlp, self.split(layer).groups[expert % G], down_scale=G)
-            self._cache = make_expert(mlp, layer=layer, expert=expert, opts=self.opts)
+                mlp = slice_mlp(mlp, self.split(layer).groups[expert % G], down_scale=G)  # new tensors: no clone
+                if self.opts.reinit_ratio or self.opts.noise_std:
+                    mlp = make_expert(mlp, layer=layer, expert=expert, opts=self.opts)
+                self._cache = mlp
+            else:
+                self._cache = make_expert(mlp, layer=layer, expert=expert, opts=self.opts)
             self._cache_key = (layer, expert)
         return self._cache
 
