@@ -1,8 +1,8 @@
 """Qwen2 (Qwen2ForCausalLM) -> Qwen2-MoE (Qwen2MoeForCausalLM) with norm_topk_prob=True.
 
-Qwen2-MoE always has a shared expert; upcycling writes it with intermediate size 0 (its output is exactly 0, and an
-all-zero shared expert gets zero gradients, so it stays 0), which keeps the upcycled model equal to the dense one.
-Checkpoints with a real shared expert (e.g. Qwen1.5-MoE) load and train with it.
+Qwen2-MoE always has a shared expert; copy upcycling writes it with intermediate size 0 (its output is exactly 0),
+which keeps the upcycled model equal to the dense one; `--shared-fraction` carves dense neurons into it instead
+(docs/granular.md). Checkpoints with a real shared expert (e.g. Qwen1.5-MoE) load and train with it.
 """
 
 from .base import Family, MoESpec
