@@ -292,6 +292,9 @@ def test_merge_of_different_copies_weights_each_slice_group(tmp_path):
     (("--to", "ds", "--calib-data", "x.jsonl"), ["--calib-data applies to --to hf-dense only"]),
     (("--to", "hf-dense", "--expert", 2), ["--expert 2 out of range", "2 copies of 2 slices"]),
     (("--to", "hf-dense", "--merge-granularity", 3), ["4 experts cannot be 3-way granular"]),
+    (("--to", "hf-dense", "--calib-data", "x.jsonl", "--calib-baseline", "nope"), ["nope: no such directory"]),
+    (("--to", "hf-dense", "--calib-data", "x.jsonl"), ["--calib-data needs the model's tokenizer"]),
+    (("--to", "hf-dense", "--calib-data", "x.jsonl", "--calib-device", "tpu:x"), ["is not a torch device"]),
 ])
 def test_bad_merge_input_is_one_line(argv, words, dense, tmp_path, capsys):
     moe = upcycle(dense["llama"], tmp_path / "moe", 4, 2, "--granularity", 2)

@@ -82,6 +82,14 @@ class MergeOptions:
         if self.calib_samples < 1 or self.calib_max_length < 2:
             raise UserError(f"--calib-samples must be >= 1 and --calib-max-length >= 2 (got {self.calib_samples}, "
                             f"{self.calib_max_length})")
+        if self.calib_device is not None:
+            try:
+                dev = torch.device(self.calib_device)
+            except RuntimeError:
+                raise UserError(f"--calib-device {self.calib_device!r} is not a torch device (cpu, cuda, cuda:1, "
+                                f"...)") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise UserError(f"--calib-device {self.calib_device}: no CUDA device here")
 
 
 def granularity_of(config: dict, override: int | None = None) -> int:
@@ -368,6 +376,11 @@ def merge_to_dense(reader, out: Path, *, opts: MergeOptions, expert: int | None,
     from .io.hf import write_hf_checkpoint
 
     calib, rows = None, None
+    if opts.calib_baseline is not None:
+        from .io.hf import read_config
+
+        if family_for(read_config(opts.calib_baseline))[1]:
+            raise UserError(f"--calib-baseline {opts.calib_baseline} is an MoE checkpoint; give a dense one")
     if opts.calib_data is not None and not dry_run:
         rows = calibration_rows(opts.calib_data, load_tokenizer(side_dir), opts)
         calib = calibrate(reader, rows, opts)

@@ -37,7 +37,7 @@ def run(args: Args) -> int:
             grain += f" + a shared expert of {view.shared_intermediate}"
     print(f"wrote {view.config['model_type']} checkpoint with {args.num_experts} experts{grain} (top-{args.top_k}) "
           f"in layers {list(view.moe_layers)} to {args.out} ({nbytes / 1e9:.2f} GB)", file=sys.stderr)
-    if view.expert_intermediate % ALIGN:
+    if args.is_granular and view.expert_intermediate % ALIGN:
         good = valid_granularities(view.dense_intermediate, align=ALIGN)
         print(f"note: experts of {view.expert_intermediate} neurons (not a multiple of {ALIGN}): grouped-GEMM kernels, "
               f"e.g. transformers' default MoE experts in bf16, need a multiple of {ALIGN}; load with "
