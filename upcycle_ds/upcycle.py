@@ -215,6 +215,7 @@ class UpcycledView(PlannedSource):
         self._dense_key = None  # the dense MLP (and its neuron split) of one layer, read once for all its experts
         self._dense_cache: dict[str, torch.Tensor] = {}
         self._split: NeuronSplit | None = None
+        self._slices: dict[int, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ plan
     def _build_plan(self) -> None:
@@ -250,7 +251,7 @@ class UpcycledView(PlannedSource):
     # ------------------------------------------------------------------ tensors
     def dense_mlp(self, layer: int) -> dict[str, torch.Tensor]:
         if self._dense_key != layer:
-            self._dense_cache, self._split = {}, None  # drop the previous layer's before reading the next
+            self._dense_cache, self._split, self._slices = {}, None, {}  # drop the previous layer's first
             self._dense_cache = {p: self.dense.get(self.family.dense_mlp_key(layer, p)) for p in PROJS}
             self._dense_key = layer
         return self._dense_cache
@@ -268,17 +269,23 @@ class UpcycledView(PlannedSource):
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         if self._cache_key != (layer, expert):
             self._cache = {}
-            mlp = self.dense_mlp(layer)
             if self.opts.is_granular:
-                G = self.opts.granularity
-                mlp = slice_mlp(mlp, self.split(layer).groups[expert % G], down_scale=G)  # new tensors: no clone
-                if self.opts.reinit_ratio or self.opts.noise_std:
+                mlp = self.group_slice(layer, expert % self.opts.granularity)
+                if self.opts.reinit_ratio or self.opts.noise_std:  # new tensors; the slice stays as it is
                     mlp = make_expert(mlp, layer=layer, expert=expert, opts=self.opts)
                 self._cache = mlp
             else:
-                self._cache = make_expert(mlp, layer=layer, expert=expert, opts=self.opts)
+                self._cache = make_expert(self.dense_mlp(layer), layer=layer, expert=expert, opts=self.opts)
             self._cache_key = (layer, expert)
         return self._cache
+
+    def group_slice(self, layer: int, group: int) -> dict[str, torch.Tensor]:
+        """Neuron group `group` of `layer`'s dense MLP with `down` x G: what every copy of that group starts as.
+        Computed once per layer and group (the copies share it; callers must not modify it)."""
+        mlp = self.dense_mlp(layer)
+        if group not in self._slices:
+            self._slices[group] = slice_mlp(mlp, self.split(layer).groups[group], down_scale=self.opts.granularity)
+        return self._slices[group]
 
     def shared_expert(self, layer: int) -> dict[str, torch.Tensor]:
         return slice_mlp(self.dense_mlp(layer), self.split(layer).shared, down_scale=1 / SHARED_GATE_INIT)
