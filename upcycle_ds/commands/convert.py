@@ -8,9 +8,9 @@
   ds -> ds            re-write at another --ep-size (module only; optimizer state is dropped)
   hf-moe/ds -> hf-dense   merge each MoE layer into one MLP: --merge average (mean of the experts; for granular
                       upcycling the concatenation of the slices: the exact inverse of upcycling), --merge
-                      router-weighted (weights = routing frequencies on --calib-data), or --expert i (one expert / copy);
-                      with --calib-data the MoE's and the merged model's calibration losses are reported
-                      (merge_report.json)
+                      router-weighted (weights = routing frequencies on --calib-data), or --expert i (one
+                      expert / copy); with --calib-data the MoE's and the merged model's calibration losses are
+                      reported (merge_report.json)
 The input format is detected. Output is written atomically (nothing is left at --output on error).
 """
 

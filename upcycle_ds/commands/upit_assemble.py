@@ -2,7 +2,8 @@
 MoE checkpoint whose expert i is checkpoint i's MLP. With more checkpoints than --num-experts the last E given are
 used; with fewer, the pool is grown per layer by genetic expansion (dissimilar parents, crossover, DARE mutation).
 Non-expert weights come from the last checkpoint (or their average); the router is random (train it with
-router-init). --granularity G splits every such MLP into G fine-grained experts (virtual-group routers). Writes OUT atomically, with upit_report.json (expert sources, delta cosine similarities per layer).
+router-init). --granularity G splits every such MLP into G fine-grained experts (virtual-group routers). Writes OUT
+atomically, with upit_report.json (expert sources, delta cosine similarities per layer).
 """
 
 from __future__ import annotations
