@@ -16,7 +16,6 @@ import transformers
 from tiny import input_ids, logits, make_dense
 
 from upcycle_ds.cli import main
-from upcycle_ds.families import FAMILIES, MoESpec
 from upcycle_ds.granular import balanced_kmeans, split_neurons
 from upcycle_ds.io.hf import HFCheckpoint
 from upcycle_ds.plan import count_params, forward_flops, shape_from_config, upcycled_shape
