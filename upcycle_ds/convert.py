@@ -2,8 +2,9 @@
 
 Every reader has the read interface of `io.hf.HFCheckpoint` (config, path, keys, get, shape, dtype, `in`) under HF
 names: `HFCheckpoint` (HF dense or MoE), `io.ds.DSCheckpoint` (a DeepSpeed save dir), `upcycle.UpcycledView` (dense
-seen as its upcycled MoE) and `CollapsedView` here (MoE seen as dense). Writers take such a view: `write_sharded` for
-HF safetensors, `io.ds.write_ds_checkpoint` for DeepSpeed. Outputs are written into a temp dir and renamed at the end.
+seen as its upcycled MoE) and `merge.MergedView` (MoE merged back into dense: average / router-weighted). Writers
+take such a view: `write_sharded` for HF safetensors, `io.ds.write_ds_checkpoint` for DeepSpeed. Outputs are written
+into a temp dir and renamed at the end.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from .families.base import PROJS
 from .io.ds import DSCheckpoint, ds_expert_name, is_ds_checkpoint, module_layout, write_ds_checkpoint
 from .io.hf import (HFCheckpoint, _nbytes, atomic_output_dir, check_output_dir, copy_side_files, read_config,
                     write_config, write_hf_checkpoint)
-from .io.source import PlannedSource
-from .surgery import read_moe_tensor
+from .merge import MergeOptions, merge_to_dense
 
 FORMATS = ("hf-dense", "hf-moe", "ds")
 
@@ -48,94 +48,6 @@ def open_checkpoint(path: str | Path, *, tag: str | None = None, weights: str = 
     if weights != "module":
         raise UserError(f"--weights master needs a DeepSpeed checkpoint with ZeRO optimizer files; {path} is HF")
     return fmt, HFCheckpoint(path)
-
-
-class CollapsedView(PlannedSource):
-    """An HF MoE checkpoint seen as the HF dense model it came from: each MoE layer's experts collapsed into one MLP
-    (the mean of the experts, accumulated in float64 so that E identical copies give back the copy bit for bit, or
-    expert `expert`), router dropped. The exact inverse of copy-upcycling."""
-
-    def __init__(self, moe, expert: int | None = None):
-        self.moe, self.expert = moe, expert
-        self.path = moe.path
-        cfg = dict(moe.config)
-        self.family, is_moe = family_for(cfg)
-        if not is_moe:
-            raise UserError(f"{moe.path} is already a dense checkpoint")
-        fam = self.family
-        self.num_experts = fam.num_experts(cfg)
-        if expert is not None and not 0 <= expert < self.num_experts:
-            raise UserError(f"--expert {expert} out of range (the model has {self.num_experts} experts)")
-        moe_layers = fam.moe_layers(cfg)
-        if len(moe_layers) < cfg["num_hidden_layers"] and fam.expert_intermediate_size(cfg) != cfg.get(
-                "intermediate_size"):
-            raise UserError(f"cannot collapse to dense: the dense layers have intermediate_size "
-                            f"{cfg.get('intermediate_size')} and the experts {fam.expert_intermediate_size(cfg)}")
-        self.config = fam.dense_config(cfg)
-        self.config.pop("upcycle_ds", None)
-        self._plan: dict[str, tuple[torch.dtype, tuple[int, ...], tuple]] = {}
-        skip = set()
-        for layer in moe_layers:
-            skip.add(fam.router_key(layer))
-            skip.update(t.format(layer=layer) for t in fam.moe_shared.values())
-            skip.update(t.format(layer=layer) for t in fam.moe_fused.values())
-            skip.update(fam.expert_key(layer, e, p) for e in range(self.num_experts) for p in PROJS)
-            for ours, tmpl in fam.moe_shared.items():
-                key = tmpl.format(layer=layer)
-                if ours.endswith("proj.weight") and key in moe and 0 not in moe.shape(key):
-                    raise UserError(f"{moe.path}: layer {layer} has a non-empty shared expert ({key} "
-                                    f"{list(moe.shape(key))}); a dense MLP cannot hold experts + shared expert")
-        by_layer = {}
-        for key in moe.keys():
-            if key in skip:
-                continue
-            parsed = fam.parse_moe_key(key)
-            if parsed is not None and parsed[0] in ("expert", "fused"):
-                raise UserError(f"{moe.path}: {key} belongs to an MoE layer config.json does not list")
-            self._plan[key] = (moe.dtype(key), moe.shape(key), ("copy", key))
-        for layer in moe_layers:
-            for p in PROJS:
-                dtype, shape = self._expert_meta(layer, p)
-                by_layer[fam.dense_mlp_key(layer, p)] = (dtype, shape, ("collapse", layer, p))
-        self._plan.update(by_layer)
-        self._order = sorted(self._plan, key=_layer_order)
-
-    def _expert_meta(self, layer: int, proj: str):
-        fam, moe = self.family, self.moe
-        key = fam.expert_key(layer, 0, proj)
-        if key in moe:
-            return moe.dtype(key), moe.shape(key)
-        fused = fam.moe_fused["down" if proj == "down" else "gate_up"].format(layer=layer)
-        if fused not in moe:
-            raise UserError(f"{moe.path}: tensor {key} is missing")
-        shape = moe.shape(fused)[1:]
-        if proj != "down":
-            shape = (shape[0] // 2, shape[1])
-        return moe.dtype(fused), tuple(shape)
-
-    def keys(self) -> list[str]:
-        return list(self._order)
-
-    def get(self, key: str) -> torch.Tensor:
-        dtype, shape, how = self._plan[key]
-        if how[0] == "copy":
-            return self.moe.get(how[1])
-        _, layer, proj = how
-        fam = self.family
-        if self.expert is not None:
-            return read_moe_tensor(self.moe, fam, fam.expert_key(layer, self.expert, proj))
-        acc = None
-        for e in range(self.num_experts):
-            t = read_moe_tensor(self.moe, fam, fam.expert_key(layer, e, proj)).to(torch.float64)
-            acc = t if acc is None else acc.add_(t)
-        return acc.div_(self.num_experts).to(dtype)
-
-
-def _layer_order(key: str):
-    parts = key.split(".")
-    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
-        return (1, int(parts[2]))
-    return (0 if "embed" in key else 2, 0)
 
 
 # ------------------------------------------------------------------------------------------------------ plans
@@ -204,6 +116,14 @@ def _write_ds(view, out: Path, overwrite: bool, side_dir: Path, ep_size: int, ta
     return nbytes
 
 
+def _to_hf_dense(reader, out: Path, *, merge: MergeOptions, expert: int | None, side: Path, overwrite: bool,
+                 max_shard_bytes: int, dry_run: bool, desc: str) -> Plan:
+    """MoE -> dense with the chosen merge (`merge.merge_to_dense`: calibration, write, report)."""
+    view = merge_to_dense(reader, out, opts=merge, expert=expert, side_dir=side, overwrite=overwrite,
+                          max_shard_bytes=max_shard_bytes, dry_run=dry_run, desc=desc)
+    return _hf_plan(view, "hf-dense")
+
+
 def _side_dir(reader) -> Path:
     return reader.side_dir if isinstance(reader, DSCheckpoint) else Path(reader.path)
 
@@ -220,12 +140,16 @@ def ds_to_hf_moe(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None =
 
 def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1, tag: str | None = None,
             weights: str = "module", expert: int | None = None, dry_run: bool = False, overwrite: bool = False,
-            upcycle=None, max_shard_bytes: int = 2 * 1024**3, out_tag: str = "global_step0") -> Plan:
+            upcycle=None, max_shard_bytes: int = 2 * 1024**3, out_tag: str = "global_step0",
+            merge: MergeOptions | None = None) -> Plan:
     """Convert `input` (any format, detected) to `to`; returns the plan (written unless dry_run).
 
-    `upcycle` (an `UpcycleOptions`) is used when an HF dense input must become an MoE (`--to ds`)."""
+    `upcycle` (an `UpcycleOptions`) is used when an HF dense input must become an MoE (`--to ds`); `merge` (a
+    `MergeOptions`) says how an MoE becomes dense (`--to hf-dense`)."""
     if to not in FORMATS:
         raise UserError(f"--to must be one of {', '.join(FORMATS)} (got {to!r})")
+    merge = merge or MergeOptions()
+    merge.validate_merge(to=to, expert=expert)
     if expert is not None and to != "hf-dense":
         raise UserError("--expert applies to --to hf-dense only")
     if not dry_run:
@@ -238,11 +162,8 @@ def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1,
     if to == "hf-dense":
         if fmt == "hf-dense":
             raise UserError(f"{input} is already an HF dense checkpoint")
-        view = CollapsedView(reader, expert)
-        plan = _hf_plan(view, to)
-        if not dry_run:
-            _write_hf(view, out, overwrite, side, f"{fmt} -> hf-dense", max_shard_bytes)
-        return plan
+        return _to_hf_dense(reader, out, merge=merge, expert=expert, side=side, overwrite=overwrite,
+                            max_shard_bytes=max_shard_bytes, dry_run=dry_run, desc=f"{fmt} -> hf-dense")
     if fmt == "hf-dense":
         if to == "hf-moe":
             raise UserError("hf-dense -> hf-moe is `upcycle-ds upcycle`")

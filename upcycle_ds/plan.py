@@ -3,7 +3,8 @@
 Everything here is arithmetic on config.json shapes; no weights are read. The model-state figures follow what
 DeepSpeed 0.19 actually allocates (read from `runtime/engine.py`, `runtime/zero/stage_1_and_2.py`,
 `runtime/fp16/unfused_optimizer.py`), the activation figures are an *estimate* (see `layer_activation_bytes`).
-docs/planning.md explains every term and carries a worked example.
+docs/planning.md explains every term and carries a worked example. `forward_flops` counts matmul FLOPs per token
+(attention, dense MLPs / shared experts, the k routed experts, routers, lm_head) for coarse and fine-grained experts.
 
 Symbols: N non-expert parameters (replicated on every rank: embeddings, attention, norms, dense MLPs, routers, shared
 experts), X expert parameters of the whole model, W world size, ep expert-parallel size, X_r = X / ep the experts of
@@ -33,7 +34,8 @@ from pathlib import Path
 
 from .errors import UserError
 from .families import family_for
-from .upcycle import parse_layers
+from .granular import split_sizes
+from .upcycle import UpcycleOptions, check_shared_target, parse_layers
 
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -173,26 +175,34 @@ def shape_from_config(config: dict) -> ModelShape:
                       tied_embeddings=bool(cfg.get("tie_word_embeddings", False)), mlps=mlps)
 
 
-def upcycled_shape(config: dict, *, num_experts: int, top_k: int, layers: str = "all") -> ModelShape:
-    """The MoE model `upcycle` makes of a dense config.json: chosen layers' MLPs become E copies + a router.
+def upcycled_shape(config: dict, *, num_experts: int, top_k: int, layers: str = "all", granularity: int = 1,
+                   shared_fraction: float = 0.0) -> ModelShape:
+    """The MoE model `upcycle` makes of a dense config.json: chosen layers' MLPs become E experts + a router.
 
-    Qwen2 gains Qwen2-MoE's (empty, intermediate 0) shared expert and its gate, as `upcycle` writes it. Llama/Mistral
-    allow any layer subset here (DeepSpeed trains it), although the Mixtral export needs `all`.
+    Experts have the dense intermediate size I (copies) or, with granularity G, I_r / G where I_r = I minus the
+    shared expert's neurons (`granular.split_sizes`). Qwen2 gains Qwen2-MoE's shared expert and its gate, empty
+    unless `shared_fraction` > 0, as `upcycle` writes it. Llama/Mistral allow any layer subset here (DeepSpeed trains
+    it), although the Mixtral export needs `all`.
     """
     family, is_moe = family_for(config)
     if is_moe:
         raise UserError(f"{config['model_type']} is already an MoE config; upcycling needs a dense one")
     family.check_dense_config(_resolved(config))
-    if num_experts < 2:
-        raise UserError(f"--num-experts must be >= 2 (got {num_experts})")
-    if not 1 <= top_k <= num_experts:
-        raise UserError(f"--top-k must be between 1 and --num-experts={num_experts} (got {top_k})")
+    opts = UpcycleOptions(num_experts=num_experts, top_k=top_k, layers=layers, granularity=granularity,
+                          shared_fraction=shared_fraction)
+    opts.validate()
+    check_shared_target(family, opts)
     dense = shape_from_config(config)
     moe = set(parse_layers(layers, dense.num_layers))
-    shared = 0 if family.moe_shared else None
-    mlps = tuple(MLPShape(num_experts=num_experts, top_k=top_k, expert_intermediate=m.intermediate,
-                          shared_intermediate=shared) if i in moe else m for i, m in enumerate(dense.mlps))
-    return replace(dense, mlps=mlps, model_type=family.moe_model_type)
+    mlps = []
+    for i, m in enumerate(dense.mlps):
+        if i not in moe:
+            mlps.append(m)
+            continue
+        i_e, i_s = split_sizes(m.intermediate, granularity, shared_fraction)
+        mlps.append(MLPShape(num_experts=num_experts, top_k=top_k, expert_intermediate=i_e,
+                             shared_intermediate=i_s if family.moe_shared else None))
+    return replace(dense, mlps=tuple(mlps), model_type=family.moe_model_type)
 
 
 def count_params(s: ModelShape) -> ParamCount:
@@ -211,6 +221,49 @@ def count_params(s: ModelShape) -> ParamCount:
         else:
             non_expert += 3 * h * m.intermediate + (2 * m.intermediate + h) * m.bias
     return ParamCount(non_expert, expert)
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Forward matmul FLOPs per token (2 per multiply-add), split by where they are spent; training ~ 3x forward."""
+
+    attention: float
+    """q/k/v/o projections + QK^T and PV over the causal half of the sequence (2 * S * a per layer)."""
+    mlp: float
+    """dense MLPs (dense layers) + shared experts and their gates."""
+    experts: float
+    """the k routed experts each token visits (k * 3 * 2 h I_e per MoE layer)."""
+    router: float
+    lm_head: float
+    active_params: int
+    """parameters one token's forward multiplies by: attention, dense MLPs, routers, shared experts, its k routed
+    experts and lm_head (not the embedding, a lookup)."""
+
+    @property
+    def total(self) -> float:
+        return self.attention + self.mlp + self.experts + self.router + self.lm_head
+
+
+def forward_flops(s: ModelShape, seq_len: int) -> Flops:
+    """Forward FLOPs per token of a model shape (matmuls only; norms, softmax, RoPE and dispatch are not counted)."""
+    h, a, g = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    attn_params = h * (a + 2 * g) + a * h
+    attention = s.num_layers * (2 * attn_params + 2 * seq_len * a)
+    mlp = experts = router = 0.0
+    active = s.num_layers * attn_params + s.vocab * h
+    for m in s.mlps:
+        if not m.is_moe:
+            mlp += 2 * 3 * h * m.intermediate
+            active += 3 * h * m.intermediate
+            continue
+        router += 2 * h * m.num_experts
+        experts += m.top_k * 2 * 3 * h * m.expert_intermediate
+        active += h * m.num_experts + m.top_k * 3 * h * m.expert_intermediate
+        if m.shared_intermediate:
+            mlp += 2 * 3 * h * m.shared_intermediate + 2 * h
+            active += 3 * h * m.shared_intermediate + h
+    return Flops(attention=float(attention), mlp=float(mlp), experts=float(experts), router=float(router),
+                 lm_head=float(2 * h * s.vocab), active_params=int(active))
 
 
 # ------------------------------------------------------------------------------------------------------- settings

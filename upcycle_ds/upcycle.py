@@ -1,20 +1,25 @@
 """Sparse upcycling math: a dense checkpoint seen as an HF MoE checkpoint (no I/O of its own).
 
 `UpcycledView` has the same read interface as `io.hf.HFCheckpoint` (config, keys, shape, dtype, get), computing expert
-tensors on demand from the dense MLP: copies (Komatsuzaki et al.), optional Gaussian noise, optional Drop-Upcycling
-partial re-initialisation (Nakamura et al.). Every random draw is seeded from (seed, layer, expert, what), so a
+tensors on demand from the dense MLP: copies (Komatsuzaki et al.), or with `granularity` G > 1 fine-grained experts,
+each one slice of I/G neurons of the dense MLP with virtual-group routers (`granular`, docs/granular.md), optionally
+with a shared expert carved out of the dense neurons (Qwen2-MoE); optional Gaussian noise and Drop-Upcycling partial
+re-initialisation (Nakamura et al.) per expert. Every random draw is seeded from (seed, layer, expert, what), so a
 tensor is the same whichever rank or process computes it, and in whatever order.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 
 from .errors import UserError
 from .families import Family, MoESpec, family_for
+from .granular import SHARED_GATE_INIT, SPLITS, NeuronSplit, slice_mlp, split_neurons, split_sizes
 from .io.source import PlannedSource
 
 PROJS = ("gate", "up", "down")
@@ -23,9 +28,9 @@ PROJS = ("gate", "up", "down")
 @dataclass(kw_only=True)
 class UpcycleOptions:
     num_experts: int = 8
-    """Experts per MoE layer (E >= 2)."""
+    """Experts per MoE layer (E >= 2). With --granularity G: E = C * G, C copies of the G slices."""
     top_k: int = 2
-    """Experts each token is routed to (1 <= k <= E)."""
+    """Experts each token is routed to (1 <= k <= E). With --granularity G: a multiple of G (k/G copies per token)."""
     layers: str = "all"
     """Which layers become MoE: `all`, `every:N` (layers i with (i+1) % N == 0, as Qwen's decoder_sparse_step) or
     a comma list of 0-based indices `i,j,...`."""
@@ -38,6 +43,19 @@ class UpcycleOptions:
     slice, a different random subset per expert (0 = pure copies; the paper's default is 0.5)."""
     seed: int = 0
     """Seed for router init, noise and re-initialisation."""
+    granularity: int = 1
+    """Granular upcycling: split each dense MLP's intermediate neurons into G groups, one fine-grained expert (I/G
+    neurons, `down` x G) per group and copy, with the G experts of a copy sharing one router row (virtual groups), so
+    the MoE still computes exactly the dense model (docs/granular.md). 1 = whole-MLP copies."""
+    split: Literal["contiguous", "random", "cluster"] = "contiguous"
+    """How neurons are grouped for --granularity / --shared-fraction: contiguous ranges, a seeded random permutation,
+    or balanced k-means on the neurons' gate/up weights."""
+    shared_fraction: float = 0.0
+    """Fraction of the dense neurons carved into the shared expert (Qwen2-MoE targets only; its sigmoid gate starts
+    at 0, so its `down` is doubled); the rest is routed. 0 = an empty shared expert."""
+    router_noise: float = 0.0
+    """Std of Gaussian noise added to every router row, so that the experts of a virtual group (or copies) diverge
+    once training starts; breaks exact equivalence by design."""
 
     def validate(self) -> None:
         if self.num_experts < 2:
@@ -50,6 +68,40 @@ class UpcycleOptions:
             raise UserError(f"--noise-std must be >= 0 (got {self.noise_std})")
         if not 0 <= self.reinit_ratio <= 1:
             raise UserError(f"--reinit-ratio must be in [0, 1] (got {self.reinit_ratio})")
+        self.validate_granular()
+
+    def validate_granular(self) -> None:
+        """Checks of the granular-upcycling options that need no model (the model-dependent ones are in
+        `UpcycledView`): integers in range, finite floats, E and k multiples of G."""
+        G, E, k = self.granularity, self.num_experts, self.top_k
+        if isinstance(G, bool) or not isinstance(G, int) or G < 1:
+            raise UserError(f"--granularity must be an integer >= 1 (got {G!r})")
+        if self.split not in SPLITS:
+            raise UserError(f"--split must be one of {', '.join(SPLITS)} (got {self.split!r})")
+        if not (isinstance(self.shared_fraction, (int, float)) and math.isfinite(self.shared_fraction)
+                and 0 <= self.shared_fraction < 1):
+            raise UserError(f"--shared-fraction must be in [0, 1) (got {self.shared_fraction})")
+        if not (isinstance(self.router_noise, (int, float)) and math.isfinite(self.router_noise)
+                and self.router_noise >= 0):
+            raise UserError(f"--router-noise must be a finite number >= 0 (got {self.router_noise})")
+        if E % G:
+            valid = ", ".join(str(G * c) for c in range(1, 5))
+            raise UserError(f"--num-experts {E} is not a multiple of --granularity {G} (E = copies x G); valid: "
+                            f"{valid}, ...")
+        if k % G:
+            valid = ", ".join(str(G * c) for c in range(1, E // G + 1))
+            raise UserError(f"--top-k {k} is not a multiple of --granularity {G}: the {G} slices of a copy must be "
+                            f"selected together for the MoE to equal the dense model; valid --top-k: {valid}")
+
+    @property
+    def copies(self) -> int:
+        """C = E / G: how many copies of the dense MLP the experts hold."""
+        return self.num_experts // self.granularity
+
+    @property
+    def is_granular(self) -> bool:
+        """Whether experts are slices of the dense MLP (G > 1 or a shared expert) rather than whole copies."""
+        return self.granularity > 1 or self.shared_fraction > 0
 
 
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
@@ -76,6 +128,13 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     if not layers:
         raise UserError(f"--layers {spec!r} selects no layer")
     return layers
+
+
+def check_shared_target(family: Family, opts: UpcycleOptions) -> None:
+    """--shared-fraction needs an export target that has a shared expert (Qwen2-MoE)."""
+    if opts.shared_fraction > 0 and not family.has_shared_expert:
+        raise UserError(f"--shared-fraction needs an export target with a shared expert: Qwen2-MoE (upcycle a Qwen2 "
+                        f"model); {family.name} -> {family.moe_model_type} has none")
 
 
 def derive_seed(*parts) -> int:
@@ -107,14 +166,25 @@ def make_expert(dense: dict[str, torch.Tensor], *, layer: int, expert: int, opts
     return {p: out[p].to(dense[p].dtype) for p in PROJS}
 
 
-def make_router(*, hidden: int, num_experts: int, layer: int, std: float, seed: int, dtype: torch.dtype
-                ) -> torch.Tensor:
+def make_router(*, hidden: int, num_experts: int, layer: int, std: float, seed: int, dtype: torch.dtype,
+                granularity: int = 1, noise: float = 0.0) -> torch.Tensor:
+    """Router weight (E, hidden): C = E/G random rows N(0, std), each repeated for the G experts of its copy
+    (virtual groups; G = 1: E random rows), plus N(0, noise) on every row when `noise` > 0."""
     g = torch.Generator().manual_seed(derive_seed(seed, "router", layer))
-    return (torch.randn(num_experts, hidden, generator=g) * std).to(dtype)
+    w = torch.randn(num_experts // granularity, hidden, generator=g) * std
+    w = w.repeat_interleave(granularity, dim=0)
+    if noise:
+        gn = torch.Generator().manual_seed(derive_seed(seed, "router-noise", layer))
+        w = w + torch.randn(w.shape, generator=gn) * noise
+    return w.to(dtype)
 
 
 class UpcycledView(PlannedSource):
-    """An HF dense checkpoint presented as its upcycled HF MoE checkpoint (hub per-expert layout), lazily."""
+    """An HF dense checkpoint presented as its upcycled HF MoE checkpoint (hub per-expert layout), lazily.
+
+    Expert e of a layer is copy c = e // G of neuron group g = e % G (G = 1: the whole MLP), `down` scaled by G, then
+    Drop-Upcycling re-init and noise (`make_expert`, seeded per expert); the shared expert (Qwen2-MoE) holds the
+    neurons `split` leaves to it with `down` scaled by 1 / sigmoid(0) = 2, and a zero gate."""
 
     def __init__(self, dense, opts: UpcycleOptions, family: Family | None = None):
         opts.validate()
@@ -126,18 +196,26 @@ class UpcycledView(PlannedSource):
         self.family = family or fam
         n_layers = int(dense.config["num_hidden_layers"])
         self.moe_layers = parse_layers(opts.layers, n_layers)
-        spec = MoESpec(num_experts=opts.num_experts, top_k=opts.top_k, moe_layers=self.moe_layers)
+        check_shared_target(self.family, opts)
+        self.dense_intermediate = int(dense.config["intermediate_size"])
+        self.expert_intermediate, self.shared_intermediate = split_sizes(
+            self.dense_intermediate, opts.granularity, opts.shared_fraction)
+        spec = MoESpec(num_experts=opts.num_experts, top_k=opts.top_k, moe_layers=self.moe_layers,
+                       expert_intermediate=self.expert_intermediate, shared_intermediate=self.shared_intermediate)
         self.config = self.family.moe_config(dense.config, spec)
         # only the upcycling options (not a CLI subclass's paths/flags): same options -> identical config.json
         self.config["upcycle_ds"] = {"upcycled_from": self.family.dense_model_type,
-                                     **{f.name: getattr(opts, f.name) for f in fields(UpcycleOptions)}}
+                                     **{f.name: getattr(opts, f.name) for f in fields(UpcycleOptions)},
+                                     "dense_intermediate_size": self.dense_intermediate}
         self.path = dense.path
         self._plan: dict[str, tuple[torch.dtype, tuple[int, ...], tuple]] = {}
         self._build_plan()
         self._cache_key = None
         self._cache: dict[str, torch.Tensor] = {}
-        self._dense_key = None  # the dense MLP of one layer, read once for all its experts
+        self._dense_key = None  # the dense MLP (and its neuron split) of one layer, read once for all its experts
         self._dense_cache: dict[str, torch.Tensor] = {}
+        self._split: NeuronSplit | None = None
+        self._slices: dict[int, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ plan
     def _build_plan(self) -> None:
@@ -147,35 +225,70 @@ class UpcycledView(PlannedSource):
         for key in d.keys():
             if key not in dense_mlp:
                 self._plan[key] = (d.dtype(key), d.shape(key), ("copy", key))
+        i_e, i_s = self.expert_intermediate, self.shared_intermediate
         for l in self.moe_layers:
             keys = {p: fam.dense_mlp_key(l, p) for p in PROJS}
             for k in keys.values():
                 if k not in d:
                     raise UserError(f"{d.path}: tensor {k} is missing (layer {l} has no dense MLP)")
-            hidden = d.shape(keys["gate"])[1]
+            inter, hidden = d.shape(keys["gate"])
+            if inter != self.dense_intermediate:
+                raise UserError(f"{d.path}: {keys['gate']} has {inter} rows; config.json says intermediate_size "
+                                f"{self.dense_intermediate}")
             dtype = d.dtype(keys["gate"])
             self._plan[fam.router_key(l)] = (dtype, (E, hidden), ("router", l))
+            shapes = {"gate": (i_e, hidden), "up": (i_e, hidden), "down": (hidden, i_e)}
             for e in range(E):
                 for p in PROJS:
-                    self._plan[fam.expert_key(l, e, p)] = (dtype, d.shape(keys[p]), ("expert", l, e, p))
-            for ours, tmpl in fam.moe_shared.items():  # Qwen2-MoE: an empty (exactly zero) shared expert
-                shape = {"shared_mlp.gate_proj.weight": (0, hidden), "shared_mlp.up_proj.weight": (0, hidden),
-                         "shared_mlp.down_proj.weight": (hidden, 0), "shared_mlp_gate.weight": (1, hidden)}[ours]
-                self._plan[tmpl.format(layer=l)] = (dtype, shape, ("zeros",))
+                    self._plan[fam.expert_key(l, e, p)] = (dtype, shapes[p], ("expert", l, e, p))
+            for ours in fam.moe_shared:  # Qwen2-MoE: the shared expert (empty unless --shared-fraction) + its gate
+                shape, how = {"shared_mlp.gate_proj.weight": ((i_s, hidden), ("shared", l, "gate")),
+                              "shared_mlp.up_proj.weight": ((i_s, hidden), ("shared", l, "up")),
+                              "shared_mlp.down_proj.weight": ((hidden, i_s), ("shared", l, "down")),
+                              "shared_mlp_gate.weight": ((1, hidden), ("zeros",))}[ours]
+                self._plan[fam.shared_key(l, ours)] = (dtype, shape, how if i_s else ("zeros",))
 
     # ------------------------------------------------------------------ tensors
     def dense_mlp(self, layer: int) -> dict[str, torch.Tensor]:
         if self._dense_key != layer:
-            self._dense_cache = {}  # drop the previous layer's before reading the next
+            self._dense_cache, self._split, self._slices = {}, None, {}  # drop the previous layer's first
             self._dense_cache = {p: self.dense.get(self.family.dense_mlp_key(layer, p)) for p in PROJS}
             self._dense_key = layer
         return self._dense_cache
 
+    def split(self, layer: int) -> NeuronSplit:
+        """Which neurons of `layer`'s dense MLP each group and the shared expert take (seeded per layer)."""
+        mlp = self.dense_mlp(layer)
+        if self._split is None:
+            g = torch.Generator().manual_seed(derive_seed(self.opts.seed, "split", layer))
+            self._split = split_neurons(mlp["gate"], mlp["up"], granularity=self.opts.granularity,
+                                        shared_fraction=self.opts.shared_fraction, method=self.opts.split,
+                                        generator=g)
+        return self._split
+
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         if self._cache_key != (layer, expert):
-            self._cache = make_expert(self.dense_mlp(layer), layer=layer, expert=expert, opts=self.opts)
+            self._cache = {}
+            if self.opts.is_granular:
+                mlp = self.group_slice(layer, expert % self.opts.granularity)
+                if self.opts.reinit_ratio or self.opts.noise_std:  # new tensors; the slice stays as it is
+                    mlp = make_expert(mlp, layer=layer, expert=expert, opts=self.opts)
+                self._cache = mlp
+            else:
+                self._cache = make_expert(self.dense_mlp(layer), layer=layer, expert=expert, opts=self.opts)
             self._cache_key = (layer, expert)
         return self._cache
+
+    def group_slice(self, layer: int, group: int) -> dict[str, torch.Tensor]:
+        """Neuron group `group` of `layer`'s dense MLP with `down` x G: what every copy of that group starts as.
+        Computed once per layer and group (the copies share it; callers must not modify it)."""
+        mlp = self.dense_mlp(layer)
+        if group not in self._slices:
+            self._slices[group] = slice_mlp(mlp, self.split(layer).groups[group], down_scale=self.opts.granularity)
+        return self._slices[group]
+
+    def shared_expert(self, layer: int) -> dict[str, torch.Tensor]:
+        return slice_mlp(self.dense_mlp(layer), self.split(layer).shared, down_scale=1 / SHARED_GATE_INIT)
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._plan:
@@ -186,7 +299,10 @@ class UpcycledView(PlannedSource):
         if how[0] == "router":
             std = float(self.dense.config.get("initializer_range", 0.02))
             return make_router(hidden=shape[1], num_experts=shape[0], layer=how[1], std=std,
-                               seed=self.opts.seed, dtype=dtype)
+                               seed=self.opts.seed, dtype=dtype, granularity=self.opts.granularity,
+                               noise=self.opts.router_noise)
         if how[0] == "expert":
             return self.expert(how[1], how[2])[how[3]]
+        if how[0] == "shared":
+            return self.shared_expert(how[1])[how[2]]
         return torch.zeros(shape, dtype=dtype)

@@ -6,8 +6,11 @@
   hf-dense -> ds      upcycle straight into a module-only DeepSpeed checkpoint the trainer loads (--num-experts ...)
   hf-moe -> ds        an HF MoE checkpoint as a module-only DeepSpeed checkpoint
   ds -> ds            re-write at another --ep-size (module only; optimizer state is dropped)
-  hf-moe/ds -> hf-dense   collapse each MoE layer into one MLP (mean of experts, or --expert i): the exact inverse of
-                      copy-upcycling
+  hf-moe/ds -> hf-dense   merge each MoE layer into one MLP: --merge average (mean of the experts; for granular
+                      upcycling the concatenation of the slices: the exact inverse of upcycling), --merge
+                      router-weighted (weights = routing frequencies on --calib-data), or --expert i (one
+                      expert / copy); with --calib-data the MoE's and the merged model's calibration losses are
+                      reported (merge_report.json)
 The input format is detected. Output is written atomically (nothing is left at --output on error).
 """
 
@@ -18,11 +21,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..convert import convert
+from ..merge import MergeOptions
 from ..upcycle import UpcycleOptions
 
 
 @dataclass(kw_only=True)
-class Args(UpcycleOptions):
+class Args(MergeOptions, UpcycleOptions):
     input: str
     """Input checkpoint dir: HF dense, HF MoE, a DeepSpeed save dir (with `latest`) or one of its tag dirs."""
     output: str
@@ -40,7 +44,7 @@ class Args(UpcycleOptions):
     """DeepSpeed input: `module` = the model weights as saved (training dtype); `master` = fp32 master weights from
     the ZeRO 1/2 optimizer files."""
     expert: int | None = None
-    """--to hf-dense: take this expert's weights instead of the mean of all experts."""
+    """--to hf-dense: take this expert's weights instead of merging (a granular MoE: copy i's G slices)."""
     dry_run: bool = False
     """Print the plan (tensor, shape, dtype, bytes, total) and write nothing."""
     overwrite: bool = False
@@ -52,7 +56,7 @@ class Args(UpcycleOptions):
 def run(args: Args) -> int:
     plan = convert(args.input, args.output, args.to, ep_size=args.ep_size, tag=args.tag, weights=args.weights,
                    expert=args.expert, dry_run=args.dry_run, overwrite=args.overwrite, upcycle=args,
-                   max_shard_bytes=int(args.max_shard_gb * 1024**3), out_tag=args.out_tag)
+                   max_shard_bytes=int(args.max_shard_gb * 1024**3), out_tag=args.out_tag, merge=args)
     if args.dry_run:
         print(plan.describe())
     else:

@@ -1,7 +1,8 @@
 """Per-rank GPU memory plan for training an MoE model (or a dense one upcycled to MoE) with native DeepSpeed-MoE:
 parameters, gradients, optimizer states (exact, as DeepSpeed allocates them) and activations (an estimate), split into
 the non-expert part (replicated) and the expert part (1/ep per rank); whether it fits the GPU, and the smallest
-expert-parallel size / ZeRO stage that fits. Reads config.json only. See docs/planning.md.
+expert-parallel size / ZeRO stage that fits; forward FLOPs per token (active parameters; vs the dense model when
+upcycling one, also fine-grained: --granularity, --shared-fraction). Reads config.json only. See docs/planning.md.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Literal
 
 from ..errors import UserError
 from ..families import family_for
-from ..plan import (GIB, Plan, Setup, load_config, make_plan, shape_from_config, smallest_fit, suggestions,
-                    upcycled_shape, usable_bytes, valid_ep_sizes)
+from ..plan import (GIB, Flops, Plan, Setup, forward_flops, load_config, make_plan, shape_from_config, smallest_fit,
+                    suggestions, upcycled_shape, usable_bytes, valid_ep_sizes)
 
 
 @dataclass(kw_only=True)
@@ -26,6 +27,10 @@ class Args:
     """Experts per token when upcycling a dense model (an MoE config's own value is used otherwise)."""
     layers: str = "all"
     """Layers that become MoE when upcycling a dense model: all, every:N or i,j,..."""
+    granularity: int = 1
+    """Granular upcycling of a dense model: experts of intermediate size I/G (see `upcycle --granularity`)."""
+    shared_fraction: float = 0.0
+    """Granular upcycling of a dense Qwen2 model: fraction of the dense neurons in the shared expert."""
     ep_size: int = 1
     """Expert-parallel size (divides the number of experts and the world size)."""
     zero_stage: int = 2
@@ -66,12 +71,18 @@ def run(args: Args) -> int:
                                  ("--top-k", args.top_k, shape.top_k)):
             if want is not None and want != have:
                 raise UserError(f"{flag} {want} differs from the MoE config's {have}; drop the flag")
-        if args.layers != "all":
-            raise UserError("--layers applies to upcycling a dense model; the MoE config fixes its MoE layers")
+        for flag, given in (("--layers", args.layers != "all"), ("--granularity", args.granularity != 1),
+                            ("--shared-fraction", args.shared_fraction != 0)):
+            if given:
+                raise UserError(f"{flag} applies to upcycling a dense model; the MoE config fixes its MoE layers "
+                                f"and expert sizes")
+        dense_shape = None
     else:
         if args.num_experts is None or args.top_k is None:
             raise UserError("a dense model needs --num-experts and --top-k (the MoE it will be upcycled into)")
-        shape = upcycled_shape(config, num_experts=args.num_experts, top_k=args.top_k, layers=args.layers)
+        shape = upcycled_shape(config, num_experts=args.num_experts, top_k=args.top_k, layers=args.layers,
+                               granularity=args.granularity, shared_fraction=args.shared_fraction)
+        dense_shape = shape_from_config(config)
     setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, ep_size=args.ep_size,
                   zero_stage=args.zero_stage, dtype=args.dtype, micro_batch_size=args.micro_batch_size,
                   seq_len=args.seq_len, activation_checkpointing=args.activation_checkpointing,
@@ -79,11 +90,44 @@ def run(args: Args) -> int:
     plan = make_plan(shape, setup)
     grid = suggestions(shape, setup, args.gpu_memory_gb, args.margin)
     best = smallest_fit(grid, args.gpu_memory_gb, args.margin, args.activation_checkpointing)
+    flops = forward_flops(shape, args.seq_len)
+    dense_flops = forward_flops(dense_shape, args.seq_len) if dense_shape is not None else None
     if args.json:
-        print(json.dumps(_as_json(plan, shape, grid, best, args), indent=2))
+        print(json.dumps({**_as_json(plan, shape, grid, best, args), "flops": _flops_json(flops, dense_flops)},
+                         indent=2))
     else:
         print(render(plan, shape, grid, best, args))
+        print(render_flops(shape, flops, dense_flops, args.seq_len))
     return 0
+
+
+def _flops_json(flops: Flops, dense: Flops | None) -> dict:
+    out = {"forward_per_token": flops.total, "training_per_token": 3 * flops.total,
+           "parts": {k: getattr(flops, k) for k in ("attention", "mlp", "experts", "router", "lm_head")},
+           "active_params": flops.active_params}
+    if dense is not None:
+        out["dense_forward_per_token"] = dense.total
+        out["ratio_to_dense"] = flops.total / dense.total
+    return out
+
+
+def render_flops(shape, flops: Flops, dense: Flops | None, seq_len: int) -> str:
+    """Forward FLOPs per token, with where they go, and the expert sizes they come from."""
+    moe = [m for m in shape.mlps if m.is_moe]
+    sizes = ""
+    if moe:
+        m = moe[0]
+        sizes = f"; experts: {m.num_experts} x intermediate {m.expert_intermediate}, top-{m.top_k}"
+        if m.shared_intermediate:
+            sizes += f", shared expert intermediate {m.shared_intermediate}"
+    g = 1e9
+    line = (f"forward FLOPs per token (matmuls, seq {seq_len}): {flops.total / g:.3f} GFLOP = attention "
+            f"{flops.attention / g:.3f} + routed experts {flops.experts / g:.3f} + dense MLPs/shared "
+            f"{flops.mlp / g:.3f} + routers {flops.router / g:.4f} + lm_head {flops.lm_head / g:.3f}; training ~3x; "
+            f"active parameters {flops.active_params / 1e9:.3f} B{sizes}")
+    if dense is not None:
+        line += f"\n  vs the dense model: {dense.total / g:.3f} GFLOP per token, ratio {flops.total / dense.total:.3f}"
+    return line
 
 
 def _gib(b: float) -> str:

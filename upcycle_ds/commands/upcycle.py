@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from ..granular import ALIGN, valid_granularities
 from ..io.hf import HFCheckpoint, check_output_dir, write_hf_checkpoint
 from ..upcycle import UpcycledView, UpcycleOptions
 
@@ -29,6 +30,16 @@ def run(args: Args) -> int:
     view = UpcycledView(HFCheckpoint(args.model), args)
     nbytes = write_hf_checkpoint(view, args.out, overwrite=args.overwrite, side_dir=view.path, desc="upcycle",
                                  max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    print(f"wrote {view.config['model_type']} checkpoint with {args.num_experts} experts (top-{args.top_k}) in "
-          f"layers {list(view.moe_layers)} to {args.out} ({nbytes / 1e9:.2f} GB)", file=sys.stderr)
+    grain = ""
+    if args.is_granular:
+        grain = f" of intermediate size {view.expert_intermediate}"
+        if view.shared_intermediate:
+            grain += f" + a shared expert of {view.shared_intermediate}"
+    print(f"wrote {view.config['model_type']} checkpoint with {args.num_experts} experts{grain} (top-{args.top_k}) "
+          f"in layers {list(view.moe_layers)} to {args.out} ({nbytes / 1e9:.2f} GB)", file=sys.stderr)
+    if args.is_granular and view.expert_intermediate % ALIGN:
+        good = valid_granularities(view.dense_intermediate, align=ALIGN)
+        print(f"note: experts of {view.expert_intermediate} neurons (not a multiple of {ALIGN}): grouped-GEMM kernels, "
+              f"e.g. transformers' default MoE experts in bf16, need a multiple of {ALIGN}; load with "
+              f"experts_implementation='eager' there, or use --granularity {good or [1]}", file=sys.stderr)
     return 0

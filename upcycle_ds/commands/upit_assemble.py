@@ -2,7 +2,8 @@
 MoE checkpoint whose expert i is checkpoint i's MLP. With more checkpoints than --num-experts the last E given are
 used; with fewer, the pool is grown per layer by genetic expansion (dissimilar parents, crossover, DARE mutation).
 Non-expert weights come from the last checkpoint (or their average); the router is random (train it with
-router-init). Writes OUT atomically, with upit_report.json (expert sources, delta cosine similarities per layer).
+router-init). --granularity G splits every such MLP into G fine-grained experts (virtual-group routers). Writes OUT
+atomically, with upit_report.json (expert sources, delta cosine similarities per layer).
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ def run(args: Args) -> int:
     cks = open_checkpoints(args.checkpoints)
     base = HFCheckpoint(args.base) if args.base else None
     view = AssembledView(cks, args, base)
-    if base is None and args.num_experts > len(view.used):
+    if base is None and args.copies > len(view.used):
         print("note: no --base given; expansion deltas are taken from the first checkpoint "
               f"({cks[0].path}); pass the pre-SFT dense model as --base to follow UpIT", file=sys.stderr)
     nbytes = write_hf_checkpoint(view, args.out, overwrite=args.overwrite, side_dir=view.path, desc="upit-assemble",
                                  max_shard_bytes=int(args.max_shard_gb * 1024**3),
                                  extra=lambda tmp: (tmp / REPORT).write_text(json.dumps(view.report(), indent=2) + "\n"))
     n_ck = len(view.used)
+    grain = f"; each MLP split into {args.granularity} experts" if args.granularity > 1 else ""
     print(f"wrote {view.config['model_type']} checkpoint with {args.num_experts} experts (top-{args.top_k}; "
-          f"{n_ck} from checkpoints, {max(0, args.num_experts - n_ck)} by expansion) in layers "
+          f"{n_ck} MLPs from checkpoints, {max(0, args.copies - n_ck)} by expansion{grain}) in layers "
           f"{list(view.moe_layers)} to {args.out} ({nbytes / 1e9:.2f} GB)", file=sys.stderr)
     return 0

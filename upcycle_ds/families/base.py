@@ -32,6 +32,11 @@ class MoESpec:
     num_experts: int
     top_k: int
     moe_layers: tuple[int, ...]
+    expert_intermediate: int | None = None
+    """Intermediate size of one routed expert; None = the dense `intermediate_size` (copy upcycling). Granular
+    upcycling (docs/granular.md) makes it dense_intermediate / G."""
+    shared_intermediate: int = 0
+    """Intermediate size of the shared expert (families that have one: Qwen2-MoE); 0 = an empty shared expert."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +80,15 @@ class Family:
 
     def router_key(self, layer: int) -> str:
         return self.moe_router.format(layer=layer)
+
+    @property
+    def has_shared_expert(self) -> bool:
+        """Whether the MoE export target has a shared expert (Qwen2-MoE: one, behind a sigmoid gate)."""
+        return bool(self.moe_shared)
+
+    def shared_key(self, layer: int, ours: str) -> str:
+        """HF key of a shared-expert tensor; `ours` is e.g. `shared_mlp.down_proj.weight` or `shared_mlp_gate.weight`."""
+        return self.moe_shared[ours].format(layer=layer)
 
     def is_dense_mlp_key(self, key: str) -> bool:
         return _match_any(key, self.dense_mlp.values()) is not None

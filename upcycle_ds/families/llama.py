@@ -14,7 +14,9 @@ MIXTRAL_EXPERT = {
 
 
 def mixtral_fields(dense: dict, spec: MoESpec) -> dict:
-    return {"router_jitter_noise": 0.0, "router_aux_loss_coef": 0.01}
+    # Mixtral's `intermediate_size` is the size of one expert (it has no dense layers to keep the dense size for)
+    inter = dense["intermediate_size"] if spec.expert_intermediate is None else spec.expert_intermediate
+    return {"router_jitter_noise": 0.0, "router_aux_loss_coef": 0.01, "intermediate_size": inter}
 
 
 FAMILY = Family(

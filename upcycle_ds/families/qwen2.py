@@ -1,8 +1,8 @@
 """Qwen2 (Qwen2ForCausalLM) -> Qwen2-MoE (Qwen2MoeForCausalLM) with norm_topk_prob=True.
 
-Qwen2-MoE always has a shared expert; upcycling writes it with intermediate size 0 (its output is exactly 0, and an
-all-zero shared expert gets zero gradients, so it stays 0), which keeps the upcycled model equal to the dense one.
-Checkpoints with a real shared expert (e.g. Qwen1.5-MoE) load and train with it.
+Qwen2-MoE always has a shared expert; copy upcycling writes it with intermediate size 0 (its output is exactly 0),
+which keeps the upcycled model equal to the dense one; `--shared-fraction` carves dense neurons into it instead
+(docs/granular.md). Checkpoints with a real shared expert (e.g. Qwen1.5-MoE) load and train with it.
 """
 
 from .base import Family, MoESpec
@@ -21,7 +21,8 @@ def qwen_moe_fields(dense: dict, spec: MoESpec) -> dict:
     n = dense["num_hidden_layers"]
     return {
         "num_experts": spec.num_experts,
-        "moe_intermediate_size": dense["intermediate_size"],
+        "moe_intermediate_size": (dense["intermediate_size"] if spec.expert_intermediate is None
+                                  else spec.expert_intermediate),
         "norm_topk_prob": True,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [i for i in range(n) if i not in set(spec.moe_layers)],
@@ -30,7 +31,8 @@ def qwen_moe_fields(dense: dict, spec: MoESpec) -> dict:
 
 
 def qwen2_moe_fields(dense: dict, spec: MoESpec) -> dict:
-    return {**qwen_moe_fields(dense, spec), "shared_expert_intermediate_size": 0, "qkv_bias": True}
+    return {**qwen_moe_fields(dense, spec), "shared_expert_intermediate_size": spec.shared_intermediate,
+            "qkv_bias": True}
 
 
 def qwen_dense_fields(moe: dict) -> dict:

@@ -14,6 +14,10 @@
   recommended. Without it the **first checkpoint given** stands in for it (the earliest one, closest to the base);
   its own delta is then all zeros, which `expand.cosine` treats as orthogonal to every other delta (cosine 0).
 - Streaming: one MoE layer at a time — its MLPs from every checkpoint (+ base), the expanded pool — is in memory.
+- Granular (`--granularity G`, docs/granular.md): each of the C = E/G pool MLPs (checkpoints, then expanded ones) is
+  split into G fine-grained experts (c*G + g = neuron group g of pool MLP c, `down` x G; one neuron split per layer,
+  computed from the last checkpoint, for all of them), and the G experts of one pool MLP share a router row. With
+  top-k = G*k' the result computes exactly what the coarse assembled MoE (C experts, top-k') computes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from ..errors import UserError
 from ..families import family_for
+from ..granular import slice_mlp
 from ..io.hf import HFCheckpoint
 from ..upcycle import UpcycledView, UpcycleOptions
 from .expand import PROJS, delta_cosine_matrix, expand_pool, flat_delta
@@ -36,9 +41,10 @@ REPORT = "upit_report.json"
 @dataclass(kw_only=True)
 class AssembleOptions:
     num_experts: int = 8
-    """Experts per MoE layer (E >= 2). Experts beyond the number of checkpoints come from genetic expansion."""
+    """Experts per MoE layer (E >= 2). Experts beyond the number of checkpoints come from genetic expansion. With
+    --granularity G: E = C * G, C pool MLPs (checkpoints + expansion) of G slices each."""
     top_k: int = 2
-    """Experts each token is routed to (1 <= k <= E)."""
+    """Experts each token is routed to (1 <= k <= E; with --granularity G a multiple of G)."""
     layers: str = "all"
     """Which layers become MoE: `all`, `every:N` (layers i with (i+1) % N == 0) or a comma list `i,j,...`."""
     shared_weights: Literal["last", "average"] = "last"
@@ -49,6 +55,11 @@ class AssembleOptions:
     """Expert capacity factor recorded for training (None = dropless)."""
     seed: int = 0
     """Seed for the router init and the expansion draws (each draw seeded from seed, layer, new expert index)."""
+    granularity: int = 1
+    """Split each checkpoint's MLP into G fine-grained experts (I/G neurons each) with virtual-group routers, as
+    `upcycle --granularity` does (docs/granular.md). 1 = one expert per checkpoint MLP."""
+    split: Literal["contiguous", "random", "cluster"] = "contiguous"
+    """How neurons are grouped for --granularity: contiguous ranges, a seeded permutation, or balanced k-means."""
 
     def validate(self) -> None:
         self.upcycle_options().validate()
@@ -57,7 +68,13 @@ class AssembleOptions:
 
     def upcycle_options(self) -> UpcycleOptions:
         return UpcycleOptions(num_experts=self.num_experts, top_k=self.top_k, layers=self.layers,
-                              capacity_factor=self.capacity_factor, seed=self.seed)
+                              capacity_factor=self.capacity_factor, seed=self.seed, granularity=self.granularity,
+                              split=self.split)
+
+    @property
+    def copies(self) -> int:
+        """C = E / G: pool MLPs (checkpoints + expanded) that the experts are slices of."""
+        return self.num_experts // self.granularity
 
 
 def _check_dense(ck: HFCheckpoint, what: str):
@@ -84,13 +101,15 @@ class AssembledView:
                 raise UserError(f"checkpoints mix model families: {ck.path} is {fam.name}, {last.path} is "
                                 f"{self.family.name}")
             _check_same_tensors(ck, last)
-        E = opts.num_experts
+        C = opts.copies
         self.checkpoints = checkpoints
-        self.used = checkpoints[-E:]
+        self.used = checkpoints[-C:]
         self.view = UpcycledView(last, opts.upcycle_options(), self.family)
         self.moe_layers = self.view.moe_layers
-        if E > len(self.used) and len(self.used) < 2:
-            raise UserError(f"--num-experts {E} needs expert expansion, which merges pairs of checkpoints: give at "
+        if C > len(self.used) and len(self.used) < 2:
+            what = f"--num-experts {opts.num_experts}" + (f" (--granularity {opts.granularity}: {C} MLPs)"
+                                                           if opts.granularity > 1 else "")
+            raise UserError(f"{what} needs expert expansion, which merges pairs of checkpoints: give at "
                             f"least 2 checkpoints (got 1), or use `upcycle-ds upcycle` for copies of one MLP")
         if base is not None:
             if _check_dense(base, "--base").name != self.family.name:
@@ -131,7 +150,11 @@ class AssembledView:
         parsed = self.family.parse_moe_key(key)
         if parsed is not None and parsed[0] == "expert" and key not in self._copied:
             m = parsed[1]
-            return self.pool(m["layer"])[m["expert"]][m["proj"]]
+            G = self.opts.granularity
+            mlp = self.pool(m["layer"])[m["expert"] // G]
+            if G > 1:
+                mlp = slice_mlp(mlp, self.view.split(m["layer"]).groups[m["expert"] % G], down_scale=G)
+            return mlp[m["proj"]]
         if key in self._copied and self.opts.shared_weights == "average" and self.view.dtype(key).is_floating_point:
             ts = [ck.get(key) for ck in self.used]
             return torch.stack([t.double() for t in ts]).mean(0).to(ts[-1].dtype)
@@ -142,13 +165,14 @@ class AssembledView:
         return {p: ck.get(self.family.dense_mlp_key(layer, p)) for p in PROJS}
 
     def pool(self, layer: int) -> list[dict[str, torch.Tensor]]:
-        """The E experts of one MoE layer (checkpoint MLPs, then expanded ones); one layer is cached at a time."""
+        """The C = E/G pool MLPs of one MoE layer (checkpoint MLPs, then expanded ones); one layer is cached at a
+        time."""
         if self._layer != layer:
             self._pool, self._layer = [], None
             experts = [self.mlp(ck, layer) for ck in self.used]
             base = self.mlp(self.base_ckpt, layer)
-            if self.opts.num_experts > len(experts):
-                new, prov, cos = expand_pool(base, experts, self.opts.num_experts, seed=self.opts.seed,
+            if self.opts.copies > len(experts):
+                new, prov, cos = expand_pool(base, experts, self.opts.copies, seed=self.opts.seed,
                                              layer=layer, p=self.opts.dare_p)
                 experts = experts + new
             else:
@@ -161,7 +185,7 @@ class AssembledView:
         """upit_report.json: where each expert came from, and the delta cosine similarities per layer."""
         n = len(self.used)
         experts = [{"expert": i, "source": "checkpoint", "checkpoint": str(ck.path)} for i, ck in enumerate(self.used)]
-        for i in range(n, self.opts.num_experts):
+        for i in range(n, self.opts.copies):
             per_layer = {}
             for l, rep in sorted(self.layer_reports.items()):
                 (p,) = [x for x in rep["expansion"] if x["expert"] == i]
@@ -172,10 +196,12 @@ class AssembledView:
             "moe_model_type": self.family.moe_model_type,
             "num_experts": self.opts.num_experts,
             "top_k": self.opts.top_k,
+            "granularity": self.opts.granularity,
+            "copies": self.opts.copies,
             "moe_layers": list(self.moe_layers),
             "checkpoints_given": [str(ck.path) for ck in self.checkpoints],
             "checkpoints_used": [str(ck.path) for ck in self.used],
-            "checkpoints_dropped": [str(ck.path) for ck in self.checkpoints[:-self.opts.num_experts]],
+            "checkpoints_dropped": [str(ck.path) for ck in self.checkpoints[:-self.opts.copies]],
             "shared_weights": self.opts.shared_weights,
             "shared_weights_from": ([str(self.used[-1].path)] if self.opts.shared_weights == "last"
                                     else [str(ck.path) for ck in self.used]),
