@@ -138,8 +138,12 @@ def test_cli_worked_example(capsys):
     assert not res["fits"]
     assert res["suggestion"] == {"ep_size": 8, "zero_stage": 2, "activation_checkpointing": True}
     rc, text, _ = run_cli(capsys, "--model", EXAMPLE.parent, "--num-experts", 8, "--top-k", 2, "--ep-size", 8,
-                          "--nodes", 2, "--gpus-per-node", 8)
+                          "--nodes", 2, "--gpus-per-node", 8, "--zero-stage", 2, "--micro-batch-size", 1,
+                          "--max-length", 4096, "--activation-checkpointing")
     assert rc == 0 and "FITS" in text and "suggestion: --ep-size 8 --zero-stage 2" in text
+    assert (f"the planned run: upcycle-ds train --nproc 8 --model {EXAMPLE.parent} --data DATA --out OUT --ep-size 8 "
+            "--zero-stage 2 --dtype bf16 --micro-batch-size 1 --max-length 4096 --activation-checkpointing "
+            "--num-experts 8 --top-k 2 --layers all") in text
     for row in ("parameters", "gradients", "optimizer states", "activations: layers", "peak per rank"):
         assert row in text
 
@@ -310,3 +314,30 @@ def test_plan_matches_deepspeed_checkpoint(ds_checkpoints, ep, stage):
         # stage 1 also holds the full gradients until the end of backward (counted in its plan row), then frees them
         g = make_plan(shape, replace(setup, zero_stage=2)).rows["grads"].total if stage else plan.rows["grads"].total
         assert abs(rep["grad_bytes"] - g) <= 0.02 * g, (r, rep["grad_bytes"], g)
+
+
+@pytest.mark.slow
+def test_planned_train_command_runs_with_the_planned_settings(tmp_path, capsys):
+    """`plan` prints the exact `upcycle-ds train` command it planned; run for 2 steps, it trains with that layout."""
+    import shlex
+    import subprocess
+    import sys
+
+    dense = tiny.make_dense("llama", tmp_path / "dense")
+    tiny.make_tokenizer(dense)
+    data = tiny.make_jsonl(tmp_path / "train.jsonl", 60)
+    rc, out, _ = run_cli(capsys, "--model", dense, "--num-experts", 4, "--top-k", 2, "--gpus-per-node", 2,
+                         "--ep-size", 2, "--zero-stage", 2, "--dtype", "fp32", "--max-length", 64,
+                         "--activation-checkpointing", "--json")
+    assert rc == 0
+    cmd = shlex.split(json.loads(out)["train_command"])
+    assert cmd[:2] == ["upcycle-ds", "train"]
+    cmd = [str(Path(sys.executable).parent / "upcycle-ds")] + cmd[1:]
+    cmd[cmd.index("DATA")], cmd[cmd.index("OUT")] = str(data), str(tmp_path / "run")
+    r = subprocess.run(cmd + ["--max-steps", "2", "--wandb-mode", "disabled", "--no-export-hf"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    start = next(line for line in r.stderr.splitlines() if "ranks on" in line)
+    assert "2 ranks on cpu, ep_size 2, ZeRO-2, fp32" in start and "activation checkpointing on" in start, start
+    assert "rows x 64 tokens" in start, start
+    assert "step 2/2" in r.stderr

@@ -8,7 +8,7 @@ upcycling one, also fine-grained: --granularity, --shared-fraction). Reads confi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from ..errors import UserError
@@ -33,20 +33,21 @@ class Args:
     """Granular upcycling of a dense Qwen2 model: fraction of the dense neurons in the shared expert."""
     ep_size: int = 1
     """Expert-parallel size (divides the number of experts and the world size)."""
-    zero_stage: int = 2
-    """ZeRO stage 0, 1 or 2 (native DeepSpeed-MoE does not support 3)."""
+    zero_stage: int = 1
+    """ZeRO stage 0, 1 or 2 (native DeepSpeed-MoE does not support 3); as `upcycle-ds train --zero-stage`."""
     nodes: int = 1
     """Number of nodes."""
     gpus_per_node: int = 8
     """GPUs (ranks) per node."""
-    micro_batch_size: int = 1
-    """Sequences per rank per micro step."""
-    seq_len: int = 4096
-    """Tokens per sequence."""
+    micro_batch_size: int = 2
+    """Packed rows per rank per micro step; as `upcycle-ds train --micro-batch-size`."""
+    max_length: int = field(default=512, metadata={"aliases": ["seq_len"]})
+    """Tokens per packed training row; as `upcycle-ds train --max-length`."""
     dtype: Literal["bf16", "fp32"] = "bf16"
     """Training precision: bf16 mixed precision (bf16 params/grads, fp32 master + Adam) or fp32."""
-    activation_checkpointing: bool = True
-    """HF gradient checkpointing (one checkpoint per decoder layer)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward (HF gradient checkpointing); as `upcycle-ds train
+    --activation-checkpointing` (same default: off)."""
     gpu_memory_gb: float = 80.0
     """Memory of one GPU in GiB (torch reports 79.2 GiB for an 80 GB H100; the margin covers the difference)."""
     margin: float = 0.10
@@ -85,20 +86,45 @@ def run(args: Args) -> int:
         dense_shape = shape_from_config(config)
     setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, ep_size=args.ep_size,
                   zero_stage=args.zero_stage, dtype=args.dtype, micro_batch_size=args.micro_batch_size,
-                  seq_len=args.seq_len, activation_checkpointing=args.activation_checkpointing,
+                  seq_len=args.max_length, activation_checkpointing=args.activation_checkpointing,
                   reduce_bucket_size=args.reduce_bucket_size)
     plan = make_plan(shape, setup)
     grid = suggestions(shape, setup, args.gpu_memory_gb, args.margin)
     best = smallest_fit(grid, args.gpu_memory_gb, args.margin, args.activation_checkpointing)
-    flops = forward_flops(shape, args.seq_len)
-    dense_flops = forward_flops(dense_shape, args.seq_len) if dense_shape is not None else None
+    layout = (args.ep_size, args.zero_stage, args.activation_checkpointing)
+    if best is not None and not plan.fits(args.gpu_memory_gb, args.margin):
+        layout = best  # the command runs the suggested layout when the asked one does not fit
+    flops = forward_flops(shape, args.max_length)
+    dense_flops = forward_flops(dense_shape, args.max_length) if dense_shape is not None else None
     if args.json:
-        print(json.dumps({**_as_json(plan, shape, grid, best, args), "flops": _flops_json(flops, dense_flops)},
-                         indent=2))
+        print(json.dumps({**_as_json(plan, shape, grid, best, args), "flops": _flops_json(flops, dense_flops),
+                          "train_command": train_command(args, layout, prefix="")}, indent=2))
     else:
         print(render(plan, shape, grid, best, args))
-        print(render_flops(shape, flops, dense_flops, args.seq_len))
+        print(render_flops(shape, flops, dense_flops, args.max_length))
+        print(train_command(args, layout))
     return 0
+
+
+def train_command(args: Args, layout: tuple[int, int, bool], prefix: str = "the planned run: ") -> str:
+    """The `upcycle-ds train` command of this plan with `layout` = (ep size, ZeRO stage, activation checkpointing)."""
+    import shlex
+
+    ep, st, ac = layout
+    cmd = ["upcycle-ds", "train", "--nproc", str(args.gpus_per_node), "--model", args.model, "--data", "DATA",
+           "--out", "OUT", "--ep-size", str(ep), "--zero-stage", str(st), "--dtype", args.dtype,
+           "--micro-batch-size", str(args.micro_batch_size), "--max-length", str(args.max_length)]
+    if ac:
+        cmd.append("--activation-checkpointing")
+    if args.num_experts is not None and not family_for(load_config(args.model))[1]:
+        if args.granularity != 1 or args.shared_fraction:
+            cmd[5] = "MOE_DIR"  # granular upcycling happens in `upcycle-ds upcycle`, not on the fly
+        else:
+            cmd += ["--num-experts", str(args.num_experts), "--top-k", str(args.top_k), "--layers", args.layers]
+    line = " ".join(shlex.quote(c) for c in cmd)
+    if args.nodes > 1:
+        line += f"   (x {args.nodes} nodes: see slurm/train.sbatch)"
+    return prefix + line
 
 
 def _flops_json(flops: Flops, dense: Flops | None) -> dict:
@@ -175,7 +201,7 @@ def render(plan: Plan, shape, grid, best, args: Args) -> str:
     lines.append("(AC = activation checkpointing)")
     lines.append("")
     if best is None:
-        lines.append("suggestion: nothing fits; lower --micro-batch-size / --seq-len, add GPUs, or offload")
+        lines.append("suggestion: nothing fits; lower --micro-batch-size / --max-length, add GPUs, or offload")
     else:
         ep, st, ac = best
         extra = "" if ac == s.activation_checkpointing else " with --activation-checkpointing"

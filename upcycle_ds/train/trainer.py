@@ -236,7 +236,8 @@ class Trainer:
         name = torch.cuda.get_device_name(self.device) if self.on_gpu else None
         self.peak = args.peak_tflops or peak_tflops(name, args.dtype)
         self.log(f"{self.world} ranks on {self.device.type}, ep_size {args.ep_size}, ZeRO-{args.zero_stage}, "
-                 f"{args.dtype}, attention {args.attn_impl}; data: {self.train_ds.summary()}; {self.max_steps} steps "
+                 f"{args.dtype}, attention {args.attn_impl}, activation checkpointing "
+                 f"{'on' if args.activation_checkpointing else 'off'}; data: {self.train_ds.summary()}; {self.max_steps} steps "
                  f"({self.steps_per_epoch} per epoch)")
 
     def _resume(self) -> None:
