@@ -16,7 +16,7 @@ split / mix -> pack -> world-size-independent, resumable batches.
 from .batches import batches, epoch_groups, num_batches, rank_groups
 from .build import (DataConfig, build_datasets, check_data, load_examples, open_cache, pad_id_of,
                     prepare_cache)
-from .formats import FORMATS, FORMATS_HELP, RowFormat, check_columns
+from .formats import FORMATS, RowFormat, check_columns, formats_help
 from .pack import PackedDataset, pack_plan, pack_rows
 from .sources import SourceSpec, parse_source, parse_sources, read_source
 from .tokenize import IGNORE, LoadStats, TokenizeSpec, encode_dataset
@@ -29,7 +29,7 @@ def read_rows(path):
     return read_source(path, cache_root() / "hf")
 
 
-__all__ = ["FORMATS", "FORMATS_HELP", "IGNORE", "DataConfig", "LoadStats", "PackedDataset", "RowFormat",
+__all__ = ["FORMATS", "IGNORE", "DataConfig", "LoadStats", "PackedDataset", "RowFormat",
            "SourceSpec", "TokenizeSpec", "batches", "build_datasets", "check_columns", "check_data",
-           "encode_dataset", "epoch_groups", "load_examples", "num_batches", "open_cache", "pack_plan", "pack_rows",
+           "encode_dataset", "epoch_groups", "formats_help", "load_examples", "num_batches", "open_cache", "pack_plan", "pack_rows",
            "pad_id_of", "parse_source", "parse_sources", "prepare_cache", "rank_groups", "read_rows", "read_source"]

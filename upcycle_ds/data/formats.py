@@ -152,8 +152,11 @@ FORMATS: tuple[RowFormat, ...] = (
               "pre-tokenised ids (labels: -100 = no loss, else the input id; none = loss everywhere)", _tokens),
 )
 
-FORMATS_HELP = "; ".join(f.describe() for f in FORMATS)
-"""One line naming every accepted column set, for error messages and --help."""
+
+
+def formats_help() -> str:
+    """One line naming every accepted column set, for error messages and --help."""
+    return "; ".join(f.describe() for f in FORMATS)
 
 
 def format_of(row: dict) -> RowFormat | None:
@@ -169,7 +172,7 @@ def parse_row(row: dict, where: str) -> Sample:
     f = format_of(row)
     if f is None:
         found = sorted(k for k, v in row.items() if v is not None)
-        raise UserError(f"{where}: fits no row format (needs {FORMATS_HELP}); found columns {found}")
+        raise UserError(f"{where}: fits no row format (needs {formats_help()}); found columns {found}")
     try:
         return f.parse(row)
     except RowError as e:
@@ -199,8 +202,8 @@ def check_columns(ds, source: str, *, batch_size: int = 65536) -> None:
 
     usable = usable_formats(ds.column_names)
     if not usable:
-        raise UserError(f"{source}: no row format fits the columns {sorted(ds.column_names)}; rows need "
-                        f"{FORMATS_HELP}")
+        raise UserError(f"{source}: rows fit no row format (needs {formats_help()}); found columns "
+                        f"{sorted(ds.column_names)}")
     needed = sorted({c for f in usable for c in f.columns})
     base = 0
     for table in ds.select_columns(needed).with_format("arrow").iter(batch_size=batch_size):
@@ -215,6 +218,6 @@ def check_columns(ds, source: str, *, batch_size: int = 65536) -> None:
             i = pc.index(ok, pa.scalar(False)).as_py()
             row = ds[base + i]
             found = sorted(k for k, v in row.items() if v is not None)
-            raise UserError(f"{source} row {base + i}: fits no row format (needs {FORMATS_HELP}); found columns "
+            raise UserError(f"{source} row {base + i}: fits no row format (needs {formats_help()}); found columns "
                             f"{found}")
         base += table.num_rows
