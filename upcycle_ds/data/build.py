@@ -134,7 +134,7 @@ def tokenize_source(root: Path, spec: SourceSpec, tokenizer, tok_fp: str, tspec:
         n_rows = len(rows_ds)
         rows = _rows_subset(n_rows, subset)
         part = rows_ds.select(rows) if rows is not None else rows_ds
-        check_columns(part, spec.name)  # vectorised: the first bad row, before any tokenising
+        check_columns(part, spec.name, row_ids=rows)  # vectorised: the first bad row, before any tokenising
         part = part.select_columns(columns_to_read(part, tspec))
         enc = Encoder(tokenizer, tspec, spec.name, rows)
         nproc = _num_proc(cfg, len(part))

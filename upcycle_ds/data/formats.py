@@ -193,8 +193,9 @@ def read_columns(columns) -> list[str]:
     return out
 
 
-def check_columns(ds, source: str, *, batch_size: int = 65536) -> None:
+def check_columns(ds, source: str, *, row_ids=None, batch_size: int = 65536) -> None:
     """Fail fast (UserError naming the first bad row) unless every row of `ds` (a datasets.Dataset) fits a format.
+    `row_ids[i]`: the source row number of ds's row i, for the message (ds = a selection of the source's rows).
 
     Vectorised over Arrow record batches (no Python row objects), so it is cheap on millions of rows."""
     import pyarrow as pa
@@ -218,6 +219,7 @@ def check_columns(ds, source: str, *, batch_size: int = 65536) -> None:
             i = pc.index(ok, pa.scalar(False)).as_py()
             row = ds[base + i]
             found = sorted(k for k, v in row.items() if v is not None)
-            raise UserError(f"{source} row {base + i}: fits no row format (needs {formats_help()}); found columns "
+            rid = base + i if row_ids is None else int(row_ids[base + i])
+            raise UserError(f"{source} row {rid}: fits no row format (needs {formats_help()}); found columns "
                             f"{found}")
         base += table.num_rows

@@ -195,11 +195,13 @@ def columns_to_read(ds, spec: TokenizeSpec) -> list[str]:
 def encode_dataset(ds, row_ids: list[int], tokenizer, spec: TokenizeSpec, source: str,
                    chunk: int = 1024) -> tuple[list[Encoded], LoadStats]:
     """In memory: the samples of rows `row_ids` of `ds` (a datasets.Dataset) — for a few rows (seed-data)."""
+    from .formats import check_columns
+
     stats = LoadStats()
     if not row_ids:
         return [], stats
-    cols = columns_to_read(ds, spec)
-    part = ds.select_columns(cols)
+    check_columns(ds.select(row_ids), source, row_ids=row_ids)
+    part = ds.select_columns(columns_to_read(ds, spec))
     out: list[Encoded] = []
     for lo in range(0, len(row_ids), chunk):
         ids = row_ids[lo: lo + chunk]
