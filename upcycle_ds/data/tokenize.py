@@ -7,6 +7,7 @@ num_proc=...)` (the on-disk cache, cache.py) and `encode_dataset` runs it in mem
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -71,7 +72,8 @@ def _label_masks(offsets: list, spans: list[list[tuple[int, int]]], text_lens: l
         return []
     base = np.cumsum([0] + [n + 1 for n in text_lens[:-1]])
     counts = [len(o) for o in offsets]
-    off = np.asarray([t for o in offsets for t in o], dtype=np.int64).reshape(-1, 2)
+    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(offsets))
+    off = np.fromiter(flat, dtype=np.int64, count=2 * sum(counts)).reshape(-1, 2)
     off = off + np.repeat(base, counts)[:, None]
     sp = np.asarray([(s + b, e + b) for sps, b in zip(spans, base.tolist()) for s, e in sps],
                     dtype=np.int64).reshape(-1, 2)
