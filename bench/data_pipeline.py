@@ -1,8 +1,9 @@
 """Data pipeline: first-run tokenisation throughput and a training rank's peak memory, vs the old in-memory pipeline.
 
 Synthetic chat data (jsonl, `messages` rows of one or two user/assistant turns, random lengths) is written at each
---tokens size (default 2M and 20M tokens, counted with the tokenizer and its chat template). Each phase runs in a fresh child process that reports
-its own peak RSS (VmHWM from /proc, plus RssAnon / RssFile sampled every 20 ms, max over the run):
+--tokens size (default 2M and 20M tokens, counted with the tokenizer and its chat template). Each phase runs in a
+fresh child process that reports its own peak RSS (VmHWM from /proc, plus RssAnon / RssFile sampled every 20 ms, max
+over the run):
 
   prepare   `prepare_cache` into an empty cache (first run: datasets reads the jsonl, `.map` renders + tokenises with
             --num-proc workers, the flat token store and the packing plan are written) -> rows/s, tokens/s

@@ -32,7 +32,7 @@ def read_rows(path):
     return read_source(path, cache_root() / "hf")
 
 
-__all__ = ["FORMATS", "IGNORE", "DataConfig", "LoadStats", "PackedDataset", "RowFormat",
-           "SourceSpec", "TokenizeSpec", "batches", "build_datasets", "check_columns", "check_data",
-           "encode_dataset", "epoch_groups", "formats_help", "load_examples", "num_batches", "open_cache", "pack_plan", "pack_rows",
-           "pad_id_of", "parse_source", "parse_sources", "prepare_cache", "rank_groups", "read_rows", "read_source"]
+__all__ = ["FORMATS", "IGNORE", "DataConfig", "LoadStats", "PackedDataset", "RowFormat", "SourceSpec", "TokenizeSpec",
+           "batches", "build_datasets", "check_columns", "check_data", "encode_dataset", "epoch_groups",
+           "formats_help", "load_examples", "num_batches", "open_cache", "pack_plan", "pack_rows", "pad_id_of",
+           "parse_source", "parse_sources", "prepare_cache", "rank_groups", "read_rows", "read_source"]

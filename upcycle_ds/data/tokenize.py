@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import numpy as np
 
@@ -178,7 +177,8 @@ class Encoder:
         rows = [dict(zip(keys, vals)) for vals in zip(*batch.values())]
         rids = [int(self.row_ids[i]) for i in indices] if self.row_ids is not None else list(indices)
         samples = encode_rows(rows, rids, self.tokenizer, self.spec, self.source)
-        out = {"input_ids": [s.input_ids for s in samples], "loss_mask": [s.loss_mask.astype(np.uint8) for s in samples],
+        out = {"input_ids": [s.input_ids for s in samples],
+               "loss_mask": [s.loss_mask.astype(np.uint8) for s in samples],
                "row": [s.row for s in samples], "truncated": [s.truncated for s in samples]}
         if self.spec.label_field is not None:
             out["sample_label"] = [s.label for s in samples]
