@@ -328,7 +328,7 @@ RACE = """
 import sys, transformers
 from upcycle_ds.data import DataConfig, prepare_cache
 tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
-print(prepare_cache(DataConfig(data=sys.argv[2], max_length=64, num_proc=2), tok))
+print(prepare_cache(DataConfig(data=sys.argv[2], max_length=64, num_proc=int(sys.argv[3])), tok))
 """
 
 
@@ -336,8 +336,8 @@ print(prepare_cache(DataConfig(data=sys.argv[2], max_length=64, num_proc=2), tok
 def test_two_processes_racing_on_one_cache(tmp_path, tok):
     data = make_jsonl(tmp_path / "d.jsonl", 800, "messages")
     env = {**__import__("os").environ, "UPCYCLE_DS_DATA_CACHE": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, tok.name_or_path, str(data)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, tok.name_or_path, str(data), str(n)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (1, 2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     paths = {o[0].strip() for o in outs}
