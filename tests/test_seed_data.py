@@ -17,10 +17,18 @@ from tiny import make_dense, make_moe, make_tokenizer
 
 from upcycle_ds.cli import main
 from upcycle_ds.families import family_for
-from upcycle_ds.upit.seed_data import IGNORE, pick_indices, render, truncate
+from upcycle_ds.data import IGNORE, DataConfig, load_examples
+from upcycle_ds.upit.seed_data import SeedRows, encode, pick_indices
 
 pytestmark = pytest.mark.timeout(300)
 SLICES = ("abcdef", "uvwxyz")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UPCYCLE_DS_DATA_CACHE", str(tmp_path_factory.mktemp("data_cache")))
+        yield
 
 
 def slice_rows(chars: str, n: int, seed: int, messages_every: int = 0) -> list[dict]:
@@ -36,17 +44,15 @@ def slice_rows(chars: str, n: int, seed: int, messages_every: int = 0) -> list[d
 
 
 def reference_ids(tok, row) -> tuple[torch.Tensor, torch.Tensor]:
-    """prompt ids (+<s>) then response ids + </s>; labels only on the response."""
-    if "messages" in row:
-        prompt = tok(tok.apply_chat_template(row["messages"][:1], add_generation_prompt=True, tokenize=False),
-                     add_special_tokens=False)["input_ids"]
-        response = row["messages"][-1]["content"]
-    else:
-        prompt, response = tok(row["prompt"])["input_ids"], row["response"]
-    resp = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    ids = torch.tensor([prompt + resp])
-    labels = torch.tensor([[IGNORE] * len(prompt) + resp])
-    return ids, labels
+    """Straight from the chat template (as transformers renders it): the one-turn chat, labels on the response
+    (+ the template's end of turn) only. Prompt/response rows are that chat too (the tokenizer has a template)."""
+    msgs = row.get("messages") or [{"role": "user", "content": row["prompt"]},
+                                   {"role": "assistant", "content": row["response"]}]
+    prompt = tok(tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    full = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert full[:len(prompt)] == prompt
+    return torch.tensor([full]), torch.tensor([[IGNORE] * len(prompt) + full[len(prompt):]])
 
 
 def hf_ppl(model, tok, row) -> float:
@@ -162,22 +168,51 @@ def test_selection_size_and_determinism():
     assert idx == sorted(set(idx))
 
 
-def test_render_masks_the_prompt(experts):
-    tok = experts["tok"]
-    for row in ({"prompt": "hi ", "response": "yo"},
-                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
-                {"instruction": "hi", "input": "", "output": "yo"},
-                {"input": [{"role": "user", "content": "hi"}], "ideal": ["yo", "other"]}):
-        ids, labels = render(row, tok)
-        scored = [i for i, l in zip(ids, labels) if l != IGNORE]
-        assert tok.decode(scored) == "yo</s>", row
-        assert [l for l in labels if l != IGNORE] == scored
-    ids, labels = render({"text": "abc"}, tok)
-    assert ids == labels and tok.decode(ids) == "<s>abc</s>"
-    # truncation keeps the head when it still holds response tokens, else the tail
-    ids, labels = list(range(10)), [IGNORE] * 6 + list(range(6, 10))
-    assert truncate(ids, labels, 8) == (ids[:8], labels[:8])
-    assert truncate(ids, labels, 4) == (ids[-4:], labels[-4:])
+def test_seed_tokens_are_training_tokens(experts, tmp_path):
+    """One reader, renderer and tokeniser: seed-data scores exactly the tokens training trained on — every row format,
+    with and without a chat template — and only the last assistant turn."""
+    multi = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]
+    rows = [{"prompt": "hi ", "response": "yo"}, {"messages": multi[:2]}, {"messages": multi},
+            {"instruction": "hi", "input": "", "output": "yo"},
+            {"input": [{"role": "user", "content": "hi"}], "ideal": ["yo", "other"]}, {"text": "abc"}]
+    plain = transformers.AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "plain", chat_template=False))
+    for tok in (experts["tok"], plain):
+        for i, row in enumerate(rows):
+            if "messages" in row or "ideal" in row:
+                if tok is plain:
+                    continue  # chats need a template, in training as in seed-data
+            path = tmp_path / f"r{i}.jsonl"
+            path.write_text(json.dumps(row) + "\n")
+            (train,), _ = load_examples(DataConfig(data=str(path), eval_fraction=0, max_length=512), tok)
+            got, skipped = encode(SeedRows(str(path)), [0], tok, max_length=512)
+            ids, labels = got[0]
+            assert skipped == [] and ids == train["input_ids"], row
+            scored = [t for t in labels if t != IGNORE]
+            trained = [t for t in train["labels"][1:] if t != IGNORE]
+            if row.get("messages") == multi:
+                assert tok.decode(scored) == "ok</s>" and tok.decode(trained) == "yo</s>ok</s>"
+            else:
+                assert scored == trained and scored, row
+    ref_ids, ref_labels = reference_ids(experts["tok"], rows[0])
+    ids, labels = encode(SeedRows(str(tmp_path / "r0.jsonl")), [0], experts["tok"])[0][0]
+    assert ids == ref_ids[0].tolist() and labels[1:] == ref_labels[0, 1:].tolist()
+
+
+def test_seed_data_reads_any_training_source(experts, tmp_path):
+    """A parquet copy of the training set (and a glob over it) gives the same seed data as the jsonl."""
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(experts["data"]), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    outs = []
+    for i, data in enumerate([str(experts["data"]), str(tmp_path / "train.parquet"), str(tmp_path / "*.parquet")]):
+        out = tmp_path / f"seed{i}.jsonl"
+        assert main(["seed-data", "--experts", str(experts["A"]), str(experts["B"]), "--data", data,
+                     "--out", str(out), "--fraction", "0.25", "--seed", "1"]) == 0
+        outs.append(read_jsonl(out))
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 6
 
 
 def test_bad_input(experts, tmp_path, capsys):
@@ -189,8 +224,8 @@ def test_bad_input(experts, tmp_path, capsys):
     cases = [
         (["--experts", A, str(moe), "--data", data], "is an MoE checkpoint"),
         (["--experts", A, B, "--moe", B, "--data", data], "is a dense checkpoint"),
-        (["--experts", A, B, "--data", str(tmp_path / "none.jsonl")], "no such file"),
-        (["--experts", A, B, "--data", str(bad_rows)], "row 0"),
+        (["--experts", A, B, "--data", str(tmp_path / "none.jsonl")], "data file not found"),
+        (["--experts", A, B, "--data", str(bad_rows)], "fit no row format"),
         (["--experts", A, B, "--data", data, "--fraction", "0"], "--fraction"),
     ]
     for argv, needle in cases:

@@ -140,11 +140,14 @@ def _load_yaml(path: str, cls) -> dict:
         raise UserError(f"--config {path}: expected a mapping of field: value")
     names = {f.name for f in dataclasses.fields(cls)}
     aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
+    hints = typing.get_type_hints(cls)
     out = {}
     for k, v in data.items():
         key = str(k).replace("-", "_")
         key = aliases.get(key, key)
         if key not in names:
             raise UserError(f"--config {path}: unknown field {k!r}")
+        if isinstance(v, str) and typing.get_origin(_unwrap_optional(hints[key])[0]) is list:
+            v = [v]  # `data: x.jsonl` for a list field, as `--data x.jsonl` gives
         out[key] = v
     return out

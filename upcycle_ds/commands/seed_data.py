@@ -18,15 +18,16 @@ from typing import Literal
 import torch
 
 from ..errors import UserError
-from ..upit.seed_data import ExpertModels, load_rows, output_rows, select
+from ..upit.seed_data import ExpertModels, SeedRows, output_rows, select
 
 
 @dataclass(kw_only=True)
 class Args:
     experts: list[str]
     """Dense checkpoint dirs that became the experts, in expert order (for upit-assemble: the last E given)."""
-    data: str
-    """Training set, jsonl (prompt+response, prompt+completion, instruction+output, messages, input+ideal or text)."""
+    data: list[str]
+    """The training set: one or more sources as for `upcycle-ds train --data` (files, globs, dirs, hub names; weights
+    are ignored), read and tokenised exactly as training does."""
     out: str
     """Output jsonl of the selected samples with their expert; the report goes next to it as STEM_report.json."""
     moe: str | None = None
@@ -38,7 +39,11 @@ class Args:
     seed: int = 0
     """Seed of the random selection."""
     max_length: int | None = None
-    """Truncate samples to this many tokens (None = no truncation)."""
+    """Truncate samples to this many tokens, as training does (None = no truncation)."""
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
+    """How prompt/response rows are rendered; keep training's (auto: chat template if the tokenizer has one)."""
+    data_cache: str | None = None
+    """Data cache root (datasets' copies of the sources); default as for training."""
     batch_size: int = 8
     """Samples per forward pass."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -79,7 +84,7 @@ def run(args: Args) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
     models = ExpertModels(args.experts, args.moe)
-    rows = load_rows(args.data)
+    rows = SeedRows(args.data, args.data_cache)
     import transformers
 
     try:
@@ -87,13 +92,14 @@ def run(args: Args) -> int:
     except (OSError, ValueError) as e:
         raise UserError(f"--experts {args.experts[0]}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     sel = select(rows, models, tokenizer, fraction=args.fraction, min_samples=args.min_samples, seed=args.seed,
-                 max_length=args.max_length, batch_size=args.batch_size, dtype=getattr(torch, args.dtype),
-                 device=device)
+                 max_length=args.max_length, prompt_format=args.prompt_format, batch_size=args.batch_size,
+                 dtype=getattr(torch, args.dtype), device=device)
     E = models.num_experts
     counts = sel.counts(E)
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in output_rows(rows, sel)]
     report = {
-        "data": str(args.data), "num_rows": len(rows), "num_selected": len(sel.indices) + len(sel.skipped),
+        "data": args.data if isinstance(args.data, str) else list(args.data), "num_rows": len(rows),
+        "num_selected": len(sel.indices) + len(sel.skipped),
         "num_scored": len(sel.indices), "skipped_no_response_tokens": sel.skipped,
         "fraction": args.fraction, "min_samples": args.min_samples, "seed": args.seed, "max_length": args.max_length,
         "experts": [{"expert": e, "model": models.source(e), "samples": counts[e],

@@ -44,21 +44,12 @@ def _num_experts(args) -> int:
 
 def preflight(args, world_size: int) -> None:
     """Every check that needs no model weights and no ranks (raises UserError)."""
-    from ..train.data import check_columns, read_rows
+    from ..data.preflight import preflight_data
 
     if world_size < 1:
         raise UserError("--nproc must be >= 1")
     args.validate(world_size, _num_experts(args))
-    import datasets
-
-    bars_were_off = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # an error here must be one line on stderr, not progress bars + the line
-    try:
-        for path in filter(None, (args.data, args.eval_data)):
-            check_columns(read_rows(path), path)
-    finally:
-        if not bars_were_off:
-            datasets.enable_progress_bars()
+    preflight_data(args, label_field=getattr(args, "label_field", None))
     ckpt = Path(args.out) / "checkpoints" / "latest"
     if ckpt.is_file() and not args.resume:
         raise UserError(f"{ckpt.parent} already holds a checkpoint; pass --resume to continue it or use a new --out")

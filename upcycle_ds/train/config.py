@@ -24,9 +24,11 @@ class TrainArgs:
     model: str
     """Start from: an HF MoE checkpoint (from `upcycle-ds upcycle` or the hub), an HF dense checkpoint (upcycled on
     the fly with --num-experts/--top-k/--layers), or a DeepSpeed checkpoint dir written by `upcycle-ds convert --to ds`."""
-    data: str
-    """Training data (.jsonl/.json/.parquet/.arrow or a save_to_disk dir) with `messages`, `prompt`+`response`, or
-    `text` rows. Loss is on responses only."""
+    data: list[str]
+    """Training data: one or more sources, each a .jsonl/.json (also .gz/.zst), .parquet or .arrow file, a glob, a
+    directory, a save_to_disk dir or a hub dataset name (org/name[:split]), with an optional mixing weight
+    (`--data a.jsonl:0.7 b.parquet:0.3`). Rows: messages, prompt+response/completion, instruction+output,
+    input+ideal, text, or pre-tokenised input_ids (docs/data.md). Loss is on responses only."""
     out: str
     """Run dir: checkpoints/ (DeepSpeed), metrics.jsonl, W&B offline run, load heatmaps, hf/ (final HF MoE export)."""
     nproc: int | None = None
@@ -85,8 +87,11 @@ class TrainArgs:
     """Only for a dense --model: which layers become MoE (all, every:N, i,j,...)."""
     eval_fraction: float = 0.05
     """Held-out fraction of --data for eval loss (0 = none); ignored with --eval-data."""
-    eval_data: str | None = None
-    """Separate eval data file."""
+    eval_data: list[str] | None = None
+    """Separate eval data source(s) (as --data, without weights)."""
+    data_cache: str | None = None
+    """Tokenised-data cache root (default $UPCYCLE_DS_DATA_CACHE, else ~/.cache/upcycle_ds/data); data is tokenised
+    once into it and memory-mapped by every rank, on every run and resume (docs/data.md)."""
     eval_every: int = 0
     """Eval loss + expert-load heatmap every N steps (0 = only at the end)."""
     save_every: int = 0

@@ -39,7 +39,7 @@ from ..launch.distributed import init_distributed, one_error_for_all, shutdown, 
 from ..moe.layer import moe_layers
 from . import checkpoint
 from .config import TrainArgs, deepspeed_config
-from .data import IGNORE, DataConfig, batches, build_datasets, num_batches
+from ..data import IGNORE, DataConfig, batches, num_batches, open_cache, prepare_cache
 from .metrics import StepMeter, step_line
 from .optim import apply_freeze, lr_lambda, optimizer_groups
 from .sources import open_dense_source, open_source
@@ -120,6 +120,8 @@ class Trainer:
         self.state = TrainState()
         with one_error_for_all():
             self._open_inputs()
+        with one_error_for_all():  # after the barrier in one_error_for_all: the cache is there on every node
+            self._open_data()
         self._build_engine()
         if self.resume_tag is not None:
             self._resume()
@@ -153,12 +155,16 @@ class Trainer:
             self._check_resumable(self.ckpt_dir / self.resume_tag)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.source.tokenizer_dir),
                                                        trust_remote_code=args.trust_remote_code)
-        cfg = DataConfig(data=args.data, max_length=args.max_length, eval_fraction=args.eval_fraction,
-                         eval_data=args.eval_data, seed=args.seed, max_samples=args.max_samples,
-                         label_field=hooks.label_field)
-        self.train_ds, self.eval_ds = build_datasets(cfg, self.tokenizer)
+        self.data_cfg = DataConfig.from_args(args, label_field=hooks.label_field)
+        if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+            prepare_cache(self.data_cfg, self.tokenizer)  # one tokeniser per node; a no-op when cached
+
+    def _open_data(self) -> None:
+        """After every node's local rank 0 has the tokenised data cached: open it (memory-mapped) on every rank."""
+        args = self.args
+        self.train_ds, self.eval_ds = open_cache(prepare_cache(self.data_cfg, self.tokenizer), self.tokenizer)
         self.per_epoch = num_batches(len(self.train_ds), micro_batch_size=args.micro_batch_size,
-                                     world_size=self.world)
+                                     world_size=self.world, grad_accum=args.grad_accum)
         if self.per_epoch < args.grad_accum:
             raise UserError(f"{args.data}: {len(self.train_ds)} packed rows of {args.max_length} tokens are too few "
                             f"for one step of {args.micro_batch_size} x {args.grad_accum} micro-batches on "
@@ -264,7 +270,8 @@ class Trainer:
             if st.batch_in_epoch >= self.per_epoch:
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             for b in batches(self.train_ds, micro_batch_size=a.micro_batch_size, rank=self.rank,
-                             world_size=self.world, seed=a.seed, epoch=st.epoch, start=st.batch_in_epoch):
+                             world_size=self.world, seed=a.seed, epoch=st.epoch, start=st.batch_in_epoch,
+                             grad_accum=a.grad_accum):
                 st.batch_in_epoch += 1
                 yield self.to_device(b)
 

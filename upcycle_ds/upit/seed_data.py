@@ -5,55 +5,54 @@ Expert models: expert i < len(--experts) is the dense checkpoint that produced i
 more experts than checkpoints), expert i >= len(--experts) is the dense model of the *last* checkpoint with the MLP of
 every MoE layer replaced by expert i's (built in memory from the MoE files through the family's weight names).
 
-Rendering (kept local on purpose; the training data module may render differently — see `render`): a row is one of
-  {"prompt", "response"} / {"prompt", "completion"} / {"instruction", "input"?, "output"} (Alpaca) /
-  {"messages": [{role, content}, ...]} (last message = the assistant's answer) / {"input": [messages], "ideal"}
-  (OpenAI evals) / {"text"}.
-Prompt and response are tokenized separately and concatenated (prompt with the tokenizer's special tokens, response
-without, then EOS); the perplexity is over the response tokens only ("text": over all tokens after the first).
-Messages use the tokenizer's chat template for the prompt when it has one, else "role: content" lines.
+Rows are read, rendered and tokenised by `upcycle_ds.data` — the same reader, row-format table, chat templates and
+tokeniser that trained the experts (so a sample is scored on exactly the tokens it was trained on) — with one
+option: only the *last* assistant turn carries the score (`TokenizeSpec(turns="last")`); prompt/response rows have
+one turn anyway, `text` rows are scored on every token after the first. The perplexity is the mean next-token NLL
+over those tokens. Samples longer than --max-length are truncated on the right, as in training; a sample left with
+no scored token is skipped (reported).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..data import IGNORE, TokenizeSpec, encode_dataset, parse_sources, read_source
+from ..data.cache import cache_root
 from ..errors import UserError
 from ..families import family_for
 from ..io.hf import HFCheckpoint, read_config
 from .expand import PROJS
 
-IGNORE = -100
-
 
 # ---------------------------------------------------------------------------------------------------- data
-def load_rows(path: str | Path) -> list[dict]:
-    """The rows of a jsonl file (blank lines skipped; row index = position among the non-blank lines)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--data {path}: no such file")
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"--data {path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"--data {path}:{lineno}: expected a JSON object per line")
-            rows.append(row)
-    if not rows:
-        raise UserError(f"--data {path}: no rows")
-    return rows
+class SeedRows:
+    """The rows of one or more training sources (specs as for training; weights are ignored), indexed 0..N-1 across
+    them in order: row i of the second source is index len(first) + i."""
+
+    def __init__(self, data, cache_dir: str | None = None):
+        self.specs = parse_sources(data)
+        hf = cache_root(cache_dir) / "hf"
+        self.datasets = [read_source(s, hf) for s in self.specs]
+        self.starts = np.cumsum([0] + [len(d) for d in self.datasets])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        s = int(np.searchsorted(self.starts, i, side="right") - 1)
+        return s, int(i - self.starts[s])
+
+    def row(self, i: int) -> dict:
+        s, j = self.locate(i)
+        return self.datasets[s][j]
 
 
 def pick_indices(n_rows: int, fraction: float, min_samples: int, seed: int) -> list[int]:
@@ -63,63 +62,23 @@ def pick_indices(n_rows: int, fraction: float, min_samples: int, seed: int) -> l
     return sorted(torch.randperm(n_rows, generator=g)[:n].tolist())
 
 
-def _content(x) -> str:
-    if isinstance(x, str):
-        return x
-    if isinstance(x, list):  # content parts [{"type": "text", "text": ...}]
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in x)
-    return "" if x is None else str(x)
-
-
-def _messages_prompt(messages: list[dict], tokenizer) -> str | None:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return "".join(f"{m.get('role', 'user')}: {_content(m.get('content'))}\n" for m in messages) + "assistant: "
-
-
-def render(row: dict, tokenizer) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one row; labels are IGNORE on prompt tokens."""
-    def enc(text: str, special: bool) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
-
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompt_ids = None
-    if "prompt" in row and ("response" in row or "completion" in row):
-        prompt_ids = enc(_content(row["prompt"]), True)
-        response = _content(row.get("response", row.get("completion")))
-    elif "instruction" in row and "output" in row:
-        prompt = _content(row["instruction"])
-        if _content(row.get("input")).strip():
-            prompt += "\n\n" + _content(row["input"])
-        prompt_ids, response = enc(prompt, True), _content(row["output"])
-    elif isinstance(row.get("messages"), list) and row["messages"]:
-        msgs = row["messages"]
-        if not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
-            raise UserError("a 'messages' row must end with the assistant's message (the scored response)")
-        prompt_ids = enc(_messages_prompt(msgs[:-1], tokenizer), not getattr(tokenizer, "chat_template", None))
-        response = _content(msgs[-1].get("content"))
-    elif isinstance(row.get("input"), list) and "ideal" in row:
-        ideal = row["ideal"]
-        response = _content(ideal[0] if isinstance(ideal, list) and ideal else ideal)
-        prompt_ids = enc(_messages_prompt(row["input"], tokenizer), not getattr(tokenizer, "chat_template", None))
-    elif "text" in row:
-        ids = enc(_content(row["text"]), True) + eos
-        return ids, list(ids)
-    else:
-        raise UserError(f"row has none of the fields prompt+response, prompt+completion, instruction+output, "
-                        f"messages, input+ideal, text (has {sorted(row)[:6]})")
-    response_ids = enc(response, False) + eos
-    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
-
-
-def truncate(ids: list[int], labels: list[int], max_length: int | None) -> tuple[list[int], list[int]]:
-    """Keep the first max_length tokens; if that leaves no scored token, keep the last max_length instead."""
-    if max_length is None or len(ids) <= max_length:
-        return ids, labels
-    head = (ids[:max_length], labels[:max_length])
-    if any(l != IGNORE for l in head[1][1:]):
-        return head
-    return ids[-max_length:], labels[-max_length:]
+def encode(rows: SeedRows, indices: list[int], tokenizer, *, max_length: int | None = None,
+           prompt_format: str = "auto") -> tuple[dict[int, tuple[list[int], list[int]]], list[int]]:
+    """({row index: (input_ids, labels)} of the rows that keep a scored token, skipped row indices). Labels are
+    IGNORE except on the scored tokens (never on the first token)."""
+    spec = TokenizeSpec(max_length=max_length, prompt_format=prompt_format, turns="last")
+    by_source: dict[int, list[int]] = {}
+    for i in indices:
+        s, j = rows.locate(i)
+        by_source.setdefault(s, []).append(j)
+    out: dict[int, tuple[list[int], list[int]]] = {}
+    for s, local in by_source.items():
+        samples, _ = encode_dataset(rows.datasets[s], local, tokenizer, spec, f"--data {rows.specs[s].name}")
+        for e in samples:
+            labels = np.where(e.loss_mask, e.input_ids, IGNORE)
+            labels[0] = IGNORE
+            out[int(rows.starts[s]) + e.row] = (e.input_ids.tolist(), labels.tolist())
+    return out, [i for i in indices if i not in out]
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -251,21 +210,13 @@ class SeedSelection:
         return torch.bincount(torch.tensor(self.expert, dtype=torch.long), minlength=num_experts).tolist()
 
 
-def select(rows: list[dict], models: ExpertModels, tokenizer, *, fraction: float = 0.01, min_samples: int = 1,
-           seed: int = 0, max_length: int | None = None, batch_size: int = 8, dtype=torch.float32,
-           device="cpu") -> SeedSelection:
+def select(rows: SeedRows, models: ExpertModels, tokenizer, *, fraction: float = 0.01, min_samples: int = 1,
+           seed: int = 0, max_length: int | None = None, prompt_format: str = "auto", batch_size: int = 8,
+           dtype=torch.float32, device="cpu") -> SeedSelection:
     picked = pick_indices(len(rows), fraction, min_samples, seed)
-    encoded, kept, skipped = [], [], []
-    for i in picked:
-        try:
-            ids, labels = truncate(*render(rows[i], tokenizer), max_length)
-        except UserError as e:
-            raise UserError(f"--data row {i}: {e}") from None
-        if not any(l != IGNORE for l in labels[1:]):
-            skipped.append(i)
-            continue
-        encoded.append((ids, labels))
-        kept.append(i)
+    by_row, skipped = encode(rows, picked, tokenizer, max_length=max_length, prompt_format=prompt_format)
+    kept = [i for i in picked if i in by_row]
+    encoded = [by_row[i] for i in kept]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     nll = torch.empty(len(kept), models.num_experts, dtype=torch.float64)
     for e in range(models.num_experts):
@@ -276,9 +227,10 @@ def select(rows: list[dict], models: ExpertModels, tokenizer, *, fraction: float
     return SeedSelection(indices=kept, nll=nll, skipped=skipped)
 
 
-def output_rows(rows: list[dict], sel: SeedSelection):
-    """{"index", "expert", "ppl": [per expert]} then the original row's fields (ours win on a name clash)."""
+def output_rows(rows: SeedRows, sel: SeedSelection):
+    """{"index", "expert", "ppl": [per expert]} then the original row's non-null fields (ours win on a name clash;
+    a source's columns that a row does not use are null in its Arrow table and left out)."""
     for n, (i, e) in enumerate(zip(sel.indices, sel.expert)):
         ppl = [math.exp(x) if x < 700 else float("inf") for x in sel.nll[n].tolist()]
         yield {"index": i, "expert": e, "ppl": ppl,
-               **{k: v for k, v in rows[i].items() if k not in ("index", "expert", "ppl")}}
+               **{k: v for k, v in rows.row(i).items() if k not in ("index", "expert", "ppl") and v is not None}}

@@ -117,13 +117,12 @@ def hooks_for(args: SFTConfig):
 
 
 def preflight(args: SFTConfig, world_size: int) -> None:
-    from ..train.data import check_columns, read_rows
+    from ..data.preflight import preflight_data
     from ..train.sources import open_dense_source
 
     args.validate(world_size)
     open_dense_source(args)
-    for path in filter(None, (args.data, args.eval_data)):
-        check_columns(read_rows(path), path)
+    preflight_data(args)
     ckpt = Path(args.out) / "checkpoints" / "latest"
     if ckpt.is_file() and not args.resume:
         raise UserError(f"{ckpt.parent} already holds a checkpoint; pass --resume to continue it or use a new --out")
