@@ -5,3 +5,11 @@ class UserError(Exception):
     """Bad input from the user (flags, files, checkpoints). The CLI prints `error: <message>` and exits 2."""
 
     exit_code = 2
+
+
+class Terminated(BaseException):
+    """SIGTERM (or another terminating signal) arrived: unwind like KeyboardInterrupt, removing partial outputs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -9,6 +9,7 @@ tensor is the same whichever rank or process computes it, and in whatever order.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -40,6 +41,10 @@ class UpcycleOptions:
     """Seed for router init, noise and re-initialisation."""
 
     def validate(self) -> None:
+        for name in ("capacity_factor", "noise_std", "reinit_ratio"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
         if self.num_experts < 2:
             raise UserError(f"--num-experts must be >= 2 (got {self.num_experts})")
         if not 1 <= self.top_k <= self.num_experts:

@@ -159,25 +159,11 @@ def hooks_for(args: Args):
     return StageHooks(dense=True, after_step=after_step, export=export)
 
 
-def preflight(args: Args, world_size: int) -> None:
-    from ..train.data import check_columns, read_rows
-    from ..train.sources import open_dense_source
-
-    args.validate(world_size)
-    open_dense_source(args)
-    for path in filter(None, (args.data, args.eval_data)):
-        check_columns(read_rows(path), path)
-    ckpt = Path(args.out) / "checkpoints" / "latest"
-    if ckpt.is_file() and not args.resume:
-        raise UserError(f"{ckpt.parent} already holds a checkpoint; pass --resume to continue it or use a new --out")
-
-
 def run(args: Args) -> int:
-    from ..launch.local import launch_local, launched_by_a_launcher
+    from ..launch.local import launch_checked, launched_by_a_launcher
 
     if args.nproc is not None and not launched_by_a_launcher():
-        preflight(args, world_size=args.nproc)
-        return launch_local(args, command="sft")
+        return launch_checked(args, "sft", dense=True)
     from ..train.engine import run_rank
 
     print(f"[upcycle-ds sft] {args.model} -> {args.out}", file=sys.stderr, flush=True)

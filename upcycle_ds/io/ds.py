@@ -501,7 +501,7 @@ def write_ds_checkpoint(source, out_dir: Path, *, ep_size: int, tag: str = "glob
             raise UserError(f"{source.path}: tensor {key} is missing")
         t_dtype = dtype or (source.dtype(key) if key in source else None)
         module.append((name, key, shape, t_dtype))
-    tag_dir = out_dir / tag
+    tag_dir = child(out_dir, tag, "--out-tag")
     tag_dir.mkdir(parents=True)
     by_name = {name: key for name, key, _, _ in module}
     plan = []
