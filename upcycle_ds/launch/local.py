@@ -34,10 +34,8 @@ import yaml
 
 from ..errors import UserError
 from ..families import family_for
-from ..io.hf import read_config
-from ..io.text import check_utf8
 from .dist_env import free_port
-from .run_lock import RunLock
+from .run_lock import RunLock, check_free
 
 ARGS_ENV = "UPCYCLE_DS_ARGS"
 GRACE_S = 15.0
@@ -55,6 +53,8 @@ def launched_by_a_launcher() -> bool:
 
 
 def _num_experts(args) -> int:
+    from ..io.hf import read_config
+
     path = Path(args.model)
     cfg_dir = path
     if (path / "latest").is_file() or not (path / "config.json").is_file():
@@ -101,6 +101,7 @@ def preflight(args, world_size: int, *, dense: bool = False, command: str = "tra
 
 def launch_checked(args, command: str = "train", *, dense: bool = False) -> int:
     """`preflight`, then `launch_local` (which repeats the run-dir checks under OUT's lock)."""
+    check_free(args.out)
     config = preflight(args, world_size=args.nproc, dense=dense, command=command)
     return launch_local(args, command, check=lambda: check_run_dir(args, config, args.nproc, command))
 
@@ -163,6 +164,8 @@ def check_data(args, source, world_size: int) -> None:
     import datasets
 
     from ..train.data import DataConfig, build_datasets, check_columns, num_batches, read_rows
+
+    from ..io.text import check_utf8
 
     for path in filter(None, (args.data, args.eval_data)):
         check_utf8(path, "--data" if path == args.data else "--eval-data")

@@ -118,6 +118,28 @@ class RunLock:
                 pass
 
 
+def check_free(out_dir: str | Path, flag: str = "--out") -> None:
+    """Fail fast, creating nothing, if a live job holds `out_dir`'s lock (the lock itself is taken later, with
+    `RunLock`, which decides; this only spares a second launch the checks it would do before finding out)."""
+    path = Path(out_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        holder = _read(fd)
+        if not (holder.get("token") and holder.get("token") == os.environ.get(ENV)):
+            raise UserError(f"{flag} {out_dir} is in use by another job ({_describe(holder)}); wait for it to end "
+                            f"or use another {flag}") from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _read(fd: int) -> dict:
     try:
         raw = os.pread(fd, 4096, 0)
