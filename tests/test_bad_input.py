@@ -939,14 +939,15 @@ time.sleep(600 if sys.argv[1] == "stay" else 0)
 @pytest.mark.parametrize("how", ["SIGINT", "SIGHUP", "leader-exits"])
 def test_run_job_leaves_no_process_behind(tmp_path, how):
     """`launch.local.run_job` with a stand-in launcher that starts two children (as `deepspeed` starts ranks):
-    SIGINT / SIGHUP to the launching process end all of them (exit 128 + signal, one line); a launcher that exits
+    SIGINT / SIGHUP to the launching process end all of them and raise Terminated; a launcher that exits
     and leaves its children running does not leave them running either. (SIGTERM with real DeepSpeed ranks: the
     slow test below.)"""
     import psutil
 
-    runner = ("import os, sys; from upcycle_ds.launch.local import run_job; "
-              f"sys.exit(run_job([sys.executable, '-c', {_TREE!r}, {'go' if how == 'leader-exits' else 'stay'!r}], "
-              "dict(os.environ), 'upcycle-ds train', grace_s=5))")
+    runner = ("import os, sys; from upcycle_ds.launch.local import run_job; from upcycle_ds.errors import Terminated\n"
+              f"try: sys.exit(run_job([sys.executable, '-c', {_TREE!r}, {'go' if how == 'leader-exits' else 'stay'!r}], "
+              "dict(os.environ), grace_s=5))\n"
+              "except Terminated as e: print('terminated', e.signum, file=sys.stderr); sys.exit(128 + e.signum)")
     proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kids = [psutil.Process(int(p)) for p in proc.stdout.readline().split()]
     assert len(kids) == 2
@@ -959,8 +960,7 @@ def test_run_job_leaves_no_process_behind(tmp_path, how):
         assert rc == 0 and err == "", err
     else:
         assert rc == 128 + getattr(signal, how), err
-        assert err.strip().splitlines() == [
-            f"upcycle-ds train: stopped by {how}; the launcher and all ranks have ended"]
+        assert err.strip().splitlines() == [f"terminated {getattr(signal, how)}"]
 
 
 @pytest.mark.slow
@@ -1002,8 +1002,7 @@ def test_second_job_in_one_out_is_refused_and_sigterm_ends_every_rank(w, tmp_pat
         print(f"{signal.Signals(sig).name}: job ended in {time.monotonic() - t0:.1f} s")
         assert rc == 128 + sig, first.stderr.read()[-3000:]
         assert gone == [], f"orphaned ranks: {gone}"
-        assert first.stderr.read().strip().splitlines()[-1] == (
-            f"upcycle-ds train: stopped by {signal.Signals(sig).name}; the launcher and all ranks have ended")
+        assert first.stderr.read().strip().splitlines()[-1] == "upcycle-ds train: terminated (SIGTERM)"
         with RunLock(out):
             pass
     finally:

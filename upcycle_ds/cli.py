@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"upcycle-ds {name}: terminated ({signal.Signals(e.signum).name})", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print(f"upcycle-ds {name}: interrupted", file=sys.stderr)
+        print(f"upcycle-ds {name}: interrupted (SIGINT)", file=sys.stderr)
         return 130
     return int(rc or 0)
 

@@ -221,6 +221,10 @@ class Family:
         if heads % kv:
             raise UserError(f"{where}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")
         if is_moe:
+            for key in dict.fromkeys((self.num_experts_key, "num_experts", "num_local_experts")):
+                v = cfg.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    raise UserError(f"{where}: {key} must be a positive integer (got {v!r})")
             E = self.num_experts(cfg)
             if not 1 <= int(cfg["num_experts_per_tok"]) <= E:
                 raise UserError(f"{where}: num_experts_per_tok {cfg['num_experts_per_tok']} is not in 1..{E} "

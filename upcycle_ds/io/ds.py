@@ -306,7 +306,7 @@ class _ZeroMaster:
         for f in ckpt.tag_dir.iterdir():
             m = _ZERO_RE.match(f.name)
             if m:
-                files[int(m.group(2))] = f
+                files[int(m.group(2))] = ckpt.file(f.name)
         module = ckpt._states["module"]
         if not files:
             if all(t.dtype == torch.float32 for t in module.values() if isinstance(t, torch.Tensor)):

@@ -12,7 +12,7 @@
    environment (`--config env:UPCYCLE_DS_ARGS`: no shared file a second launch could overwrite), then run
    `deepspeed --num_gpus N --master_port P --module upcycle_ds.cli COMMAND --config env:UPCYCLE_DS_ARGS` in its own
    process group. SIGTERM / SIGINT / SIGHUP to this process stop the launcher and every rank (the whole group:
-   SIGTERM, then SIGKILL after a grace period); the exit code is then 128 + signal. On CPU it sets
+   SIGTERM, then SIGKILL after a grace period); the exit code is then 128 + signal, with one line on stderr. On CPU it sets
    OMP_NUM_THREADS = cores / N (the launcher does not) unless set.
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UserError
+from ..errors import Terminated, UserError
 from ..families import family_for
 from .dist_env import free_port
 from .run_lock import RunLock, check_free
@@ -351,7 +351,7 @@ def launch_local(args, command: str = "train", check=None) -> int:
         cmd = [launcher, "--num_gpus", str(args.nproc), "--master_port", str(free_port()), "--no_local_rank",
                "--module", "upcycle_ds.cli", command, "--config", f"env:{ARGS_ENV}"]
         print(f"[upcycle-ds {command}] launching: {' '.join(cmd)}", file=sys.stderr, flush=True)
-        return run_job(cmd, env, f"upcycle-ds {command}")
+        return run_job(cmd, env)
     finally:
         lock.release()
 
@@ -373,10 +373,10 @@ def _atomic_write(path: Path, text: str) -> None:
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def run_job(cmd: list[str], env: dict, name: str, grace_s: float = GRACE_S) -> int:
+def run_job(cmd: list[str], env: dict, grace_s: float = GRACE_S) -> int:
     """Run `cmd` in a new process group and return its exit code; a SIGTERM / SIGINT / SIGHUP to this process ends
-    the whole group (SIGTERM, SIGKILL after `grace_s`) and returns 128 + signal. Whatever the outcome, no process of
-    the group outlives this call."""
+    the whole group (SIGTERM, SIGKILL after `grace_s`), then raises `Terminated(signal)`. Whatever the outcome, no
+    process of the group outlives this call."""
     got: list[int] = []
     main_thread = threading.current_thread() is threading.main_thread()
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -407,9 +407,7 @@ def run_job(cmd: list[str], env: dict, name: str, grace_s: float = GRACE_S) -> i
         for s, h in old.items():
             signal.signal(s, h)
     if got:
-        sig = signal.Signals(got[0]).name
-        print(f"{name}: stopped by {sig}; the launcher and all ranks have ended", file=sys.stderr, flush=True)
-        return 128 + got[0]
+        raise Terminated(got[0])  # the CLI prints one line and exits 128 + signal
     return rc
 
 
