@@ -161,11 +161,12 @@ def _example_names(names: list[str]) -> list[str]:
 def check_data(args, source, world_size: int) -> None:
     """The data files read, decode as UTF-8, have usable columns, and tokenize (with the model's tokenizer, as the
     ranks will) into enough samples with response tokens for one optimizer step."""
+    import logging
+
     import datasets
 
-    from ..train.data import DataConfig, build_datasets, check_columns, num_batches, read_rows
-
     from ..io.text import check_utf8
+    from ..train.data import DataConfig, build_datasets, check_columns, num_batches, read_rows
 
     for path in filter(None, (args.data, args.eval_data)):
         check_utf8(path, "--data" if path == args.data else "--eval-data")
@@ -179,8 +180,6 @@ def check_data(args, source, world_size: int) -> None:
                          eval_data=args.eval_data, seed=args.seed, max_samples=args.max_samples,
                          label_field=getattr(args, "label_field", None) if getattr(args, "mode", None) == "bce"
                          else None)
-        import logging
-
         log = logging.getLogger("upcycle_ds.train.data")
         level = log.level
         log.setLevel(logging.ERROR)  # the ranks warn about truncation; here it would be a second stderr line
