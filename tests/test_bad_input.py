@@ -240,7 +240,7 @@ CASES = [
     Case("up-config-no-layers", up(lambda w, d: model_with(w, d, config=lambda c: c.pop("num_hidden_layers") and c)),
          ("required key 'num_hidden_layers' is missing",)),
     Case("up-config-hidden-str", up(lambda w, d: model_with(w, d, config=lambda c: c.update(hidden_size="64"))),
-         ("hidden_size must be a positive integer", "'64'")),
+         ("hidden_size must be an integer >= 1", "'64'")),
     Case("up-config-heads-do-not-divide", up(lambda w, d: model_with(
         w, d, config=lambda c: {k: v for k, v in c.items() if k != "head_dim"} | {"num_attention_heads": 5,
                                                                                    "num_key_value_heads": 5})),

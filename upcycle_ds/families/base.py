@@ -206,14 +206,16 @@ class Family:
                 need.append("intermediate_size")
         else:
             need.append("intermediate_size")
-        for key in need + ["num_key_value_heads", "head_dim", "moe_intermediate_size", "intermediate_size"]:
+        optional = ["num_key_value_heads", "head_dim", "moe_intermediate_size", "intermediate_size",
+                    "shared_expert_intermediate_size", "decoder_sparse_step"]
+        for key in need + optional:
             if key not in cfg or (cfg[key] is None and key not in need):
                 if key in need:
                     raise UserError(f"{where}: required key {key!r} is missing")
                 continue
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if "intermediate" in key else 1):
-                raise UserError(f"{where}: {key} must be a positive integer (got {v!r})")
+            v, least = cfg[key], 0 if "intermediate" in key or key == "decoder_sparse_step" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise UserError(f"{where}: {key} must be an integer >= {least} (got {v!r})")
         heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
         if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
             raise UserError(f"{where}: hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
@@ -224,7 +226,7 @@ class Family:
             for key in dict.fromkeys((self.num_experts_key, "num_experts", "num_local_experts")):
                 v = cfg.get(key)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                    raise UserError(f"{where}: {key} must be a positive integer (got {v!r})")
+                    raise UserError(f"{where}: {key} must be an integer >= 1 (got {v!r})")
             E = self.num_experts(cfg)
             if not 1 <= int(cfg["num_experts_per_tok"]) <= E:
                 raise UserError(f"{where}: num_experts_per_tok {cfg['num_experts_per_tok']} is not in 1..{E} "
