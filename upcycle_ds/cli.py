@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"upcycle-ds {name}: error: {where}{_one_line(e.strerror or str(e))}", file=sys.stderr)
         return 2
     except Terminated as e:
-        print(f"upcycle-ds {name}: terminated ({signal.Signals(e.signum).name})", file=sys.stderr)
+        what = "interrupted" if e.signum == signal.SIGINT else "terminated"
+        print(f"upcycle-ds {name}: {what} ({signal.Signals(e.signum).name})", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print(f"upcycle-ds {name}: interrupted (SIGINT)", file=sys.stderr)
