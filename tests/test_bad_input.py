@@ -811,6 +811,24 @@ def test_hub_cache_snapshot_symlinks_are_allowed(w, tmp_path, capsys):
     assert main(["upcycle", "--model", str(snap), "--out", str(tmp_path / "out"), "--num-experts", "2"]) == 0
 
 
+@pytest.mark.parametrize("name,ok", [("model-00001.safetensors", True), ("sub/x.pt", True), ("global_step3", True),
+                                     ("", False), (".", False), ("/etc/passwd", False), ("../x", False),
+                                     ("a/../../x", False), ("a\x00b", False), ("~root/x", False), (3, False),
+                                     ("link", False), ("inner_link", True)])
+def test_child_keeps_names_inside_their_dir(tmp_path, name, ok):
+    from upcycle_ds.io.paths import child
+
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "link").symlink_to(tmp_path)
+    (d / "inner_link").symlink_to(d / "sub")
+    if ok:
+        assert child(d, name, "test") == d / name
+    else:
+        with pytest.raises(UserError, match="^test: "):
+            child(d, name, "test")
+
+
 def test_expected_shapes_are_transformers_shapes():
     """Family.expected_shapes (which every reader and writer checks) against transformers' own model classes built on
     the meta device, for every family, dense and MoE, with the attention variants (biases, head_dim, q/k norms)."""

@@ -272,10 +272,10 @@ _CONFIG_IGNORED = {"transformers_version", "_name_or_path", "dtype", "torch_dtyp
 
 
 def _compare_configs(old: dict, new: dict, old_path: Path, model: str) -> None:
-    keys = sorted(set(old) | set(new) - _CONFIG_IGNORED, key=lambda k: (k not in _KEY_ORDER, _KEY_ORDER.get(k, 0), k))
-    for k in keys:
-        if k in _CONFIG_IGNORED:
-            continue
+    """Keys both configs have must agree (a key only one side has, e.g. one a newer transformers adds on save, is
+    not a different model), and the keys that define the model's shapes must be on both sides."""
+    keys = (set(old) & set(new)) | set(_KEY_ORDER)
+    for k in sorted(keys - _CONFIG_IGNORED, key=lambda k: (k not in _KEY_ORDER, _KEY_ORDER.get(k, 0), k)):
         if old.get(k) != new.get(k):
             raise UserError(f"--resume: the checkpoint's model differs from --model {model}: {k} is "
                             f"{_show(old.get(k))} in {old_path}, {_show(new.get(k))} now")
