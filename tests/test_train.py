@@ -173,7 +173,7 @@ def _rank_processes(root: psutil.Process, config: Path) -> dict[int, psutil.Proc
     ranks = {}
     for p in root.children(recursive=True):
         try:
-            if "upcycle_ds.cli" in p.cmdline() and str(config) in p.cmdline():
+            if "upcycle_ds.cli" in p.cmdline() and "env:UPCYCLE_DS_ARGS" in p.cmdline():  # settings of this run
                 ranks[int(p.environ()["RANK"])] = p
         except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
             continue

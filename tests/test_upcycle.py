@@ -269,7 +269,7 @@ def test_checkpoint_reader_matches_safetensors(tmp_path):
           "i64": torch.arange(5), "u8": torch.arange(9, dtype=torch.uint8).reshape(3, 3)}
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    ref, ck = load_file(str(tmp_path / "model.safetensors")), HFCheckpoint(tmp_path)
+    ref, ck = load_file(str(tmp_path / "model.safetensors")), HFCheckpoint(tmp_path, check_shapes=False)
     assert sorted(ck.keys()) == sorted(ref)
     for k, t in ref.items():
         got = ck.get(k)

@@ -1,15 +1,21 @@
 """`upcycle-ds SUBCOMMAND ...`: a map of subcommands to typed functions (each module: `Args` dataclass + `run`).
 
-Subcommand modules are imported only when chosen, so `upcycle-ds --help` is instant. Any `UserError` becomes
-`error: <message>` on stderr with exit code 2 and no traceback.
+Subcommand modules are imported only when chosen, so `upcycle-ds --help` is instant. Any `UserError` (and an
+OSError such as a full disk or a read-only location) becomes `error: <message>` on stderr, one line, with exit code 2
+and no traceback (UPCYCLE_DS_DEBUG=1 shows the traceback of an OSError). SIGTERM (what Slurm and `kill` send) is
+handled like Ctrl-C: the running command unwinds, its temp output dir is removed, exit code 128 + signal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import signal
 import sys
+import threading
 
-from .errors import ReportedByAnotherRank, UserError
+from .errors import ReportedByAnotherRank, Terminated, UserError
 
 # name -> (module with `Args` + `run(args)`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,6 +62,23 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Within: SIGTERM raises `Terminated` in the main thread (so `finally` / temp-dir clean-up runs, as for Ctrl-C)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
@@ -67,20 +90,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, desc = COMMANDS[name]
     try:
-        module = importlib.import_module(module_name)
-        from .cli_args import parse_into
+        with _sigterm_raises():
+            module = importlib.import_module(module_name)
+            from .cli_args import parse_into
 
-        args = parse_into(module.Args, rest, prog=f"upcycle-ds {name}", description=module.__doc__ or desc,
-                          yaml_config=getattr(module, "YAML_CONFIG", False))
-        rc = module.run(args)
+            try:
+                args = parse_into(module.Args, rest, prog=f"upcycle-ds {name}", description=module.__doc__ or desc,
+                                  yaml_config=getattr(module, "YAML_CONFIG", False))
+            except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its one line already printed)
+                return e.code if isinstance(e.code, int) else 2
+            rc = module.run(args)
     except UserError as e:
         if not isinstance(e, ReportedByAnotherRank):
-            print(f"upcycle-ds {name}: error: {e}", file=sys.stderr)
+            print(f"upcycle-ds {name}: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if os.environ.get("UPCYCLE_DS_DEBUG"):
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"upcycle-ds {name}: error: {where}{_one_line(e.strerror or str(e))}", file=sys.stderr)
+        return 2
+    except Terminated as e:
+        what = "interrupted" if e.signum == signal.SIGINT else "terminated"
+        print(f"upcycle-ds {name}: {what} ({signal.Signals(e.signum).name})", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print(f"upcycle-ds {name}: interrupted", file=sys.stderr)
+        print(f"upcycle-ds {name}: interrupted (SIGINT)", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
 
 
 if __name__ == "__main__":

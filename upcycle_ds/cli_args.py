@@ -2,7 +2,10 @@
 
 A field without a default is a required flag. `X | None` takes an X (default None); `bool` becomes
 `--flag/--no-flag`; `list[X]` takes one or more values; `Literal[...]` gives choices. With `yaml_config=True` the
-parser also takes `--config FILE.yaml` whose keys (field names) become defaults that flags override.
+parser also takes `--config FILE.yaml` whose keys (field names) become defaults that flags override; its values are
+type-checked against the fields (one error line naming the field). `--config env:UPCYCLE_DS_...` reads the YAML from
+that environment variable instead (how `upcycle-ds train --nproc N` hands the run's settings to its ranks: no shared
+file another launch could overwrite). Every float, from a flag or the YAML file, must be finite.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
+import os
 import textwrap
 import types
 import typing
@@ -70,9 +75,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
             kw["choices"] = list(typing.get_args(tp))
             kw["type"] = type(kw["choices"][0])
         elif origin in (list, tuple):
-            (inner,) = typing.get_args(tp)[:1]
-            kw["nargs"] = "+"
-            kw["type"] = _scalar(inner)
+            inner = typing.get_args(tp)
+            fixed = origin is tuple and len(inner) > 1 and inner[-1] is not Ellipsis
+            kw["nargs"] = len(inner) if fixed else "+"
+            kw["type"] = _scalar(inner[0])
         else:
             kw["type"] = _scalar(tp)
             kw["metavar"] = f.name.upper()
@@ -83,11 +89,22 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument("--" + alias.replace("_", "-"), **hidden)
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: a number, and not nan / inf."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r})")
+    return v
+
+
 def _scalar(tp):
-    if tp in (int, float, str):
-        return tp
-    if tp is Path:
-        return str
+    if tp is float:
+        return finite_float
+    if tp is int:
+        return int
     return str
 
 
@@ -126,21 +143,45 @@ def _find_config(argv: list[str]) -> str | None:
     return None
 
 
+ENV_PREFIX = "UPCYCLE_DS_"
+
+
+def _read_config_text(path: str) -> str:
+    if path.startswith("env:"):
+        name = path[4:]
+        if not name.startswith(ENV_PREFIX):
+            raise UserError(f"--config {path}: only {ENV_PREFIX}* environment variables can hold settings")
+        if name not in os.environ:
+            raise UserError(f"--config {path}: environment variable {name} is not set")
+        return os.environ[name]
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"--config {path}: no such file")
+    if not p.is_file():
+        raise UserError(f"--config {path}: not a file")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config {path}: not a UTF-8 text file (byte {e.start}); expected YAML") from None
+    except OSError as e:
+        raise UserError(f"--config {path}: cannot read ({e.strerror})") from None
+
+
 def _load_yaml(path: str, cls) -> dict:
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--config {path}: no such file")
+    text = _read_config_text(path)
+    if "\x00" in text:
+        raise UserError(f"--config {path}: not a text file (holds NUL bytes); expected YAML")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of field: value")
-    names = {f.name for f in dataclasses.fields(cls)}
-    aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
     hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
     out = {}
     for k, v in data.items():
         key = str(k).replace("-", "_")
@@ -149,5 +190,76 @@ def _load_yaml(path: str, cls) -> dict:
             raise UserError(f"--config {path}: unknown field {k!r}")
         if isinstance(v, str) and typing.get_origin(_unwrap_optional(hints[key])[0]) is list:
             v = [v]  # `data: x.jsonl` for a list field, as `--data x.jsonl` gives
-        out[key] = v
+        out[key] = coerce(v, hints[key], f"--config {path}: field {key!r}")
     return out
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        fixed = origin is tuple and len(args) > 1 and args[-1] is not Ellipsis
+        return f"a list of {len(args)} values ({_type_name(args[0])})" if fixed else \
+            f"a list (of {_type_name(args[0])})"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a string",
+            dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def coerce(v, tp, where: str):
+    """`v` (a YAML value) as field type `tp`, or a one-line UserError naming `where`. Numbers written as strings
+    (YAML reads `1e-4` as a string) are accepted for number fields; floats must be finite."""
+    tp, optional = _unwrap_optional(tp)
+    if v is None:
+        if optional:
+            return None
+        raise UserError(f"{where}: expected {_type_name(tp)}, got null")
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+    elif tp is int:
+        if isinstance(v, str):
+            try:
+                v = int(v)
+            except ValueError:
+                pass
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    elif tp is float:
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not math.isfinite(v):
+                raise UserError(f"{where}: must be a finite number (got {v})")
+            return float(v)
+    elif tp in (str, Path):
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)  # e.g. `layers: 3`
+    elif origin is typing.Literal:
+        if v in typing.get_args(tp):
+            return v
+        raise UserError(f"{where}: must be {_type_name(tp)} (got {v!r})")
+    elif origin in (list, tuple):
+        args = typing.get_args(tp)
+        fixed = origin is tuple and len(args) > 1 and args[-1] is not Ellipsis
+        if isinstance(v, (list, tuple)):
+            if fixed and len(v) != len(args):
+                raise UserError(f"{where}: expected a list of {len(args)} values (got {len(v)})")
+            return [coerce(x, args[i] if fixed else args[0], f"{where}[{i}]") for i, x in enumerate(v)]
+        if isinstance(v, str):
+            raise UserError(f"{where}: expected {_type_name(tp)}, got the string {v!r} (write [{v}] for a list "
+                            f"of one)")
+    elif tp is dict or origin is dict:
+        if isinstance(v, dict):
+            return v
+    else:
+        return v
+    shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+    raise UserError(f"{where}: expected {_type_name(tp)}, got {type(v).__name__} {shown}")

@@ -22,6 +22,7 @@ from .families.base import PROJS
 from .io.ds import DSCheckpoint, ds_expert_name, is_ds_checkpoint, module_layout, write_ds_checkpoint
 from .io.hf import (HFCheckpoint, _nbytes, atomic_output_dir, check_output_dir, copy_side_files, read_config,
                     write_config, write_hf_checkpoint)
+from .io.paths import check_name
 from .merge import MergeOptions, merge_to_dense
 
 FORMATS = ("hf-dense", "hf-moe", "ds")
@@ -103,12 +104,12 @@ def _ds_plan(view) -> Plan:
 # ------------------------------------------------------------------------------------------------------ writers
 def _write_hf(view, out: Path, overwrite: bool, side_dir: Path, desc: str, max_shard_bytes: int) -> int:
     return write_hf_checkpoint(view, out, overwrite=overwrite, side_dir=side_dir, desc=desc,
-                               max_shard_bytes=max_shard_bytes)
+                               max_shard_bytes=max_shard_bytes, inputs=(view.path,))
 
 
 def _write_ds(view, out: Path, overwrite: bool, side_dir: Path, ep_size: int, tag: str) -> int:
     n = len(_ds_plan(view).entries)
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, inputs=(view.path,)) as tmp:
         with tqdm(total=n, desc="to ds", unit="tensor", file=sys.stderr, disable=None) as bar:
             nbytes = write_ds_checkpoint(view, tmp, ep_size=ep_size, tag=tag, progress=bar)
         write_config(tmp, view.config)
@@ -152,10 +153,14 @@ def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1,
     merge.validate_merge(to=to, expert=expert)
     if expert is not None and to != "hf-dense":
         raise UserError("--expert applies to --to hf-dense only")
-    if not dry_run:
-        check_output_dir(output, overwrite)
+    if not max_shard_bytes > 0:
+        raise UserError(f"--max-shard-gb must be > 0 (got {max_shard_bytes / 1024**3:g})")
+    if to == "ds":
+        check_name(out_tag, "--out-tag")
     if Path(output).resolve() == Path(input).resolve():
         raise UserError("--output must differ from --input")
+    if not dry_run:
+        check_output_dir(output, overwrite, inputs=(input,))
     fmt, reader = open_checkpoint(input, tag=tag, weights=weights)
     side = _side_dir(reader)
     out = Path(output)

@@ -71,14 +71,23 @@ def make_jsonl(path: Path, n: int, kind: str = "prompt_response", seed: int = 0)
     return Path(path)
 
 
-def make_demo(out: Path, family: str = "llama", rows: int = 400, seed: int = 0) -> tuple[Path, Path]:
-    """OUT/dense (tiny random dense model + tokenizer) and OUT/train.jsonl (prompt/response rows)."""
+def make_demo(out: Path, family: str = "llama", rows: int = 400, seed: int = 0, overwrite: bool = False
+              ) -> tuple[Path, Path]:
+    """OUT/dense (tiny random dense model + tokenizer) and OUT/train.jsonl (prompt/response rows), written into a
+    temp dir renamed to OUT at the end (OUT must not exist unless `overwrite`)."""
+    from .io.hf import atomic_output_dir
+
     out = Path(out)
     torch.manual_seed(seed)
     extra = {"head_dim": 16} if family == "qwen3" else {}
     config = getattr(transformers, CONFIGS[family])(**TINY, **extra)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out / "dense")
-    make_tokenizer(out / "dense")
-    make_jsonl(out / "train.jsonl", rows, seed=seed)
+    with atomic_output_dir(out, overwrite) as tmp:
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp / "dense")
+        finally:
+            transformers.utils.logging.enable_progress_bar()
+        make_tokenizer(tmp / "dense")
+        make_jsonl(tmp / "train.jsonl", rows, seed=seed)
     return out / "dense", out / "train.jsonl"

@@ -9,3 +9,11 @@ class UserError(Exception):
 
 class ReportedByAnotherRank(UserError):
     """A UserError of a multi-rank job that rank 0 reports: the other ranks exit 2 without printing it again."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (or another terminating signal) arrived: unwind like KeyboardInterrupt, removing partial outputs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

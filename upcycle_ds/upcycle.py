@@ -58,6 +58,10 @@ class UpcycleOptions:
     once training starts; breaks exact equivalence by design."""
 
     def validate(self) -> None:
+        for name in ("capacity_factor", "noise_std", "reinit_ratio"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
         if self.num_experts < 2:
             raise UserError(f"--num-experts must be >= 2 (got {self.num_experts})")
         if not 1 <= self.top_k <= self.num_experts:

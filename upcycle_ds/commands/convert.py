@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..convert import convert
+from ..errors import UserError
 from ..merge import MergeOptions
 from ..upcycle import UpcycleOptions
 
@@ -51,6 +52,21 @@ class Args(MergeOptions, UpcycleOptions):
     """Replace --output if it exists (only after the new checkpoint is complete)."""
     max_shard_gb: float = 2.0
     """HF output: largest safetensors shard, in GiB."""
+
+
+    def __post_init__(self):
+        from ..io.paths import check_name
+        from .upcycle import check_shard_size
+
+        self.validate()
+        check_shard_size(self.max_shard_gb)
+        if self.ep_size < 1:
+            raise UserError(f"--ep-size must be >= 1 (got {self.ep_size})")
+        if self.expert is not None and self.expert < 0:
+            raise UserError(f"--expert must be >= 0 (got {self.expert})")
+        check_name(self.out_tag, "--out-tag")
+        if self.tag is not None:
+            check_name(self.tag, "--tag")
 
 
 def run(args: Args) -> int:

@@ -8,25 +8,33 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from ..io.hf import check_output_dir
+from ..errors import UserError
 
 
 @dataclass(kw_only=True)
 class Args:
     out: str
-    """Directory to create (must not exist)."""
+    """Directory to create (must not exist unless --overwrite)."""
     family: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"
     """Model family of the tiny dense model."""
     rows: int = 400
     """Synthetic training rows."""
     seed: int = 0
     """Seed for weights and data."""
+    overwrite: bool = False
+    """Replace OUT if it exists (only after the new one is complete)."""
+
+
+    def __post_init__(self):
+        if self.rows < 1:
+            raise UserError(f"--rows must be >= 1 (got {self.rows})")
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0 (got {self.seed})")
 
 
 def run(args: Args) -> int:
     from ..demo import make_demo
 
-    check_output_dir(args.out, overwrite=False)
-    dense, data = make_demo(args.out, args.family, args.rows, args.seed)
+    dense, data = make_demo(args.out, args.family, args.rows, args.seed, overwrite=args.overwrite)
     print(f"wrote {dense} and {data}", file=sys.stderr)
     return 0

@@ -65,7 +65,8 @@ def run(args: Args) -> int:
     if args.gpu_memory_gb <= 0:
         raise UserError(f"--gpu-memory-gb must be > 0 (got {args.gpu_memory_gb})")
     config = load_config(args.model)
-    _, is_moe = family_for(config)
+    family, is_moe = family_for(config)
+    family.check_config(config, f"{args.model} config.json")
     if is_moe:
         shape = shape_from_config(config)
         for flag, want, have in (("--num-experts", args.num_experts, shape.num_experts),

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from ..errors import UserError
+from ..io.text import check_utf8
 from ..upit.seed_data import ExpertModels, SeedRows, output_rows, select
 
 
@@ -73,6 +74,14 @@ def run(args: Args) -> int:
             raise UserError(f"{p} exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: parent directory does not exist")
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; --out names the output jsonl file")
+    from ..data.sources import parse_sources
+
+    local = [Path(spec.path) for spec in parse_sources(args.data) if Path(spec.path).is_file()]
+    for p in (out, report_path):
+        if any(p.resolve() == d.resolve() for d in local):
+            raise UserError(f"{p} is the input --data; write the output elsewhere")
     if not 0 < args.fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1] (got {args.fraction})")
     if args.min_samples < 0:
@@ -82,6 +91,8 @@ def run(args: Args) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    for d in local:
+        check_utf8(d, "--data")
 
     models = ExpertModels(args.experts, args.moe)
     rows = SeedRows(args.data, args.data_cache)

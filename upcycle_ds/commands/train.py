@@ -18,11 +18,10 @@ Args = TrainArgs
 
 
 def run(args: TrainArgs) -> int:
-    from ..launch.local import launched_by_a_launcher, launch_local, preflight
+    from ..launch.local import launch_checked, launched_by_a_launcher
 
     if args.nproc is not None and not launched_by_a_launcher():
-        preflight(args, world_size=args.nproc)
-        return launch_local(args)
+        return launch_checked(args, "train")
     from ..train.trainer import run_rank
 
     return run_rank(args)

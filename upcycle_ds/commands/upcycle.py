@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from ..errors import UserError
 from ..granular import ALIGN, valid_granularities
 from ..io.hf import HFCheckpoint, check_output_dir, write_hf_checkpoint
 from ..upcycle import UpcycledView, UpcycleOptions
@@ -25,11 +26,21 @@ class Args(UpcycleOptions):
     """Largest safetensors shard, in GiB."""
 
 
+    def __post_init__(self):
+        self.validate()
+        check_shard_size(self.max_shard_gb)
+
+
+def check_shard_size(gb: float) -> None:
+    if not gb > 0:
+        raise UserError(f"--max-shard-gb must be > 0 (got {gb})")
+
+
 def run(args: Args) -> int:
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, inputs=(args.model,))
     view = UpcycledView(HFCheckpoint(args.model), args)
     nbytes = write_hf_checkpoint(view, args.out, overwrite=args.overwrite, side_dir=view.path, desc="upcycle",
-                                 max_shard_bytes=int(args.max_shard_gb * 1024**3))
+                                 max_shard_bytes=int(args.max_shard_gb * 1024**3), inputs=(args.model,))
     grain = ""
     if args.is_granular:
         grain = f" of intermediate size {view.expert_intermediate}"

@@ -31,8 +31,16 @@ class Args(AssembleOptions):
     """Largest safetensors shard, in GiB."""
 
 
+    def __post_init__(self):
+        from .upcycle import check_shard_size
+
+        self.validate()
+        check_shard_size(self.max_shard_gb)
+
+
 def run(args: Args) -> int:
-    check_output_dir(args.out, args.overwrite)
+    inputs = (*args.checkpoints, args.base)
+    check_output_dir(args.out, args.overwrite, inputs=inputs)
     cks = open_checkpoints(args.checkpoints)
     base = HFCheckpoint(args.base) if args.base else None
     view = AssembledView(cks, args, base)
@@ -40,7 +48,7 @@ def run(args: Args) -> int:
         print("note: no --base given; expansion deltas are taken from the first checkpoint "
               f"({cks[0].path}); pass the pre-SFT dense model as --base to follow UpIT", file=sys.stderr)
     nbytes = write_hf_checkpoint(view, args.out, overwrite=args.overwrite, side_dir=view.path, desc="upit-assemble",
-                                 max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                                 max_shard_bytes=int(args.max_shard_gb * 1024**3), inputs=inputs,
                                  extra=lambda tmp: (tmp / REPORT).write_text(json.dumps(view.report(), indent=2) + "\n"))
     n_ck = len(view.used)
     grain = f"; each MLP split into {args.granularity} experts" if args.granularity > 1 else ""

@@ -40,6 +40,24 @@ class MoESpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Attention:
+    """How transformers builds one model type's attention weights (its `*Attention.__init__`)."""
+
+    qkv_bias: bool | tuple[str, bool] = False
+    """q/k/v projections have a bias: a constant, or (config key, its default)."""
+    o_bias: bool | tuple[str, bool] = False
+    """o_proj has a bias: a constant, or (config key, its default)."""
+    qk_norm: bool = False
+    """q_norm / k_norm weights of size head_dim (Qwen3)."""
+    default_head_dim: int | None = None
+    """head_dim when config.json has none (None: hidden_size // num_attention_heads)."""
+
+    @staticmethod
+    def flag(spec, cfg: dict) -> bool:
+        return bool(cfg.get(spec[0], spec[1])) if isinstance(spec, tuple) else bool(spec)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Family:
     """One model family: dense HF names and the HF MoE export target with its names."""
 
@@ -70,6 +88,10 @@ class Family:
     dense_config_fields: Callable[[dict], dict] | None = None
     """reverse: family-specific fields to restore when collapsing an MoE back to dense."""
     num_experts_key: str = "num_local_experts"
+    dense_attention: Attention = Attention()
+    """Attention weights of the dense model type (biases, q/k norms, head_dim default)."""
+    moe_attention: Attention = Attention()
+    """Attention weights of the MoE export target."""
 
     # ---------------------------------------------------------------- names
     def dense_mlp_key(self, layer: int, proj: str) -> str:
@@ -185,12 +207,157 @@ class Family:
     def expert_intermediate_size(self, moe_cfg: dict) -> int:
         return int(moe_cfg.get("moe_intermediate_size", moe_cfg["intermediate_size"]))
 
+    # ---------------------------------------------------------------- shapes
+    def check_config(self, cfg, where: str = "config.json") -> None:
+        """The keys every weight shape depends on are present, positive ints, and consistent (UserError otherwise)."""
+        if not isinstance(cfg, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+        is_moe = cfg.get("model_type") == self.moe_model_type
+        need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"]
+        if is_moe:
+            need += ["num_experts_per_tok"]
+            if "moe_intermediate_size" not in cfg:
+                need.append("intermediate_size")
+        else:
+            need.append("intermediate_size")
+        optional = ["num_key_value_heads", "head_dim", "moe_intermediate_size", "intermediate_size",
+                    "shared_expert_intermediate_size", "decoder_sparse_step"]
+        for key in need + optional:
+            if key not in cfg or (cfg[key] is None and key not in need):
+                if key in need:
+                    raise UserError(f"{where}: required key {key!r} is missing")
+                continue
+            v, least = cfg[key], 0 if "intermediate" in key or key == "decoder_sparse_step" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise UserError(f"{where}: {key} must be an integer >= {least} (got {v!r})")
+        heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
+            raise UserError(f"{where}: hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
+                            f"{heads} (and no head_dim is given)")
+        if heads % kv:
+            raise UserError(f"{where}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")
+        if is_moe:
+            for key in dict.fromkeys((self.num_experts_key, "num_experts", "num_local_experts")):
+                v = cfg.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    raise UserError(f"{where}: {key} must be an integer >= 1 (got {v!r})")
+            E = self.num_experts(cfg)
+            if not 1 <= int(cfg["num_experts_per_tok"]) <= E:
+                raise UserError(f"{where}: num_experts_per_tok {cfg['num_experts_per_tok']} is not in 1..{E} "
+                                f"(the number of experts)")
+            for key in ("mlp_only_layers",):
+                v = cfg.get(key) or []
+                if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+                    raise UserError(f"{where}: {key} must be a list of layer indices (got {v!r})")
+
+    def expected_shapes(self, cfg: dict, where: str = "config.json") -> dict[str, tuple[int, ...]]:
+        """HF key -> shape of every weight of a checkpoint with config `cfg` (dense, or MoE in the hub per-expert
+        layout), as transformers builds the model (tested against its classes on the meta device).
+        `lm_head.weight` is included; a checkpoint with tied embeddings may omit it."""
+        self.check_config(cfg, where)
+        is_moe = cfg.get("model_type") == self.moe_model_type
+        attn = self.moe_attention if is_moe else self.dense_attention
+        H, V, n = int(cfg["hidden_size"]), int(cfg["vocab_size"]), int(cfg["num_hidden_layers"])
+        heads = int(cfg["num_attention_heads"])
+        kv = int(cfg.get("num_key_value_heads") or heads)
+        hd = int(cfg.get("head_dim") or attn.default_head_dim or H // heads)
+        out = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+        moe = set(self.moe_layers(cfg)) if is_moe else set()
+        for layer in range(n):
+            pre = f"model.layers.{layer}."
+            out[pre + "input_layernorm.weight"] = (H,)
+            out[pre + "post_attention_layernorm.weight"] = (H,)
+            a = pre + "self_attn."
+            out.update({a + "q_proj.weight": (heads * hd, H), a + "k_proj.weight": (kv * hd, H),
+                        a + "v_proj.weight": (kv * hd, H), a + "o_proj.weight": (H, heads * hd)})
+            if attn.flag(attn.qkv_bias, cfg):
+                out.update({a + "q_proj.bias": (heads * hd,), a + "k_proj.bias": (kv * hd,),
+                            a + "v_proj.bias": (kv * hd,)})
+            if attn.flag(attn.o_bias, cfg):
+                out[a + "o_proj.bias"] = (H,)
+            if attn.qk_norm:
+                out.update({a + "q_norm.weight": (hd,), a + "k_norm.weight": (hd,)})
+            if layer not in moe:
+                inter = int(cfg["intermediate_size"])
+                for p in PROJS:
+                    out[self.dense_mlp_key(layer, p)] = (H, inter) if p == "down" else (inter, H)
+                continue
+            E, inter = self.num_experts(cfg), self.expert_intermediate_size(cfg)
+            out[self.router_key(layer)] = (E, H)
+            for e in range(E):
+                for p in PROJS:
+                    out[self.expert_key(layer, e, p)] = (H, inter) if p == "down" else (inter, H)
+            if self.moe_shared:
+                s = int(cfg.get("shared_expert_intermediate_size") or 0)
+                for ours, tmpl in self.moe_shared.items():
+                    out[tmpl.format(layer=layer)] = {"shared_mlp.down_proj.weight": (H, s),
+                                                     "shared_mlp_gate.weight": (1, H)}.get(ours, (s, H))
+        return out
+
+    def fused_shapes(self, cfg: dict, layer: int) -> dict[str, tuple[int, ...]]:
+        """The transformers-5 fused expert tensors of MoE layer `layer` (read when a checkpoint holds them)."""
+        E, H, inter = self.num_experts(cfg), int(cfg["hidden_size"]), self.expert_intermediate_size(cfg)
+        return {self.moe_fused["gate_up"].format(layer=layer): (E, 2 * inter, H),
+                self.moe_fused["down"].format(layer=layer): (E, H, inter)}
+
+    def check_shapes(self, cfg: dict, shapes: dict[str, tuple[int, ...]], where: str,
+                     config_name: str = "config.json") -> None:
+        """Every tensor of a checkpoint (`shapes`: key -> shape) has the shape `cfg` implies, and none is missing
+        (experts may be per-expert or fused; lm_head may be absent with tied embeddings). Keys this family does not
+        know are allowed unless they name a decoder layer the config does not have. UserError otherwise."""
+        want = self.expected_shapes(cfg, f"{where}/{config_name}")
+        is_moe = cfg.get("model_type") == self.moe_model_type
+        fused = {}
+        if is_moe:
+            for layer in self.moe_layers(cfg):
+                fused.update({k: (layer, v) for k, v in self.fused_shapes(cfg, layer).items()})
+        n_layers = int(cfg["num_hidden_layers"])
+        fused_layers = set()
+        for key, shape in shapes.items():
+            shape = tuple(shape)
+            if key in want:
+                exp = want[key]
+            elif key in fused:
+                fused_layers.add(fused[key][0])
+                exp = fused[key][1]
+            else:
+                layer = _layer_of(key)
+                if layer is not None and layer >= n_layers:
+                    raise UserError(f"{where}: tensor {key} is for layer {layer}, but {config_name} says "
+                                    f"num_hidden_layers={n_layers}")
+                continue
+            if shape != tuple(exp):
+                raise UserError(f"{where}: tensor {key} has shape {list(shape)}, but {config_name} (hidden_size "
+                                f"{cfg['hidden_size']}, {_sizes(self, cfg)}) implies {list(exp)}")
+        tied = bool(cfg.get("tie_word_embeddings", False))
+        for key in want:
+            if key in shapes or (tied and key == "lm_head.weight"):
+                continue
+            parsed = self.parse_moe_key(key)
+            if parsed is not None and parsed[0] == "expert" and parsed[1]["layer"] in fused_layers:
+                continue
+            raise UserError(f"{where}: tensor {key} is missing ({config_name} implies it)")
+
 
 _DROP_KEYS = {"transformers_version", "_name_or_path", "architectures", "model_type", "auto_map",
               "torch_dtype", "pretraining_tp", "mlp_bias"}
 _MOE_KEYS = {"num_local_experts", "num_experts", "num_experts_per_tok", "output_router_logits", "router_aux_loss_coef",
              "router_jitter_noise", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
              "decoder_sparse_step", "mlp_only_layers", "qkv_bias"}
+
+_ANY_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _layer_of(key: str) -> int | None:
+    m = _ANY_LAYER_RE.match(key)
+    return None if m is None else int(m.group(1))
+
+
+def _sizes(fam: "Family", cfg: dict) -> str:
+    if cfg.get("model_type") == fam.moe_model_type:
+        return f"expert intermediate size {fam.expert_intermediate_size(cfg)}, {fam.num_experts(cfg)} experts"
+    return f"intermediate_size {cfg.get('intermediate_size')}"
+
 
 _TEMPLATE_CACHE: dict[str, re.Pattern] = {}
 

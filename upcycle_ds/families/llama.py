@@ -1,6 +1,6 @@
 """Llama (LlamaForCausalLM) -> Mixtral (MixtralForCausalLM); every layer must be MoE."""
 
-from .base import Family, MoESpec
+from .base import Attention, Family, MoESpec
 
 DENSE_MLP = {p: "model.layers.{layer}.mlp." + p + "_proj.weight" for p in ("gate", "up", "down")}
 
@@ -30,4 +30,5 @@ FAMILY = Family(
     moe_expert=MIXTRAL_EXPERT,
     unsupported={"attention_bias": False},
     moe_config_fields=mixtral_fields,
+    dense_attention=Attention(qkv_bias=("attention_bias", False), o_bias=("attention_bias", False)),
 )

@@ -5,7 +5,7 @@ which keeps the upcycled model equal to the dense one; `--shared-fraction` carve
 (docs/granular.md). Checkpoints with a real shared expert (e.g. Qwen1.5-MoE) load and train with it.
 """
 
-from .base import Family, MoESpec
+from .base import Attention, Family, MoESpec
 
 DENSE_MLP = {p: "model.layers.{layer}.mlp." + p + "_proj.weight" for p in ("gate", "up", "down")}
 ROUTER = "model.layers.{layer}.mlp.gate.weight"
@@ -53,4 +53,6 @@ FAMILY = Family(
     moe_config_fields=qwen2_moe_fields,
     dense_config_fields=qwen_dense_fields,
     num_experts_key="num_experts",
+    dense_attention=Attention(qkv_bias=True),
+    moe_attention=Attention(qkv_bias=("qkv_bias", True)),
 )

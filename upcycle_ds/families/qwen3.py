@@ -1,6 +1,6 @@
 """Qwen3 (Qwen3ForCausalLM) -> Qwen3-MoE (Qwen3MoeForCausalLM) with norm_topk_prob=True."""
 
-from .base import Family
+from .base import Attention, Family
 from .qwen2 import DENSE_MLP, EXPERT, ROUTER, qwen_dense_fields, qwen_moe_fields
 
 FAMILY = Family(
@@ -16,4 +16,7 @@ FAMILY = Family(
     moe_config_fields=qwen_moe_fields,
     dense_config_fields=qwen_dense_fields,
     num_experts_key="num_experts",
+    dense_attention=Attention(qkv_bias=("attention_bias", False), o_bias=("attention_bias", False), qk_norm=True,
+                              default_head_dim=128),
+    moe_attention=Attention(qkv_bias=("attention_bias", False), o_bias=("attention_bias", False), qk_norm=True),
 )

@@ -25,7 +25,8 @@ import torch
 from ..errors import UserError
 from ..families import Family, family_for
 from ..families.base import DS_BLOCK, DS_EXPERT, PROJS
-from .hf import SIDE_FILES
+from .hf import SIDE_FILES, read_json_object
+from .paths import child
 from .source import PlannedSource
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -76,7 +77,9 @@ def is_ds_checkpoint(path: str | Path) -> bool:
 
 
 def resolve_tag_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Path, str]:
-    """(save dir holding config.json, tag dir, tag) for a save dir with `latest`, a save dir + tag, or a tag dir."""
+    """(save dir holding config.json, tag dir, tag) for a save dir with `latest`, a save dir + tag, or a tag dir.
+
+    The tag (from `latest` or `--tag`) must name a dir inside the save dir (`io.paths.child`)."""
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"{p}: no such directory")
@@ -88,8 +91,10 @@ def resolve_tag_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Pat
         latest = p / "latest"
         if not latest.is_file():
             raise UserError(f"{p}: not a DeepSpeed checkpoint dir (no `latest` file and no {MODEL_STATES})")
-        tag = latest.read_text().strip()
-    tag_dir = p / tag
+        tag = read_latest(latest)
+        tag_dir = child(p, tag, f"{latest} names tag")
+    else:
+        tag_dir = child(p, tag, "--tag")
     if not (tag_dir / MODEL_STATES).is_file():
         have = sorted(d.name for d in p.iterdir() if (d / MODEL_STATES).is_file())
         what = "does not exist" if not tag_dir.exists() else f"has no {MODEL_STATES}"
@@ -97,14 +102,25 @@ def resolve_tag_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Pat
     return p, tag_dir, tag
 
 
+def read_latest(latest: Path) -> str:
+    """The tag written in a `latest` file (stripped), or a one-line UserError for a file that is not a short text."""
+    try:
+        raw = latest.read_bytes()[:4097]
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UserError(f"{latest}: not a text file naming a checkpoint tag") from None
+    except OSError as e:
+        raise UserError(f"{latest}: cannot read ({e.strerror})") from None
+    if len(raw) > 4096 or not tag:
+        raise UserError(f"{latest}: expected one checkpoint tag, got {len(raw)} bytes")
+    return tag
+
+
 def _read_config(save_dir: Path, tag_dir: Path) -> tuple[dict, Path]:
     for d in (save_dir, tag_dir):
         f = d / "config.json"
         if f.is_file():
-            try:
-                return json.loads(f.read_text()), d
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{f}: not valid JSON ({e})") from None
+            return read_json_object(f), d
     raise UserError(f"{save_dir}: no config.json next to `latest` (the HF MoE config the model was built from; "
                     f"the trainer writes it)")
 
@@ -131,9 +147,10 @@ class DSCheckpoint(PlannedSource):
                             f"DeepSpeed MoE checkpoint needs the HF MoE config it was built from")
         self.weights = weights
         fam = self.family
+        fam.check_config(self.config, str(self.side_dir / "config.json"))
         self.moe_layers = fam.moe_layers(self.config)
         self.num_experts = fam.num_experts(self.config)
-        self._states = load_pt(self.tag_dir / MODEL_STATES)
+        self._states = load_pt(self.file(MODEL_STATES))
         module = self._states.get("module")
         if not isinstance(module, dict):
             raise UserError(f"{self.tag_dir / MODEL_STATES}: no `module` state dict (not a DeepSpeed model file)")
@@ -153,6 +170,11 @@ class DSCheckpoint(PlannedSource):
                 raise UserError(f"{self.tag_dir / MODEL_STATES}: holds expert weight {name}; expected them in "
                                 f"per-expert files (not a native DeepSpeed-MoE checkpoint of ours)")
             self._plan[fam.hf_key_for_ds_param(name, 0)] = (t.dtype, tuple(t.shape), ("module", name))
+        want = fam.expected_shapes(self.config, str(self.side_dir / "config.json"))
+        for key, (_, shape, src) in self._plan.items():
+            if key in want and tuple(shape) != tuple(want[key]):
+                raise UserError(f"{self.tag_dir / MODEL_STATES}: {src[1]} has shape {list(shape)}, but config.json "
+                                f"implies {list(want[key])} (checkpoint and config.json do not match)")
         first = self._load_expert(0, 0)
         hidden = int(self.config["hidden_size"])
         inter = fam.expert_intermediate_size(self.config)
@@ -173,7 +195,7 @@ class DSCheckpoint(PlannedSource):
     def _check_expert_files(self) -> None:
         n_moe, E = len(self.moe_layers), self.num_experts
         saved = self._states.get("num_experts")
-        if isinstance(saved, list) and saved and (len(saved) != n_moe or any(int(x) != E for x in saved)):
+        if isinstance(saved, list) and saved and (len(saved) != n_moe or any(x != E for x in saved)):
             raise UserError(f"{self.tag_dir / MODEL_STATES}: saved with experts per MoE layer {saved}, but "
                             f"config.json says {n_moe} MoE layers x {E} experts")
         found: dict[int, set[int]] = {}
@@ -198,7 +220,28 @@ class DSCheckpoint(PlannedSource):
                 raise UserError(f"{self.tag_dir / EXPERT_FILE.format(moe_layer=L, expert=missing[0])}: missing "
                                 f"(expert {missing[0]} of MoE layer {L})")
             for g in range(E):
-                _check_zip(self.tag_dir / EXPERT_FILE.format(moe_layer=L, expert=g))
+                self._check_expert(L, g)
+
+    def file(self, name: str) -> Path:
+        """A file of the tag dir; a symlink leading outside it is refused."""
+        return child(self.tag_dir, name, str(self.tag_dir))
+
+    def _check_expert(self, L: int, g: int) -> None:
+        """Expert file (L, g) holds the three weights of that expert, with the shapes config.json implies."""
+        f = self.file(EXPERT_FILE.format(moe_layer=L, expert=g))
+        _check_zip(f)
+        hidden, inter = int(self.config["hidden_size"]), self.family.expert_intermediate_size(self.config)
+        sd = load_pt(f)
+        layer = self.moe_layers[L]
+        for proj in PROJS:
+            ours = ds_expert_name(layer, g, proj)
+            t = sd.get(ours)
+            want = (hidden, inter) if proj == "down" else (inter, hidden)
+            if not isinstance(t, torch.Tensor):
+                raise UserError(f"{f}: has no {ours} (expert file does not match config.json)")
+            if tuple(t.shape) != want:
+                raise UserError(f"{f}: {ours} has shape {list(t.shape)}, but config.json (hidden_size {hidden}, "
+                                f"expert intermediate size {inter}) implies {list(want)}")
 
     # ------------------------------------------------------------------ read interface
     def dtype(self, key: str) -> torch.dtype:
@@ -232,7 +275,7 @@ class DSCheckpoint(PlannedSource):
     def _load_expert(self, L: int, g: int) -> dict[str, torch.Tensor]:
         if self._cached != (L, g):
             self._cache = {}
-            self._cache = load_pt(self.tag_dir / EXPERT_FILE.format(moe_layer=L, expert=g))
+            self._cache = load_pt(self.file(EXPERT_FILE.format(moe_layer=L, expert=g)))
             self._cached = (L, g)
         return self._cache
 
@@ -263,7 +306,7 @@ class _ZeroMaster:
         for f in ckpt.tag_dir.iterdir():
             m = _ZERO_RE.match(f.name)
             if m:
-                files[int(m.group(2))] = f
+                files[int(m.group(2))] = ckpt.file(f.name)
         module = ckpt._states["module"]
         if not files:
             if all(t.dtype == torch.float32 for t in module.values() if isinstance(t, torch.Tensor)):
@@ -458,7 +501,7 @@ def write_ds_checkpoint(source, out_dir: Path, *, ep_size: int, tag: str = "glob
             raise UserError(f"{source.path}: tensor {key} is missing")
         t_dtype = dtype or (source.dtype(key) if key in source else None)
         module.append((name, key, shape, t_dtype))
-    tag_dir = out_dir / tag
+    tag_dir = child(out_dir, tag, "--out-tag")
     tag_dir.mkdir(parents=True)
     by_name = {name: key for name, key, _, _ in module}
     plan = []

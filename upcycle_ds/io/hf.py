@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UserError
+from .paths import child
 from .source import PlannedSource
 
 INDEX = "model.safetensors.index.json"
@@ -37,10 +38,27 @@ def read_config(path: str | Path) -> dict:
     cfg = path / "config.json"
     if not cfg.is_file():
         raise UserError(f"{path}: no config.json (not an HF checkpoint dir)")
+    return read_json_object(cfg)
+
+
+def read_json_object(path: Path, what: str = "") -> dict:
+    """A JSON file that must hold an object (config.json, an index); one-line UserError otherwise."""
     try:
-        return json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{cfg}: not valid JSON ({e})") from None
+        data = json.loads(path.read_bytes(), parse_constant=_no_constant)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
+        raise UserError(f"{path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object{what}, got {type(data).__name__}")
+    return data
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -48,43 +66,105 @@ def _safetensors_header(path: Path) -> dict:
     return _safetensors_layout(path)[0]
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _tensor_info(path: Path, key, info) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, validated as the safetensors library does."""
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: header entry {key!r} is not an object (corrupt header)")
+    dt, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dt not in _DTYPES:
+        raise UserError(f"{path}: tensor {key} has unsupported dtype {dt!r}")
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise UserError(f"{path}: tensor {key} has shape {shape!r}; expected a list of integers >= 0 (corrupt header)")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise UserError(f"{path}: tensor {key} has data_offsets {offsets!r}; expected [begin, end] with "
+                        f"0 <= begin <= end (corrupt header)")
+    dtype, shape = _DTYPES[dt], tuple(shape)
+    start, end = offsets
+    if end - start != _nbytes(dtype, shape):
+        raise UserError(f"{path}: tensor {key} has {end - start} bytes, its shape {list(shape)} {dt} needs "
+                        f"{_nbytes(dtype, shape)} (corrupt header)")
+    return dtype, shape, start, end
+
+
 def _safetensors_layout(path: Path) -> tuple[dict, int]:
-    """(validated header, file offset where tensor data starts)."""
-    size = path.stat().st_size
+    """(validated header {key: (dtype, shape, start, end)}, file offset where tensor data starts).
+
+    The checks of the safetensors library: a JSON object header within the file, known dtypes, shapes of integers
+    >= 0, byte ranges that match dtype x shape and tile the data section exactly (no overlap, gap or trailing byte).
+    """
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError("header longer than file")
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a valid safetensors file ({e})") from None
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise UserError(f"{path}: not a valid safetensors file ({size} bytes, shorter than its 8-byte "
+                                f"header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > _MAX_HEADER:
+                raise UserError(f"{path}: not a valid safetensors file (header length {n} exceeds the file)")
+            text = f.read(n)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as e:
-        raise UserError(f"{path}: not a valid safetensors header ({type(e).__name__}: {e})") from None
-    if 8 + n + end > size:
-        raise UserError(f"{path}: truncated safetensors file ({size} bytes, header says {8 + n + end})")
-    return header, 8 + n
+        header = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a valid safetensors file (header is not JSON: {str(e)[:120]})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a valid safetensors file (header is not a JSON object)")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        raise UserError(f"{path}: __metadata__ must map strings to strings (corrupt header)")
+    entries = {key: _tensor_info(path, key, info) for key, info in header.items()}
+    pos = 0
+    for key, (_, _, start, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if start != pos:
+            what = "overlaps the previous tensor" if start < pos else f"leaves a gap of {start - pos} bytes"
+            raise UserError(f"{path}: tensor {key} starts at byte {start}: it {what} (corrupt header)")
+        pos = end
+    data = size - 8 - n
+    if pos > data:
+        raise UserError(f"{path}: truncated safetensors file ({size} bytes, header says {8 + n + pos})")
+    if pos < data:
+        raise UserError(f"{path}: {data - pos} bytes after the last tensor (corrupt or not a safetensors file)")
+    return entries, 8 + n
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The weight map {tensor key: shard file name} of a sharded checkpoint's index, validated."""
+    index = read_json_object(path, " (a safetensors index)")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{path}: `weight_map` must be an object of tensor name -> shard file "
+                        f"(got {type(weight_map).__name__})")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise UserError(f"{path}: weight_map[{key!r}] must be a shard file name (got {shard!r})")
+    return weight_map
 
 
 class HFCheckpoint(PlannedSource):
     """Read-only view of an HF checkpoint dir: config plus lazily read tensors, one at a time.
+
+    Everything is validated before a tensor is read: config.json, the index and every shard header (as the
+    safetensors library does), shard names (inside the dir), and every tensor's shape against what config.json
+    implies for its model family (`Family.check_shapes`; `check_shapes=False` skips that for other model types).
 
     Tensors are read with plain file reads into fresh buffers, not memory-mapped: a mapping keeps every page it has
     touched in the process's RSS (file-backed) for as long as the shard stays open, so streaming a whole checkpoint
     through mmap shows an RSS as large as the input even though only one tensor is held.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, check_shapes: bool = True):
         self.path = Path(path)
         self.config = read_config(self.path)
         index = self.path / INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+            weight_map = read_index(index)
         elif (self.path / SINGLE).is_file():
             weight_map = None
         else:
@@ -94,24 +174,16 @@ class HFCheckpoint(PlannedSource):
             raise UserError(f"{self.path}: no {SINGLE} or {INDEX}")
         self._plan: dict[str, tuple[torch.dtype, tuple[int, ...], str]] = {}  # key -> (dtype, shape, shard)
         self._offsets: dict[str, int] = {}  # key -> absolute file offset of its bytes in its shard
+        self._files: dict[str, Path] = {}
         shards = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE]
         for shard in shards:
-            f = self.path / shard
+            f = self._files[shard] = child(self.path, shard, f"{index} names shard")
             if not f.is_file():
                 raise UserError(f"{self.path}: shard {shard} named in {INDEX} is missing")
             header, data_start = _safetensors_layout(f)
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
+            for key, (dtype, shape, start, _) in header.items():
                 if weight_map is not None and weight_map.get(key) != shard:
                     continue
-                if info.get("dtype") not in _DTYPES:
-                    raise UserError(f"{f}: tensor {key} has unsupported dtype {info.get('dtype')!r}")
-                dtype, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
-                start, end = (int(x) for x in info["data_offsets"])
-                if end - start != _nbytes(dtype, shape):
-                    raise UserError(f"{f}: tensor {key} has {end - start} bytes, its shape {list(shape)} "
-                                    f"{info['dtype']} needs {_nbytes(dtype, shape)} (corrupt header)")
                 self._plan[key] = (dtype, shape, shard)
                 self._offsets[key] = data_start + start
         if weight_map is not None:
@@ -119,6 +191,11 @@ class HFCheckpoint(PlannedSource):
             if missing:
                 raise UserError(f"{self.path}: tensor {missing[0]} named in {INDEX} is not in its shard")
         self._handles: dict[str, object] = {}
+        if check_shapes:
+            from ..families import family_for
+
+            family, _ = family_for(self.config)
+            family.check_shapes(self.config, {k: v[1] for k, v in self._plan.items()}, str(self.path))
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._plan:
@@ -128,12 +205,12 @@ class HFCheckpoint(PlannedSource):
         if buf.numel():
             f = self._handles.get(shard)
             if f is None:
-                f = self._handles[shard] = open(self.path / shard, "rb", buffering=0)
+                f = self._handles[shard] = open(self._files[shard], "rb", buffering=0)
             view, pos, done = memoryview(buf.numpy()), self._offsets[key], 0
             while done < len(view):
                 n = os.preadv(f.fileno(), [view[done:]], pos + done)
                 if n <= 0:
-                    raise UserError(f"{self.path / shard}: unexpected end of file reading {key}")
+                    raise UserError(f"{self._files[shard]}: unexpected end of file reading {key}")
                 done += n
         return buf.view(dtype).reshape(shape)
 
@@ -231,16 +308,27 @@ def write_sharded(out_dir: Path, plan: list[tuple[str, torch.dtype, tuple[int, .
 
 
 def write_hf_checkpoint(source, out: str | Path, *, overwrite: bool = False, side_dir: str | Path | None = None,
-                        desc: str = "write", max_shard_bytes: int = 2 * 1024**3, get=None, extra=None) -> int:
+                        desc: str = "write", max_shard_bytes: int = 2 * 1024**3, get=None, extra=None,
+                        inputs: tuple = ()) -> int:
     """Write any weight source (config, keys, shape, dtype, get) as an HF checkpoint dir, atomically: streamed
     safetensors shards (+ index), config.json, tokenizer/generation files from `side_dir`, and `extra(tmp_dir)` for
-    any additional file. `get` overrides `source.get`. Returns the tensor bytes written."""
+    any additional file. `get` overrides `source.get`. Before anything is written, every planned tensor's shape is
+    checked against what the config implies (`Family.check_shapes`), so transformers will load the result.
+    `inputs`: paths the output must not replace. Returns the tensor bytes written."""
     import sys
 
     from tqdm import tqdm
 
+    from ..families import family_for
+
+    if not max_shard_bytes > 0:
+        raise UserError(f"the largest shard must be > 0 bytes (got {max_shard_bytes})")
+    check_output_dir(out, overwrite, inputs)
     plan = [(k, source.dtype(k), tuple(source.shape(k))) for k in source.keys()]
-    with atomic_output_dir(out, overwrite) as tmp:
+    family, _ = family_for(source.config)
+    family.check_shapes(source.config, {k: s for k, _, s in plan}, f"{desc} output for {out}",
+                        config_name="its config")
+    with atomic_output_dir(out, overwrite, inputs) as tmp:
         with tqdm(total=len(plan), desc=desc, unit="tensor", file=sys.stderr, disable=None) as bar:
             nbytes = write_sharded(tmp, plan, get or source.get, max_shard_bytes, progress=bar)
         write_config(tmp, source.config)
@@ -252,44 +340,85 @@ def write_hf_checkpoint(source, out: str | Path, *, overwrite: bool = False, sid
 
 
 def write_config(out_dir: Path, config: dict) -> None:
-    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer / generation files of `src` (those of SIDE_FILES that exist) into `dst`; a symlink that leads
+    outside `src` is refused (a checkpoint must not make us copy arbitrary files into an output)."""
     for name in SIDE_FILES:
         f = Path(src) / name
         if f.is_file():
-            shutil.copy2(f, Path(dst) / name)
+            shutil.copy2(child(src, name, f"{src}: side file"), Path(dst) / name)
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Path:
+    """`out` may be written: it does not exist (or `overwrite`), its parent does, and it is not (and does not
+    contain) one of `inputs`, which replacing it would destroy."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.exists():
+    if not out.parent.is_dir():
         raise UserError(f"{out.parent}: parent directory does not exist")
+    real = out.resolve()
+    for src in inputs:
+        if src is None:
+            continue
+        s = Path(src).resolve()
+        if s == real or s.is_relative_to(real):
+            raise UserError(f"{out} {'is' if s == real else 'contains'} the input {src}; write the output elsewhere")
     return out
 
 
+def _write_error(e: OSError, out: Path, tmp: Path | None) -> UserError:
+    """One line for an OSError while writing `out` (through its temp dir `tmp`): disk full, read-only, no permission,
+    file size limit; an error on another file (an input) names that file."""
+    name = getattr(e, "filename", None)
+    if name is not None and tmp is not None:
+        p = Path(name).resolve()
+        if not (p == out.resolve() or p.is_relative_to(tmp.resolve()) or p.name.startswith(f".{out.name}.")):
+            return UserError(f"{name}: {e.strerror or e}")
+    return UserError(f"cannot write {out}: {e.strerror or e}")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir next to `out`; on success it is renamed to `out`, on any error it is removed."""
-    out = check_output_dir(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: tuple = ()) -> Iterator[Path]:
+    """Yield a temp dir next to `out`; on success it is renamed to `out`, on any error (or signal turned exception)
+    it is removed. OSErrors (disk full, read-only location, permissions) become one-line UserErrors."""
+    out = check_output_dir(out, overwrite, inputs)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise _write_error(e, out, None) from None
     try:
         yield tmp
+        replace_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, out, tmp) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, out)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished dir `tmp` to `out`, replacing an existing `out` only once `tmp` is complete."""
-    if out.exists():
+    """Move the finished dir `tmp` to `out`, replacing an existing `out` (dir, file or symlink) only once `tmp` is
+    complete; nothing of the old `out` is left behind."""
+    if out.exists() or out.is_symlink():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        _remove(old)
     else:
         os.replace(tmp, out)

@@ -184,6 +184,51 @@ class TrainArgs:
             raise UserError("--save-every / --eval-every must be >= 0")
         if self.lr <= 0:
             raise UserError("--lr must be > 0")
+        self.validate_values()
+
+    def validate_values(self) -> None:
+        """Ranges of single values (no world size or model needed): every float finite, betas in [0, 1), fractions
+        in range, regexes that compile. A --config YAML value or a programmatic TrainArgs reach this too."""
+        import dataclasses
+        import math
+        import re
+        import typing
+
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            vals = v if isinstance(v, (list, tuple)) else [v]
+            if "float" in str(hints.get(f.name)) and any(isinstance(x, float) and not math.isfinite(x) for x in vals):
+                raise UserError(f"--{_flag(f.name)} must be a finite number (got {v})")
+        if not (self.lr > 0):
+            raise UserError(f"--lr must be > 0 (got {self.lr})")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise UserError(f"--adam-betas must be two numbers in [0, 1) (got {list(self.adam_betas)})")
+        if not 0 <= self.eval_fraction < 1:
+            raise UserError(f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"--min-lr-ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise UserError(f"--capacity-factor must be > 0 (got {self.capacity_factor})")
+        if self.max_steps is None and not self.epochs > 0:
+            raise UserError(f"--epochs must be > 0 (got {self.epochs})")
+        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if self.max_length < 2:
+            raise UserError(f"--max-length must be >= 2 (got {self.max_length})")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UserError(f"--max-samples must be >= 1 (got {self.max_samples})")
+        if self.num_experts is not None and self.num_experts < 2:
+            raise UserError(f"--num-experts must be >= 2 (got {self.num_experts})")
+        if self.top_k < 1:
+            raise UserError(f"--top-k must be >= 1 (got {self.top_k})")
+        for flag, pats in (("--freeze", self.freeze), ("--train-only", self.train_only)):
+            for pat in pats:
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise UserError(f"{flag} {pat!r} is not a valid regular expression ({e})") from None
         if self.heatmap_every < 0 or self.collapse_steps < 1 or not self.collapse_factor > 1:
             raise UserError("--heatmap-every must be >= 0, --collapse-steps >= 1 and --collapse-factor > 1")
         if self.log_every < 1:
@@ -204,6 +249,10 @@ class TrainArgs:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def deepspeed_config(args: TrainArgs, world_size: int, on_gpu: bool) -> dict:

@@ -118,6 +118,7 @@ class Trainer:
         self.run_dir = Path(args.out)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.state = TrainState()
+        self.lock = None
         with one_error_for_all():
             self._open_inputs()
         with one_error_for_all():  # after the barrier in one_error_for_all: the cache is there on every node
@@ -140,6 +141,10 @@ class Trainer:
         from transformers import AutoTokenizer
 
         args, hooks = self.args, self.hooks
+        if self.rank == 0:  # one job per run dir (inherited from `--nproc N`'s launcher, taken here under srun etc.)
+            from ..launch.run_lock import RunLock
+
+            self.lock = RunLock(self.run_dir).acquire()
         if hooks.dense:
             self.source, self.num_experts = open_dense_source(args), 1
         else:
@@ -435,6 +440,8 @@ class Trainer:
             raise
         finally:
             self.tracker.finish(exit_code=exit_code)
+            if self.lock is not None:
+                self.lock.release()
 
 
 def run_rank(args: TrainArgs, hooks: StageHooks | None = None) -> int:

@@ -17,6 +17,7 @@ one entry per expert, in expert order (or a plain list of such entries). Runs in
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,9 @@ def load_prompts(path: str, num_experts: int) -> list[tuple[list[str], list[str]
     if not p.is_file():
         raise UserError(f"--prompts {path}: no such file")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts {path}: not a UTF-8 text file (expected YAML)") from None
     except yaml.YAMLError as e:
         raise UserError(f"--prompts {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     entries = data.get("experts") if isinstance(data, dict) else data
@@ -200,9 +203,16 @@ def run_hidden(args: RouterInitConfig) -> int:
 
     if args.prompts is None:
         raise UserError("--mode hidden needs --prompts prompts.yaml")
-    out = Path(args.out) / "hf"
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    check_output_dir(out, args.overwrite)
+    run_dir = Path(args.out)
+    out = run_dir / "hf"
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    if not run_dir.is_dir():
+        check_output_dir(run_dir, False)  # its parent must exist
+    model_dir = Path(args.model).resolve()
+    if model_dir == out.resolve() or model_dir.is_relative_to(out.resolve()):
+        raise UserError(f"{out} is the input {args.model}; write the output elsewhere")
+    args.validate_values()
     src = HFCheckpoint(args.model)
     family, is_moe = family_for(src.config)
     if not is_moe:
@@ -215,8 +225,15 @@ def run_hidden(args: RouterInitConfig) -> int:
     missing = [k for k in new if k not in src]
     if missing:
         raise UserError(f"{args.model}: no router tensor {missing[0]} (expected the hub per-expert layout)")
-    write_hf_checkpoint(src, out, overwrite=args.overwrite, side_dir=args.model, desc="router-init",
-                        get=lambda k: new[k].to(src.dtype(k)) if k in new else src.get(k))
+    created = not run_dir.exists()
+    run_dir.mkdir(exist_ok=True)
+    try:
+        write_hf_checkpoint(src, out, overwrite=args.overwrite, side_dir=args.model, desc="router-init",
+                            inputs=(args.model,), get=lambda k: new[k].to(src.dtype(k)) if k in new else src.get(k))
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     print(f"router-init (hidden): router rows of layers {sorted(rows)} from {args.prompts} -> {out}",
           file=sys.stderr)
     return 0
@@ -225,11 +242,10 @@ def run_hidden(args: RouterInitConfig) -> int:
 def run_router_init(args: RouterInitConfig) -> int:
     if args.mode == "hidden":
         return run_hidden(args)
-    from ..launch.local import launch_local, launched_by_a_launcher, preflight
+    from ..launch.local import launch_checked, launched_by_a_launcher
 
     if args.nproc is not None and not launched_by_a_launcher():
-        preflight(args, world_size=args.nproc)
-        return launch_local(args, command="router-init")
+        return launch_checked(args, "router-init")
     from ..train.trainer import run_rank
 
     if args.data is None:

@@ -116,24 +116,11 @@ def hooks_for(args: SFTConfig):
     return StageHooks(prog="upcycle-ds sft", dense=True, after_step=after_step, export=export)
 
 
-def preflight(args: SFTConfig, world_size: int) -> None:
-    from ..data.preflight import preflight_data
-    from ..train.sources import open_dense_source
-
-    args.validate(world_size)
-    open_dense_source(args)
-    preflight_data(args)
-    ckpt = Path(args.out) / "checkpoints" / "latest"
-    if ckpt.is_file() and not args.resume:
-        raise UserError(f"{ckpt.parent} already holds a checkpoint; pass --resume to continue it or use a new --out")
-
-
 def run_sft(args: SFTConfig) -> int:
     """Run sft: as one rank of a job already started by a launcher, or (with --nproc) start N ranks on this node."""
-    from ..launch.local import launch_local, launched_by_a_launcher
+    from ..launch.local import launch_checked, launched_by_a_launcher
     from ..train.trainer import run_rank
 
     if args.nproc is not None and not launched_by_a_launcher():
-        preflight(args, world_size=args.nproc)
-        return launch_local(args, command="sft")
+        return launch_checked(args, "sft", dense=True)
     return run_rank(args, hooks_for(args))
