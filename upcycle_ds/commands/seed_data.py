@@ -8,9 +8,7 @@ beyond them are the last checkpoint with that expert's MLPs swapped in.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,6 +16,7 @@ from typing import Literal
 import torch
 
 from ..errors import UserError
+from ..io.atomic import write_text_atomic
 from ..io.text import check_utf8
 from ..upit.seed_data import ExpertModels, SeedRows, output_rows, select
 
@@ -53,17 +52,6 @@ class Args:
     """torch device for scoring; auto = cuda if available, else cpu."""
     overwrite: bool = False
     """Replace OUT and its report if they exist."""
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run(args: Args) -> int:
@@ -117,8 +105,8 @@ def run(args: Args) -> int:
                      "mean_nll": (float(sel.nll[:, e].mean()) if len(sel.indices) else None)} for e in range(E)],
         "counts": counts,
     }
-    _atomic_write(out, "".join(lines))
-    _atomic_write(report_path, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out, "".join(lines))
+    write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
     print(f"seed data: {len(sel.indices)} of {len(rows)} rows scored by {E} experts -> {out}", file=sys.stderr)
     for e in range(E):
         print(f"  expert {e}: {counts[e]} samples  ({models.source(e)})", file=sys.stderr)

@@ -16,7 +16,6 @@ allow-listed for that one call) and memory-mapped, so only the tensor asked for 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

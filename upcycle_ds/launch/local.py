@@ -25,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import Terminated, UserError
+from ..io.atomic import write_text_atomic
 from ..families import family_for
 from .dist_env import free_port
 from .run_lock import RunLock, check_free
@@ -331,7 +331,7 @@ def launch_local(args, command: str = "train", check=None) -> int:
         if check is not None:
             check()
         text = yaml.safe_dump(_resolved(args), sort_keys=False)
-        _atomic_write(out / f"{command}_args.yaml", text)  # the record; the ranks read the environment
+        write_text_atomic(out / f"{command}_args.yaml", text)  # the record; the ranks read the environment
     except BaseException:
         lock.release()
         lock.discard_dir()
@@ -356,20 +356,6 @@ def launch_local(args, command: str = "train", check=None) -> int:
         return run_job(cmd, env)
     finally:
         lock.release()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

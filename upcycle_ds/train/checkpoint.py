@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from ..io.atomic import write_text_atomic
 from ..io.hf import copy_side_files, write_config
 from ..launch.distributed import wait_for_io
 
@@ -171,12 +172,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int |
     torch.save(_rng_state(), Path(ckpt_dir) / tag / f"rng_rank{rank}.pt")
     wait_for_io()  # every rank's files are on disk (host-side barrier: slow filesystems do not hit NCCL's timeout)
     if rank == 0:
-        tmp = Path(ckpt_dir) / f".{LATEST}.tmp"
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, Path(ckpt_dir) / LATEST)
+        write_text_atomic(Path(ckpt_dir) / LATEST, tag, fsync=True)
         if keep_last:
             prune(Path(ckpt_dir), keep_last)
     wait_for_io()

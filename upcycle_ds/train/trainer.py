@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..families import family_for
+from ..io.atomic import write_text_atomic
 from ..launch.distributed import init_distributed, one_error_for_all, shutdown, wait_for_io
 from ..moe.layer import moe_layers
 from . import checkpoint
@@ -101,9 +102,7 @@ def drop_metrics_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 class Trainer:

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 from ..errors import UserError
+from ..io.atomic import write_text_atomic
 
 STAGES = ("sft", "assemble", "seed_data", "router_init", "train")
 DONE, FAILED = "DONE", "FAILED"
@@ -65,16 +64,6 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def job_rank() -> tuple[int, int] | None:
@@ -174,7 +163,7 @@ def _run_training(stage: str, args_obj, nproc: int | None, in_job: bool) -> int:
     resolved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args_obj).items()}
     resolved["nproc"] = None
     cfg = out / f"{_child_cmd(stage)}_args.yaml"
-    _atomic_write(cfg, yaml.safe_dump(resolved, sort_keys=False))  # identical on every rank: atomic replace is safe
+    write_text_atomic(cfg, yaml.safe_dump(resolved, sort_keys=False))  # identical on every rank: atomic replace is safe
     cmd = [sys.executable, "-m", "upcycle_ds.cli", _child_cmd(stage), "--config", str(cfg)]
     print(f"[upcycle-ds upit] {stage}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     return subprocess.call(cmd)
@@ -228,7 +217,7 @@ def run_recipe(args) -> int:
     rank = job[0] if job else 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        _atomic_write(Path(args.out) / "recipe.yaml",
+        write_text_atomic(Path(args.out) / "recipe.yaml",
                       yaml.safe_dump(_plain(dataclasses.asdict(args)), sort_keys=False))
     ran, started = [], time.time()
     for stage in recipe.stages:
@@ -270,14 +259,14 @@ def run_recipe(args) -> int:
 
                     router_init.run_hidden(dataclasses.replace(recipe.router_init, overwrite=True))
             except BaseException as e:
-                _atomic_write(d / FAILED, f"{type(e).__name__}: {e}\n")
+                write_text_atomic(d / FAILED, f"{type(e).__name__}: {e}\n")
                 raise
         else:
             _wait_for(stage, d, t0)
             ran.append(stage)
             continue
         if rank == 0:
-            _atomic_write(d / DONE, json.dumps({"stage": stage, "config": cfg, "seconds": round(time.time() - t0, 1),
+            write_text_atomic(d / DONE, json.dumps({"stage": stage, "config": cfg, "seconds": round(time.time() - t0, 1),
                                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
             (d / FAILED).unlink(missing_ok=True)
         ran.append(stage)

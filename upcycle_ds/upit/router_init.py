@@ -155,7 +155,7 @@ def load_prompts(path: str, num_experts: int) -> list[tuple[list[str], list[str]
     return out
 
 
-def hidden_router_rows(model, tokenizer, prompts: list[tuple[list[str], list[str]]]) -> dict[int, "torch.Tensor"]:
+def hidden_router_rows(model, tokenizer, prompts: list[tuple[list[str], list[str]]]) -> dict:
     """{MoE layer: [E, H] router rows}: per expert, mean router input over its positive prompts' tokens (each prompt
     averaged over its tokens, then prompts averaged) minus the same for its negative prompts, L2-normalised."""
     import torch
