@@ -18,7 +18,8 @@ Args = TrainArgs
 
 
 def run(args: TrainArgs) -> int:
-    from ..launch.local import launch_checked, launched_by_a_launcher
+    from ..launch.local import launched_by_a_launcher
+    from ..train.preflight import launch_checked
 
     if args.nproc is not None and not launched_by_a_launcher():
         return launch_checked(args, "train")

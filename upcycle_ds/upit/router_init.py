@@ -242,7 +242,8 @@ def run_hidden(args: RouterInitConfig) -> int:
 def run_router_init(args: RouterInitConfig) -> int:
     if args.mode == "hidden":
         return run_hidden(args)
-    from ..launch.local import launch_checked, launched_by_a_launcher
+    from ..launch.local import launched_by_a_launcher
+    from ..train.preflight import launch_checked
 
     if args.nproc is not None and not launched_by_a_launcher():
         return launch_checked(args, "router-init")

@@ -118,7 +118,8 @@ def hooks_for(args: SFTConfig):
 
 def run_sft(args: SFTConfig) -> int:
     """Run sft: as one rank of a job already started by a launcher, or (with --nproc) start N ranks on this node."""
-    from ..launch.local import launch_checked, launched_by_a_launcher
+    from ..launch.local import launched_by_a_launcher
+    from ..train.preflight import launch_checked
     from ..train.trainer import run_rank
 
     if args.nproc is not None and not launched_by_a_launcher():
