@@ -56,7 +56,7 @@ class Args(MergeOptions, UpcycleOptions):
 
     def __post_init__(self):
         from ..io.paths import check_name
-        from .upcycle import check_shard_size
+        from ..io.hf import check_shard_size
 
         self.validate()
         check_shard_size(self.max_shard_gb)

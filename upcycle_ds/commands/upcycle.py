@@ -8,9 +8,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from ..errors import UserError
 from ..granular import ALIGN, valid_granularities
-from ..io.hf import HFCheckpoint, check_output_dir, write_hf_checkpoint
+from ..io.hf import HFCheckpoint, check_output_dir, check_shard_size, write_hf_checkpoint
 from ..upcycle import UpcycledView, UpcycleOptions
 
 
@@ -29,11 +28,6 @@ class Args(UpcycleOptions):
     def __post_init__(self):
         self.validate()
         check_shard_size(self.max_shard_gb)
-
-
-def check_shard_size(gb: float) -> None:
-    if not gb > 0:
-        raise UserError(f"--max-shard-gb must be > 0 (got {gb})")
 
 
 def run(args: Args) -> int:

@@ -238,3 +238,49 @@ def open_checkpoints(paths: list[str]) -> list[HFCheckpoint]:
             raise UserError(f"--checkpoints: {p} is given twice")
         seen[r] = p
     return [HFCheckpoint(p) for p in paths]
+
+
+# ------------------------------------------------------------------------------------------------------- the stage
+@dataclass(kw_only=True)
+class AssembleConfig(AssembleOptions):
+    checkpoints: list[str]
+    """HF dense checkpoint dirs, oldest first (same model at different SFT steps); expert i = checkpoint i."""
+    out: str
+    """Output dir for the HF MoE checkpoint (must not exist unless --overwrite)."""
+    base: str | None = None
+    """The dense model before SFT: expansion deltas are taken from it (recommended). Default: the first checkpoint."""
+    overwrite: bool = False
+    """Replace OUT if it exists (only after the new checkpoint is complete)."""
+    max_shard_gb: float = 2.0
+    """Largest safetensors shard, in GiB."""
+
+    def __post_init__(self):
+        from ..io.hf import check_shard_size
+
+        self.validate()
+        check_shard_size(self.max_shard_gb)
+
+
+@dataclass
+class AssembleResult:
+    out: Path
+    nbytes: int
+    view: AssembledView
+    base_given: bool
+
+
+def run_assemble(args: AssembleConfig) -> AssembleResult:
+    """Write the assembled (and expanded) HF MoE checkpoint to args.out atomically, with upit_report.json."""
+    import json
+
+    from ..io.hf import check_output_dir, write_hf_checkpoint
+
+    inputs = (*args.checkpoints, args.base)
+    check_output_dir(args.out, args.overwrite, inputs=inputs)
+    cks = open_checkpoints(args.checkpoints)
+    base = HFCheckpoint(args.base) if args.base else None
+    view = AssembledView(cks, args, base)
+    nbytes = write_hf_checkpoint(view, args.out, overwrite=args.overwrite, side_dir=view.path, desc="upit-assemble",
+                                 max_shard_bytes=int(args.max_shard_gb * 1024**3), inputs=inputs,
+                                 extra=lambda tmp: (tmp / REPORT).write_text(json.dumps(view.report(), indent=2) + "\n"))
+    return AssembleResult(out=Path(args.out), nbytes=nbytes, view=view, base_given=base is not None)

@@ -83,7 +83,7 @@ class Recipe:
 
     def __init__(self, args):
         from .router_init import RouterInitConfig as RouterInitArgs
-        from ..commands.seed_data import Args as SeedDataArgs
+        from .seed_data import SeedDataConfig as SeedDataArgs
         from .sft import SFTConfig as SFTArgs
         from ..train.config import TrainArgs
         from .assemble import AssembleOptions
@@ -181,34 +181,28 @@ def _wait_for(stage: str, stage_dir: Path, since: float, poll_s: float = 2.0) ->
 
 
 def run_assemble(recipe: Recipe) -> None:
-    from ..commands import upit_assemble
+    from .assemble import AssembleConfig, run_assemble
     from .sft import list_checkpoints
 
     cks = list_checkpoints(recipe.dirs["sft"])
     if not cks:
         raise UserError(f"{recipe.dirs['sft']}/checkpoints_hf holds no checkpoint; sft saved none (check "
                         f"save_every_epochs / save_until_epochs against the run length)")
-    a = upit_assemble.Args(checkpoints=[str(c) for c in cks], out=str(recipe.dirs["assemble"] / "hf"),
-                           base=recipe.args.model, overwrite=True, **dataclasses.asdict(recipe.assemble))
-    rc = upit_assemble.run(a)
-    if rc:
-        raise UserError(f"upit-assemble failed (exit {rc})")
+    run_assemble(AssembleConfig(checkpoints=[str(c) for c in cks], out=str(recipe.dirs["assemble"] / "hf"),
+                                base=recipe.args.model, overwrite=True, **dataclasses.asdict(recipe.assemble)))
 
 
 def run_seed_data(recipe: Recipe) -> None:
-    from ..commands import seed_data
+    from .seed_data import SeedDataConfig, run_seed_data
     from .sft import list_checkpoints
 
     cks = list_checkpoints(recipe.dirs["sft"])
     used = cks[-recipe.assemble.num_experts:]
     out = recipe.dirs["seed_data"]
     out.mkdir(parents=True, exist_ok=True)
-    a = seed_data.Args(experts=[str(c) for c in used], data=recipe.args.data, out=str(out / "seed.jsonl"),
-                       moe=str(recipe.dirs["assemble"] / "hf"), seed=recipe.args.seed, overwrite=True,
-                       **recipe.seed_data_opts)
-    rc = seed_data.run(a)
-    if rc:
-        raise UserError(f"seed-data failed (exit {rc})")
+    run_seed_data(SeedDataConfig(experts=[str(c) for c in used], data=recipe.args.data, out=str(out / "seed.jsonl"),
+                                 moe=str(recipe.dirs["assemble"] / "hf"), seed=recipe.args.seed, overwrite=True,
+                                 **recipe.seed_data_opts))
 
 
 def run_recipe(args) -> int:
