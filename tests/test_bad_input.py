@@ -432,7 +432,7 @@ CASES = [
     Case("conv-dense-to-moe", conv(lambda w, d: w["llama"]), ("hf-dense -> hf-moe is `upcycle-ds upcycle`",)),
     Case("conv-output-is-input", lambda w, d: ["convert", "--input", str(copy(w["moe"], d / "m")), "--output",
                                                str(d / "m"), "--to", "ds", "--overwrite"],
-         ("--output must differ from --input",)),
+         ("--out must differ from --model",)),
     Case("conv-output-contains-input", lambda w, d: ["convert", "--input", str(copy(w["moe"], d / "x" / "m")),
                                                      "--output", str(d / "x"), "--to", "ds", "--overwrite"],
          ("contains the input",)),
@@ -562,17 +562,19 @@ CASES = [
         str(yaml_file(d / "p.yaml", "experts:\n- positive_prompts: [hi]\n"))], ("1 expert entries", "4 experts")),
     # ---------------------------------------------------------------- seed-data, upit-assemble, plan, upit, demo
     Case("seed-fraction-0", lambda w, d: ["seed-data", "--experts", str(w["llama"]), "--data", str(w["data"]),
-                                          "--out", str(d / "s.jsonl"), "--fraction", "0"], ("--fraction must be in",)),
+                                          "--out", str(d / "s"), "--fraction", "0"], ("--fraction must be in",)),
     Case("seed-batch-0", lambda w, d: ["seed-data", "--experts", str(w["llama"]), "--data", str(w["data"]),
-                                       "--out", str(d / "s.jsonl"), "--batch-size", "0"], ("--batch-size must be",)),
+                                       "--out", str(d / "s"), "--batch-size", "0"], ("--batch-size must be",)),
     Case("seed-out-is-data", lambda w, d: ["seed-data", "--experts", str(w["llama"]), "--data",
-                                           str(_copy_file(w["data"], d / "t.jsonl")), "--out", str(d / "t.jsonl"),
-                                           "--overwrite"], ("is the input --data",)),
+                                           str(_copy_file(w["data"], d / "t" / "t.jsonl")), "--out", str(d / "t"),
+                                           "--overwrite"], ("contains the input",)),
+    Case("seed-out-is-a-file-name", lambda w, d: ["seed-data", "--experts", str(w["llama"]), "--data", str(w["data"]),
+                                                  "--out", str(d / "s.jsonl")], ("seed-data writes a directory",)),
     Case("seed-data-not-utf8", lambda w, d: ["seed-data", "--experts", str(w["llama"]), "--data",
                                              str(_write(d / "b.jsonl", b'{"prompt": "\xff"}\n')), "--out",
-                                             str(d / "s.jsonl")], ("b.jsonl: line 1 is not UTF-8",)),
+                                             str(d / "s")], ("b.jsonl: line 1 is not UTF-8",)),
     Case("seed-experts-missing", lambda w, d: ["seed-data", "--experts", str(d / "nope"), "--data", str(w["data"]),
-                                               "--out", str(d / "s.jsonl")], ("nope",)),
+                                               "--out", str(d / "s")], ("nope",)),
     Case("assemble-max-shard-0", lambda w, d: ["upit-assemble", "--checkpoints", str(w["llama"]), "--out",
                                                str(d / "out"), "--max-shard-gb", "0"], ("--max-shard-gb must be > 0",)),
     Case("assemble-dare-1", lambda w, d: ["upit-assemble", "--checkpoints", str(w["llama"]), "--out", str(d / "out"),
@@ -610,6 +612,7 @@ def _write(p: Path, data: bytes) -> Path:
 
 
 def _copy_file(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(src, dst)
     return dst
 

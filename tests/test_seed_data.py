@@ -99,17 +99,18 @@ def read_jsonl(p: Path) -> list[dict]:
 
 
 def test_every_sample_lands_on_its_expert(experts, tmp_path):
-    out = tmp_path / "seed.jsonl"
+    out = tmp_path / "seed"
     assert main(["seed-data", "--experts", str(experts["A"]), str(experts["B"]), "--data", str(experts["data"]),
                  "--out", str(out), "--fraction", "1.0", "--batch-size", "5"]) == 0
-    got = read_jsonl(out)
+    assert sorted(p.name for p in out.iterdir()) == ["seed.jsonl", "seed_report.json"]
+    got = read_jsonl(out / "seed.jsonl")
     rows = experts["rows"]
     assert [g["index"] for g in got] == list(range(len(rows)))
     for g in got:
         assert g["expert"] == g["slice"], g
         assert {k: v for k, v in g.items() if k not in ("index", "expert", "ppl")} == rows[g["index"]]
         assert len(g["ppl"]) == 2 and g["ppl"][g["slice"]] * 2 < g["ppl"][1 - g["slice"]]  # clearly separated
-    rep = json.loads((tmp_path / "seed_report.json").read_text())
+    rep = json.loads((out / "seed_report.json").read_text())
     assert rep["counts"] == [12, 12] and rep["num_scored"] == 24
     # perplexities are transformers' own loss on the response tokens (batched + padded here, one by one there)
     for name, e in (("A", 0), ("B", 1)):
@@ -123,10 +124,10 @@ def test_expanded_experts_are_scored_with_their_swapped_mlp(experts, tmp_path):
     moe = tmp_path / "moe"
     assert main(["upit-assemble", "--checkpoints", str(experts["A"]), str(experts["B"]), "--num-experts", "3",
                  "--base", str(experts["base"]), "--out", str(moe)]) == 0
-    out = tmp_path / "s.jsonl"
+    out = tmp_path / "s"
     assert main(["seed-data", "--experts", str(experts["A"]), str(experts["B"]), "--moe", str(moe),
                  "--data", str(experts["data"]), "--out", str(out), "--fraction", "0.25", "--seed", "3"]) == 0
-    got = read_jsonl(out)
+    got = read_jsonl(out / "seed.jsonl")
     assert len(got) == 6 and all(len(g["ppl"]) == 3 for g in got)
     assert [g["index"] for g in got] == pick_indices(24, 0.25, 1, 3)
     # reference: dense B with every layer's MLP replaced by expert 2 of the MoE as transformers loads it
@@ -147,11 +148,11 @@ def test_expanded_experts_are_scored_with_their_swapped_mlp(experts, tmp_path):
         assert g["ppl"][1] == pytest.approx(hf_ppl(dense, experts["tok"], row), rel=1e-4)
         assert g["ppl"][2] != pytest.approx(g["ppl"][1], rel=1e-3)  # the swap did change the model
         assert g["expert"] == min(range(3), key=lambda e: g["ppl"][e])
-    rep = json.loads((tmp_path / "s_report.json").read_text())
+    rep = json.loads((out / "seed_report.json").read_text())
     assert sum(rep["counts"]) == 6 and "expert 2" in rep["experts"][2]["model"]
 
     # experts given in the wrong order for the MoE -> a clear error, nothing written
-    bad = tmp_path / "bad.jsonl"
+    bad = tmp_path / "bad"
     rc = main(["seed-data", "--experts", str(experts["B"]), str(experts["A"]), "--moe", str(moe),
                "--data", str(experts["data"]), "--out", str(bad)])
     assert rc == 2 and not bad.exists()
@@ -208,16 +209,16 @@ def test_seed_data_reads_any_training_source(experts, tmp_path):
     ds.to_parquet(str(tmp_path / "train.parquet"))
     outs = []
     for i, data in enumerate([str(experts["data"]), str(tmp_path / "train.parquet"), str(tmp_path / "*.parquet")]):
-        out = tmp_path / f"seed{i}.jsonl"
+        out = tmp_path / f"seed{i}"
         assert main(["seed-data", "--experts", str(experts["A"]), str(experts["B"]), "--data", data,
                      "--out", str(out), "--fraction", "0.25", "--seed", "1"]) == 0
-        outs.append(read_jsonl(out))
+        outs.append(read_jsonl(out / "seed.jsonl"))
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 6
 
 
 def test_bad_input(experts, tmp_path, capsys):
     A, B, data = str(experts["A"]), str(experts["B"]), str(experts["data"])
-    out = tmp_path / "o.jsonl"
+    out = tmp_path / "o"
     moe = make_moe("mixtral", tmp_path / "mixtral")
     bad_rows = tmp_path / "bad.jsonl"
     bad_rows.write_text('{"question": "x"}\n')
@@ -232,7 +233,10 @@ def test_bad_input(experts, tmp_path, capsys):
         rc = main(["seed-data", *argv, "--out", str(out)])
         err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("upcycle-ds")]
         assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
-        assert not out.exists() and not list(tmp_path.glob(".o.jsonl*"))
-    out.write_text("keep\n")
+        assert not out.exists() and not list(tmp_path.glob(".o.*"))
+    out.mkdir()
+    (out / "keep").write_text("keep\n")
     rc = main(["seed-data", "--experts", A, B, "--data", data, "--out", str(out)])
-    assert rc == 2 and "exists" in capsys.readouterr().err and out.read_text() == "keep\n"
+    assert rc == 2 and "exists" in capsys.readouterr().err and (out / "keep").read_text() == "keep\n"
+    rc = main(["seed-data", "--experts", A, B, "--data", data, "--out", str(tmp_path / "x.jsonl")])
+    assert rc == 2 and "writes a directory" in capsys.readouterr().err

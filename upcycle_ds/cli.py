@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             from .cli_args import parse_into
 
             try:
-                args = parse_into(module.Args, rest, prog=f"upcycle-ds {name}", description=module.__doc__ or desc,
-                                  yaml_config=getattr(module, "YAML_CONFIG", False))
+                args = parse_into(module.Args, rest, prog=f"upcycle-ds {name}", description=module.__doc__ or desc)
             except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its one line already printed)
                 return e.code if isinstance(e.code, int) else 2
             rc = module.run(args)

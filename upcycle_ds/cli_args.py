@@ -1,9 +1,11 @@
 """argparse from kw_only dataclasses: one flag per field (`--num-experts`), the field's docstring is its --help.
 
 A field without a default is a required flag. `X | None` takes an X (default None); `bool` becomes
-`--flag/--no-flag`; `list[X]` takes one or more values; `Literal[...]` gives choices. With `yaml_config=True` the
-parser also takes `--config FILE.yaml` whose keys (field names) become defaults that flags override; its values are
-type-checked against the fields (one error line naming the field). `--config env:UPCYCLE_DS_...` reads the YAML from
+`--flag/--no-flag`; `list[X]` takes one or more values; `Literal[...]` gives choices. Every default is shown in
+--help. A field's `metadata={"aliases": [...]}` adds old spellings, accepted but not shown. Every parser also takes
+`--config FILE.yaml`, whose keys (field names) become defaults that flags override; its values are type-checked
+against the fields (one error line naming the field); `--print-config` prints the resolved settings as such a YAML
+and exits. `--config env:UPCYCLE_DS_...` reads the YAML from
 that environment variable instead (how `upcycle-ds train --nproc N` hands the run's settings to its ranks: no shared
 file another launch could overwrite). Every float, from a flag or the YAML file, must be finite.
 """
@@ -61,10 +63,15 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_ = docs.get(f.name, "")
-        if not required and default is not None and tp is not bool:
-            help_ += f" (default: {default})"
+        if not required:
+            shown = ("on" if default else "off") if tp is bool else default
+            help_ += f" (default: {shown})"
         kw: dict = {"dest": f.name, "help": help_.replace("%", "%%") or None}
-        if required:
+        aliases = f.metadata.get("aliases", ())
+        if required and aliases:  # given under an old spelling counts too: checked after parsing (`parse_into`)
+            kw["default"] = None
+            parser._required_with_aliases = getattr(parser, "_required_with_aliases", []) + [(f.name, flag)]
+        elif required:
             kw["required"] = True
         else:
             kw["default"] = default
@@ -83,7 +90,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
             kw["type"] = _scalar(tp)
             kw["metavar"] = f.name.upper()
         parser.add_argument(flag, **kw)
-        for alias in f.metadata.get("aliases", ()):  # old spellings: accepted, not shown in --help
+        for alias in aliases:  # old spellings: accepted, not shown in --help
             hidden = {**kw, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS, "required": False}
             hidden.pop("metavar", None)
             parser.add_argument("--" + alias.replace("_", "-"), **hidden)
@@ -115,12 +122,15 @@ class _OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def parse_into(cls, argv: list[str], prog: str, description: str, yaml_config: bool = False):
-    """Parse argv into an instance of dataclass `cls` (exits 2 with a one-line error on bad flags)."""
+def parse_into(cls, argv: list[str], prog: str, description: str, yaml_config: bool = True):
+    """Parse argv into an instance of dataclass `cls` (exits 2 with a one-line error on bad flags). With
+    `--print-config`, print the resolved settings as YAML (a valid `--config` file) and exit 0."""
     parser = _OneLineErrors(prog=prog, description=description)
     if yaml_config:
         parser.add_argument("--config", default=None, metavar="FILE.yaml",
                             help="YAML file of field values (snake_case keys); flags given here override it")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the resolved settings (defaults, --config, flags) as YAML and exit")
     add_dataclass_args(parser, cls)
     if yaml_config:
         cfg_path = _find_config(argv)
@@ -129,8 +139,22 @@ def parse_into(cls, argv: list[str], prog: str, description: str, yaml_config: b
             for action in parser._actions:  # a value from the YAML file satisfies a required flag
                 if action.dest in parser._defaults and action.required:
                     action.required = False
+        if "--print-config" in argv:  # required fields need not be given just to see the rest
+            for action in parser._actions:
+                action.required = False
     ns = vars(parser.parse_args(argv))
     ns.pop("config", None)
+    missing = [flag for dest, flag in getattr(parser, "_required_with_aliases", []) if ns.get(dest) is None]
+    if missing and not ns.get("print_config"):
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if ns.pop("print_config", False):
+        import sys
+
+        import yaml
+
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in ns.items()}
+        sys.stdout.write(yaml.safe_dump(plain, sort_keys=False))
+        raise SystemExit(0)
     return cls(**ns)
 
 

@@ -158,7 +158,7 @@ def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1,
     if to == "ds":
         check_name(out_tag, "--out-tag")
     if Path(output).resolve() == Path(input).resolve():
-        raise UserError("--output must differ from --input")
+        raise UserError("--out must differ from --model")
     if not dry_run:
         check_output_dir(output, overwrite, inputs=(input,))
     fmt, reader = open_checkpoint(input, tag=tag, weights=weights)

@@ -11,13 +11,13 @@
                       router-weighted (weights = routing frequencies on --calib-data), or --expert i (one
                       expert / copy); with --calib-data the MoE's and the merged model's calibration losses are
                       reported (merge_report.json)
-The input format is detected. Output is written atomically (nothing is left at --output on error).
+The input format is detected. Output is written atomically (nothing is left at --out on error).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ..convert import convert
@@ -28,9 +28,9 @@ from ..upcycle import UpcycleOptions
 
 @dataclass(kw_only=True)
 class Args(MergeOptions, UpcycleOptions):
-    input: str
+    model: str = field(metadata={"aliases": ["input"]})
     """Input checkpoint dir: HF dense, HF MoE, a DeepSpeed save dir (with `latest`) or one of its tag dirs."""
-    output: str
+    out: str = field(metadata={"aliases": ["output"]})
     """Output dir (must not exist unless --overwrite)."""
     to: Literal["hf-moe", "hf-dense", "ds"]
     """Output format."""
@@ -49,7 +49,7 @@ class Args(MergeOptions, UpcycleOptions):
     dry_run: bool = False
     """Print the plan (tensor, shape, dtype, bytes, total) and write nothing."""
     overwrite: bool = False
-    """Replace --output if it exists (only after the new checkpoint is complete)."""
+    """Replace --out if it exists (only after the new checkpoint is complete)."""
     max_shard_gb: float = 2.0
     """HF output: largest safetensors shard, in GiB."""
 
@@ -70,12 +70,12 @@ class Args(MergeOptions, UpcycleOptions):
 
 
 def run(args: Args) -> int:
-    plan = convert(args.input, args.output, args.to, ep_size=args.ep_size, tag=args.tag, weights=args.weights,
+    plan = convert(args.model, args.out, args.to, ep_size=args.ep_size, tag=args.tag, weights=args.weights,
                    expert=args.expert, dry_run=args.dry_run, overwrite=args.overwrite, upcycle=args,
                    max_shard_bytes=int(args.max_shard_gb * 1024**3), out_tag=args.out_tag, merge=args)
     if args.dry_run:
         print(plan.describe())
     else:
         print(f"wrote {args.to} checkpoint ({len(plan.entries)} tensors, {plan.total_bytes / 1e9:.3f} GB) to "
-              f"{args.output}", file=sys.stderr)
+              f"{args.out}", file=sys.stderr)
     return 0

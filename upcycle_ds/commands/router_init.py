@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from ..upit.router_init import RouterInitConfig, run_router_init
 
-YAML_CONFIG = True
 Args = RouterInitConfig
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from ..upit.sft import HF_DIR, META, SFTConfig, hf_save_steps, list_checkpoints, run_sft  # noqa: F401
 
-YAML_CONFIG = True
 Args = SFTConfig
 
 

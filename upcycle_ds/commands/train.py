@@ -11,9 +11,6 @@ from __future__ import annotations
 
 from ..train.config import TrainArgs
 
-YAML_CONFIG = True
-
-
 Args = TrainArgs
 
 

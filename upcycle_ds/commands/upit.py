@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 
-YAML_CONFIG = True
-
-
 @dataclass(kw_only=True)
 class Args:
     model: str

@@ -180,7 +180,7 @@ def _wait_for(stage: str, stage_dir: Path, since: float, poll_s: float = 2.0) ->
         time.sleep(poll_s)
 
 
-def run_assemble(recipe: Recipe) -> None:
+def stage_assemble(recipe: Recipe) -> None:
     from .assemble import AssembleConfig, run_assemble
     from .sft import list_checkpoints
 
@@ -192,7 +192,7 @@ def run_assemble(recipe: Recipe) -> None:
                                 base=recipe.args.model, overwrite=True, **dataclasses.asdict(recipe.assemble)))
 
 
-def run_seed_data(recipe: Recipe) -> None:
+def stage_seed_data(recipe: Recipe) -> None:
     from .seed_data import SeedDataConfig, run_seed_data
     from .sft import list_checkpoints
 
@@ -200,7 +200,7 @@ def run_seed_data(recipe: Recipe) -> None:
     used = cks[-recipe.assemble.num_experts:]
     out = recipe.dirs["seed_data"]
     out.mkdir(parents=True, exist_ok=True)
-    run_seed_data(SeedDataConfig(experts=[str(c) for c in used], data=recipe.args.data, out=str(out / "seed.jsonl"),
+    run_seed_data(SeedDataConfig(experts=[str(c) for c in used], data=recipe.args.data, out=str(out),
                                  moe=str(recipe.dirs["assemble"] / "hf"), seed=recipe.args.seed, overwrite=True,
                                  **recipe.seed_data_opts))
 
@@ -245,9 +245,9 @@ def run_recipe(args) -> int:
             d.mkdir(parents=True, exist_ok=True)
             try:
                 if stage == "assemble":
-                    run_assemble(recipe)
+                    stage_assemble(recipe)
                 elif stage == "seed_data":
-                    run_seed_data(recipe)
+                    stage_seed_data(recipe)
                 else:
                     from . import router_init
 

@@ -29,11 +29,12 @@ from tqdm import tqdm
 from ..data import IGNORE, TokenizeSpec, encode_dataset, parse_sources, read_source
 from ..data.cache import cache_root
 from ..errors import UserError
-from ..io.atomic import write_text_atomic
 from ..io.text import check_utf8
 from ..families import family_for
 from ..io.hf import HFCheckpoint, read_config
 from .expand import PROJS
+
+SEED_FILE, REPORT_FILE = "seed.jsonl", "seed_report.json"
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -249,7 +250,8 @@ class SeedDataConfig:
     """The training set: one or more sources as for `upcycle-ds train --data` (files, globs, dirs, hub names; weights
     are ignored), read and tokenised exactly as training does."""
     out: str
-    """Output jsonl of the selected samples with their expert; the report goes next to it as STEM_report.json."""
+    """Output dir (created; must not exist unless --overwrite): seed.jsonl (the selected samples, each with its
+    expert) and seed_report.json (per-expert counts and mean NLL)."""
     moe: str | None = None
     """Assembled MoE checkpoint, needed when it has more experts than --experts (the expanded ones)."""
     fraction: float = 0.01
@@ -271,7 +273,7 @@ class SeedDataConfig:
     device: str = "auto"
     """torch device for scoring; auto = cuda if available, else cpu."""
     overwrite: bool = False
-    """Replace OUT and its report if they exist."""
+    """Replace OUT if it exists (only after the new seed data is complete)."""
 
 
 @dataclass
@@ -284,22 +286,17 @@ class SeedDataResult:
 
 
 def run_seed_data(args: SeedDataConfig) -> SeedDataResult:
-    """Select and label the seed data; writes OUT (jsonl) and its report atomically. Raises UserError on bad input."""
-    out = Path(args.out)
-    report_path = out.with_name(out.stem + "_report.json")
-    for p in (out, report_path):
-        if p.exists() and not args.overwrite:
-            raise UserError(f"{p} exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent}: parent directory does not exist")
-    if out.is_dir():
-        raise UserError(f"{out} is a directory; --out names the output jsonl file")
+    """Select and label the seed data; writes the dir OUT (SEED_FILE + REPORT_FILE) atomically. Raises UserError on
+    bad input."""
     from ..data.sources import parse_sources
+    from ..io.atomic import atomic_output_dir, check_output_dir
 
+    out = Path(args.out)
+    if out.suffix == ".jsonl":
+        raise UserError(f"--out {out}: seed-data writes a directory (with {SEED_FILE} and {REPORT_FILE} inside), like "
+                        f"every other command's --out; pass e.g. {out.with_suffix('')}")
     local = [Path(spec.path) for spec in parse_sources(args.data) if Path(spec.path).is_file()]
-    for p in (out, report_path):
-        if any(p.resolve() == d.resolve() for d in local):
-            raise UserError(f"{p} is the input --data; write the output elsewhere")
+    check_output_dir(out, args.overwrite, inputs=(*local, *args.experts, args.moe))
     if not 0 < args.fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1] (got {args.fraction})")
     if args.min_samples < 0:
@@ -335,6 +332,8 @@ def run_seed_data(args: SeedDataConfig) -> SeedDataResult:
                      "mean_nll": (float(sel.nll[:, e].mean()) if len(sel.indices) else None)} for e in range(E)],
         "counts": counts,
     }
-    write_text_atomic(out, "".join(lines))
-    write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
-    return SeedDataResult(out=out, report_path=report_path, report=report, sources=[models.source(e) for e in range(E)])
+    with atomic_output_dir(out, args.overwrite, inputs=(*local, *args.experts, args.moe)) as tmp:
+        (tmp / SEED_FILE).write_text("".join(lines), encoding="utf-8")
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return SeedDataResult(out=out / SEED_FILE, report_path=out / REPORT_FILE, report=report,
+                          sources=[models.source(e) for e in range(E)])
