@@ -26,10 +26,11 @@ def hf_config(config: dict) -> transformers.PretrainedConfig:
 
 
 def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None = None,
-                    dtype: torch.dtype = torch.float32) -> nn.Module:
+                    dtype: torch.dtype = torch.float32, expert_impl: str = "grouped") -> nn.Module:
     """Our DeepSpeed-MoE model for `source`, weights loaded; torch.distributed must be initialised when ep_size > 1.
 
-    `capacity_factor` overrides the one recorded by `upcycle` (None in both = dropless).
+    `capacity_factor` overrides the one recorded by `upcycle` (None in both = dropless). `expert_impl` is
+    `UpcycledMoE`'s ("grouped" | "loop").
     """
     config = dict(source.config)
     family, is_moe = family_for(config)
@@ -39,7 +40,8 @@ def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None =
     if num_experts % ep_size:
         raise UserError(f"--ep-size {ep_size} does not divide the number of experts {num_experts}")
     hcfg = hf_config(config)
-    model = build_meta_model(config, ep_size=ep_size, capacity_factor=capacity_factor, dtype=dtype)
+    model = build_meta_model(config, ep_size=ep_size, capacity_factor=capacity_factor, dtype=dtype,
+                             expert_impl=expert_impl)
     model.to_empty(device="cpu")
     model.to(dtype)
     _rebuild_non_persistent_buffers(model, hcfg)
@@ -55,7 +57,7 @@ def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None =
 
 
 def build_meta_model(config: dict, *, ep_size: int = 1, capacity_factor: float | None = None,
-                     dtype: torch.dtype = torch.float32) -> nn.Module:
+                     dtype: torch.dtype = torch.float32, expert_impl: str = "grouped") -> nn.Module:
     """Our DeepSpeed-MoE model for an HF MoE config on the meta device (no weights, no process group needed)."""
     family, _ = family_for(config)
     num_experts = family.num_experts(config)
@@ -70,7 +72,8 @@ def build_meta_model(config: dict, *, ep_size: int = 1, capacity_factor: float |
                 hidden_size=config["hidden_size"], intermediate_size=family.expert_intermediate_size(config),
                 num_experts=num_experts, top_k=int(config["num_experts_per_tok"]), ep_size=ep_size,
                 normalize_topk=family.normalize_topk(config), capacity_factor=capacity_factor,
-                hidden_act=config.get("hidden_act", "silu"), shared_intermediate_size=shared)
+                hidden_act=config.get("hidden_act", "silu"), shared_intermediate_size=shared,
+                expert_impl=expert_impl)
     return model
 
 

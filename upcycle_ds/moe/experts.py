@@ -1,0 +1,162 @@
+"""Compute: the local experts on their tokens, sorted by expert, as one grouped GEMM or as a loop over experts.
+
+The experts stay DeepSpeed's: `deepspeed_experts[l]` is a `SwiGLUExpert` whose `gate_proj/up_proj/down_proj` hold
+expert l's own weights, so ZeRO's MoE parameter groups and DeepSpeed's one-file-per-expert checkpoints are unchanged.
+Both implementations compute, for the rows of local expert l,  down_l(act(gate_l(x)) * up_l(x)):
+
+  "grouped"  stacks the local experts' weights at each forward (gate and up fused into one [L, 2I, H] operand, down
+             into [L, H, I]; one `torch.cat` / `torch.stack` each, whose backward hands every expert its own gradient
+             slice) and runs two grouped GEMMs over all L experts at once, grouped by device-side int32 cumulative row
+             offsets: no host reads, no per-expert kernel launches.
+  "loop"     one `SwiGLUExpert` call per expert on its `torch.split` chunk; needs the per-expert row counts on the
+             host.
+
+Capability, not version, decides whether "grouped" can run: `grouped_mm_available(device, dtype)` runs a tiny grouped
+GEMM, forward and backward, once per (device, dtype) and remembers whether it worked (no values are read back). The
+function is `torch.nn.functional.grouped_mm` where torch has it, else `torch._grouped_mm` (same arguments). Seen so
+far: torch 2.13 runs it on CPU in fp32, bf16 and fp16; torch's CUDA kernel takes bf16 only (Hopper and newer).
+Grouped GEMM also needs 16-byte aligned rows: H and I multiples of 16 / element size (4 in fp32, 8 in bf16).
+Where any of this fails, `resolve_expert_impl` answers "loop".
+
+Shape suffixes: S sorted token-slots (rows), H hidden, I expert intermediate, L local experts, G GEMM groups.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+EXPERT_IMPLS = ("grouped", "loop")
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class SwiGLUExpert(nn.Module):
+    """down(act(gate(x)) * up(x)), no biases: the MLP of Llama, Mistral, Qwen2, Qwen3 and their MoE experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu"):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@functools.cache
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
+    if _grouped_mm is None:
+        return False
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            # 3 groups, one of them empty, odd group sizes, 16-byte aligned rows: what the MoE layer passes
+            x_SH = torch.ones(8, 16, device=device, dtype=dtype, requires_grad=True)
+            w_GNH = torch.ones(3, 32, 16, device=device, dtype=dtype, requires_grad=True)
+            ends_G = torch.tensor([3, 3, 8], device=device, dtype=torch.int32)
+            out_SN = _grouped_mm(x_SH, w_GNH.transpose(1, 2), offs=ends_G)
+            out_SN.backward(torch.ones_like(out_SN))  # a dense gradient, as the layer's graph passes
+        return x_SH.grad is not None and w_GNH.grad is not None
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether this torch runs grouped GEMM (forward and backward) for tensors of `dtype` on `device`.
+
+    Probed once per (device, dtype) with a tiny problem and cached; the probe reads nothing back to the host.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _probe(device, dtype)
+
+
+def resolve_expert_impl(requested: str, device: torch.device, dtype: torch.dtype, hidden_size: int,
+                        intermediate_size: int) -> str:
+    """The implementation that will run: `requested`, or "loop" where grouped GEMM is unavailable or the shapes
+    are not 16-byte aligned (warns once per reason)."""
+    if requested != "grouped":
+        return requested
+    align = max(1, 16 // dtype.itemsize)
+    if hidden_size % align or intermediate_size % align:
+        _warn_once(f"grouped experts need hidden and intermediate sizes that are multiples of {align} in {dtype} "
+                   f"(got {hidden_size}, {intermediate_size}): running the expert loop")
+        return "loop"
+    if not grouped_mm_available(device, dtype):
+        _warn_once(f"this torch ({torch.__version__}) has no grouped GEMM for {dtype} on {device.type}: "
+                   "running the expert loop")
+        return "loop"
+    return "grouped"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def run_experts_loop(x_SH: torch.Tensor, counts_L: list[int], experts: nn.ModuleList) -> torch.Tensor:
+    """x_SH is sorted by local expert with counts_L rows each (host ints); returns the outputs in the same order.
+
+    Every expert runs, also on zero rows, so each expert parameter gets a gradient (ZeRO's hooks expect that)."""
+    outs = [expert(chunk) for chunk, expert in zip(torch.split(x_SH, counts_L), experts)]
+    return torch.cat(outs) if outs else x_SH
+
+
+def compute_dtype(x: torch.Tensor, experts: nn.ModuleList) -> torch.dtype:
+    """The dtype the experts' matmuls run in: autocast's where it is on (as nn.Linear would), else the weights'."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return experts[0].gate_proj.weight.dtype
+
+
+def run_experts_grouped(x_SH: torch.Tensor, ends_L: torch.Tensor, experts: nn.ModuleList, *,
+                        zero_tail: bool = False) -> torch.Tensor:
+    """x_SH is sorted by local expert; expert l owns rows [ends_L[l-1], ends_L[l]) (int32 cumulative ends on the
+    device). Returns the outputs in the same order.
+
+    With `zero_tail`, rows from ends_L[-1] to S (token-slots dropped by capacity, kept in place so that S needs no
+    host read) form one more group whose weights are zero: their outputs and input gradients are exact zeros.
+    Without it ends_L[-1] must equal S: grouped GEMM leaves rows past the last offset unwritten, forward and
+    backward.
+    """
+    L = len(experts)
+    first = experts[0]
+    I, H = first.gate_proj.weight.shape
+    gate_up, down = [], []
+    for e in experts:
+        gate_up += [e.gate_proj.weight, e.up_proj.weight]
+        down.append(e.down_proj.weight)
+    G = L
+    if zero_tail:
+        gate_up.append(first.gate_proj.weight.new_zeros(2 * I, H))
+        down.append(first.down_proj.weight.new_zeros(H, I))
+        ends_L = torch.cat([ends_L, ends_L.new_full((1,), x_SH.shape[0])])
+        G = L + 1
+    dtype = compute_dtype(x_SH, experts)
+    w_G2IH = torch.cat(gate_up).view(G, 2 * I, H).to(dtype)
+    w_GHI = torch.stack(down).to(dtype)
+    x_SH = x_SH.to(dtype)
+    h_S2I = _grouped_mm(x_SH, w_G2IH.transpose(1, 2), offs=ends_L)
+    gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
+    a_SI = first.act_fn(gate_SI) * up_SI
+    return _DenseGrad.apply(_grouped_mm(a_SI, w_GHI.transpose(1, 2), offs=ends_L))
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped GEMM's backward rejects gradients
+    with zero strides (e.g. from `.sum()`)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
