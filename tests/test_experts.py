@@ -2,67 +2,28 @@
 `UpcycledMoE` layer: outputs and every gradient (input, router, each expert weight) in fp32 at 1e-6, k=1 and k=2,
 with experts that receive no tokens, an empty batch, and capacity drops; bf16 within a stated bound. Plus the
 device discipline of moe/: host reads per forward (counted at runtime) and tensor factories without a device
-(read from the source). The same comparison on 2 ranks (ep=2) is in test_experts_ep2.py."""
+(read from the source). The same comparisons on 2 ranks (ep=2) run in dist_scripts/moe_layer_ep2.py."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from host_syncs import count_host_syncs
+from moe_cases import E, H, I, assert_same, make_input, make_layer, run
 
+from upcycle_ds.dist import free_port
 from upcycle_ds.moe import experts as experts_mod
 from upcycle_ds.moe.experts import grouped_mm_available, resolve_expert_impl
 from upcycle_ds.moe.layer import UpcycledMoE
 
-H, I, E = 64, 96, 4
 MOE_DIR = Path(experts_mod.__file__).parent
-
-
-def make_layer(k: int, *, capacity_factor=None, starve=(), hidden=H, inter=I, seed=0) -> UpcycledMoE:
-    """A random layer; experts in `starve` never win a slot (inputs from `make_input` have x[:, 0] = 1)."""
-    torch.manual_seed(seed)
-    moe = UpcycledMoE(hidden_size=hidden, intermediate_size=inter, num_experts=E, top_k=k,
-                      capacity_factor=capacity_factor)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0, 0.1)
-        moe.router.weight.normal_(0, 0.5)
-        for e in starve:
-            moe.router.weight[e, 0] = -1e3
-    return moe.train()
-
-
-def make_input(T: int, hidden=H, seed=1, dtype=torch.float32) -> torch.Tensor:
-    x = torch.randn(T, hidden, generator=torch.Generator().manual_seed(seed))
-    x[:, 0] = 1.0
-    return x.to(dtype)
-
-
-def run(moe: UpcycledMoE, x: torch.Tensor, impl: str):
-    """Forward + backward of a fixed projection of the output plus the aux loss; returns (out, grads)."""
-    moe.expert_impl = impl
-    moe.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    out = moe(x)
-    proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype)
-    ((out * proj).sum() + 0.01 * moe.router.aux_loss).backward()
-    grads = {"input": x.grad, **{n: p.grad for n, p in moe.named_parameters()}}
-    return out.detach(), grads
-
-
-def assert_same(a, b, *, atol=None, ulps_of_scale=None):
-    """Outputs and all gradients equal within `atol`, or within `ulps_of_scale` bf16 ulps (2**-7 relative) of each
-    tensor's largest magnitude."""
-    (out_a, grads_a), (out_b, grads_b) = a, b
-    assert grads_a.keys() == grads_b.keys()
-    for name, x, y in [("output", out_a, out_b)] + [(n, grads_a[n], grads_b[n]) for n in grads_a]:
-        assert x is not None and y is not None, f"{name} got no gradient"
-        tol = atol if atol is not None else ulps_of_scale * 2 ** -7 * y.float().abs().max().item()
-        torch.testing.assert_close(x, y, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
 def test_grouped_gemm_runs_here():
@@ -81,7 +42,7 @@ def test_grouped_equals_loop_fp32(k, starve, capacity_factor):
     grouped = run(moe, x, "grouped")
     stats = moe.router.stats
     loop = run(moe, x, "loop")
-    assert_same(grouped, loop, atol=1e-6)
+    assert_same(grouped, loop, tol=1e-6)
     # the cases are what they say
     assert (stats.dropped > 0).item() == (capacity_factor is not None)
     for e in starve:
@@ -105,7 +66,7 @@ def test_grouped_equals_loop_bf16():
     bf16 first."""
     moe = make_layer(2, capacity_factor=0.75).to(torch.bfloat16)
     x = make_input(128, dtype=torch.bfloat16)
-    assert_same(run(moe, x, "grouped"), run(moe, x, "loop"), ulps_of_scale=1)
+    assert_same(run(moe, x, "grouped"), run(moe, x, "loop"), tol=2 ** -7)
 
 
 def test_grouped_equals_loop_under_autocast():
@@ -116,7 +77,7 @@ def test_grouped_equals_loop_under_autocast():
         grouped = run(moe, x, "grouped")
         loop = run(moe, x, "loop")
     assert grouped[0].dtype == torch.float32
-    assert_same(grouped, loop, ulps_of_scale=1)
+    assert_same(grouped, loop, tol=2 ** -7)
 
 
 def test_unaligned_shapes_fall_back_to_the_loop():
@@ -171,3 +132,17 @@ def test_moe_tensor_factories_name_a_device():
                 continue
             offenders.append(f"{path.name}:{node.lineno} torch.{node.func.attr}")
     assert offenders == []
+
+
+@pytest.mark.slow
+def test_grouped_equals_loop_ep2_on_two_ranks(tmp_path):
+    """ep=2 on 2 real CPU ranks (gloo): every case of dist_scripts/moe_layer_ep2.py (k=1/2, an expert and a whole
+    rank receiving no tokens, a rank sending none, capacity drops) passes on both ranks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(Path(__file__).parent / "dist_scripts" / "moe_layer_ep2.py"), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "done.txt").read_text().split() == [
+        "k1", "k2", "k2-expert1-no-tokens", "k2-rank1-receives-nothing", "k2-rank1-sends-nothing", "k1-drops",
+        "k2-drops-expert3-no-tokens"]
