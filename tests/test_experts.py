@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from host_syncs import count_host_syncs
 from moe_cases import E, H, I, assert_same, make_input, make_layer, run
 
 from upcycle_ds.dist import free_port
 from upcycle_ds.moe import experts as experts_mod
-from upcycle_ds.moe.experts import grouped_mm_available, resolve_expert_impl
+from upcycle_ds.moe.experts import grouped_mm_available, resolve_expert_impl, stacking_is_zero_copy
 from upcycle_ds.moe.layer import UpcycledMoE
 
 MOE_DIR = Path(experts_mod.__file__).parent
@@ -48,6 +49,32 @@ def test_grouped_equals_loop_fp32(k, starve, capacity_factor):
     for e in starve:
         assert stats.tokens_per_expert[e].item() == 0
         assert torch.all(grouped[1][f"deepspeed_moe.experts.deepspeed_experts.{e}.gate_proj.weight"] == 0)
+
+
+def _flatten_like_deepspeed(modules) -> None:
+    """What DeepSpeed's ZeRO-1/2 and bf16 optimizers do to a parameter group: one flat buffer, each parameter a view
+    of it (deepspeed.runtime.bf16_optimizer._update_storage_to_flattened_tensor)."""
+    params = [p for m in modules for p in m.parameters()]
+    flat = _flatten_dense_tensors([p.data for p in params])
+    for p, view in zip(params, _unflatten_dense_tensors(flat, [p.data for p in params])):
+        p.data = view
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5], ids=["dropless", "drops"])
+def test_zero_copy_stacking_when_parameters_share_one_buffer(capacity_factor):
+    moe = make_layer(2, capacity_factor=capacity_factor, starve=(3,))
+    x = make_input(96)
+    copied = run(moe, x, "grouped")
+    assert not stacking_is_zero_copy(moe.local_experts)
+    _flatten_like_deepspeed(moe.local_experts)
+    assert stacking_is_zero_copy(moe.local_experts)
+    viewed = run(moe, x, "grouped")
+    assert_same(viewed, copied, tol=0)
+    assert_same(viewed, run(moe, x, "loop"), tol=1e-6)
+    # experts in another order in the buffer: not evenly spaced as gate_0, up_0, down_0, gate_1, ...: copied again
+    _flatten_like_deepspeed(list(moe.local_experts)[::-1])
+    assert not stacking_is_zero_copy(moe.local_experts)
+    assert_same(run(moe, x, "grouped"), copied, tol=0)
 
 
 @pytest.mark.parametrize("impl", ["grouped", "loop"])
@@ -137,7 +164,8 @@ def test_moe_tensor_factories_name_a_device():
 @pytest.mark.slow
 def test_grouped_equals_loop_ep2_on_two_ranks(tmp_path):
     """ep=2 on 2 real CPU ranks (gloo): every case of dist_scripts/moe_layer_ep2.py (k=1/2, an expert and a whole
-    rank receiving no tokens, a rank sending none, capacity drops) passes on both ranks."""
+    rank receiving no tokens, a rank sending none, capacity drops; zero-copy stacking under DeepSpeed ZeRO-1)
+    passes on both ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(Path(__file__).parent / "dist_scripts" / "moe_layer_ep2.py"), str(tmp_path)]
@@ -145,4 +173,4 @@ def test_grouped_equals_loop_ep2_on_two_ranks(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "done.txt").read_text().split() == [
         "k1", "k2", "k2-expert1-no-tokens", "k2-rank1-receives-nothing", "k2-rank1-sends-nothing", "k1-drops",
-        "k2-drops-expert3-no-tokens"]
+        "k2-drops-expert3-no-tokens", "zero1-bf16-zero-copy"]

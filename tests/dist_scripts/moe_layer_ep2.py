@@ -1,7 +1,8 @@
 """Run on 2 ranks (torchrun): one `UpcycledMoE` layer at ep_size=2, grouped-GEMM experts against the per-expert loop
 in every case below (output and every gradient at 1e-6 in fp32), the host reads of each forward and backward
 (exactly one `.tolist()` per forward, none in backward), and, where routing is dropless, both against the same
-layer at ep_size=1 in this process on both ranks' tokens. Exits non-zero on the first mismatch; rank 0 writes
+layer at ep_size=1 in this process on both ranks' tokens; last, under a real DeepSpeed engine (ZeRO-1, bf16), that
+the grouped path views the experts' weights in DeepSpeed's flat buffer instead of copying them. Exits non-zero on the first mismatch; rank 0 writes
 OUT_DIR/done.txt (one line per case) when every case passed on both ranks.
 
 usage: moe_layer_ep2.py OUT_DIR
@@ -10,8 +11,10 @@ usage: moe_layer_ep2.py OUT_DIR
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from host_syncs import count_host_syncs  # noqa: E402
@@ -19,6 +22,7 @@ from moe_cases import (H, assert_close_at_scale, assert_same, make_input, make_l
                        shard_layer)
 
 from upcycle_ds.dist import init_distributed, shutdown  # noqa: E402
+from upcycle_ds.moe.experts import stacking_is_zero_copy  # noqa: E402
 
 # name: (k, capacity_factor, starved experts, tokens on rank 0, tokens on rank 1)
 CASES = {
@@ -84,6 +88,31 @@ for name, (k, cf, starve, *tokens) in CASES.items():
                 ref = getattr(full.local_experts[gid], p).weight.grad
                 assert_close_at_scale(ours, ref, 1e-6, f"expert {gid} {p}")
     done.append(name)
+
+# Under a real DeepSpeed engine (ZeRO-1, bf16: DeepSpeed flattens each parameter group into one buffer and makes
+# every parameter a view of it) the grouped path stacks the experts' weights without copying them, and still
+# computes what the loop computes.
+full = make_layer(2)
+moe = shard_layer(full, 2, rank)
+assert not stacking_is_zero_copy(moe.local_experts)  # separately allocated parameters: one copy per forward
+groups = split_params_into_different_moe_groups_for_optimizer({"params": list(moe.parameters()), "name": "all"})
+engine, *_ = deepspeed.initialize(
+    model=moe, optimizer=torch.optim.AdamW(groups, lr=1e-3),
+    config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
+assert stacking_is_zero_copy(moe.local_experts)
+x = make_input(48, seed=rank, dtype=torch.bfloat16)
+before = [p.detach().clone() for p in moe.local_experts.parameters()]
+with torch.no_grad():
+    moe.expert_impl = "loop"
+    ref = engine(x)
+    moe.expert_impl = "grouped"
+    assert_close_at_scale(engine(x), ref, 2 ** -7, "bf16 output under ZeRO-1")
+engine.backward(engine(x).float().square().mean())
+engine.step()
+assert all(not torch.equal(b, p) for b, p in zip(before, moe.local_experts.parameters()))  # every expert trained
+assert stacking_is_zero_copy(moe.local_experts)
+done.append("zero1-bf16-zero-copy")
 
 dist.barrier()
 if rank == 0:

@@ -11,8 +11,9 @@ Every local expert runs on every forward, also on zero tokens, so each expert pa
 
 Host reads: at ep_size > 1 exactly one per forward, the `.tolist()` of [sent, received] per-(rank, local expert)
 counts that the all_to_all splits need (the counts themselves are exchanged on the device first). At ep_size = 1 the
-grouped path reads nothing: all T*K slots stay in the sorted buffer, slots dropped by capacity last, where a zero
-expert computes exact zeros for them; the loop path reads the per-expert counts once (torch.split needs them).
+grouped path reads nothing: all T*K slots stay in the sorted buffer, slots dropped by capacity last, computed by the
+last expert and weighted 0 by the combine (their contribution to the output and to every gradient is exactly 0); the loop
+path reads the per-expert counts once (torch.split needs them).
 Nothing in backward reads the host.
 
 Performance (bench/step_time.py, bench/moe_layer.py, docs/benchmarks.md): every row movement is a gather
@@ -122,7 +123,9 @@ def dispatch_compute_combine(x_TH: torch.Tensor, weights_TK: torch.Tensor, exper
     if ep_size == 1 and expert_impl == "grouped":  # static shapes: no host read
         x_SH = _TakeRows.apply(x_TH, order_F, inv_F, T * K, K)
         ends_E = counts_E.cumsum(0).to(torch.int32)
-        y_SH = run_experts_grouped(x_SH, ends_E, experts, zero_tail=keep_TK is not None)
+        if keep_TK is not None:  # dropped slots (sorted last) ride with the last expert; their combine weight is 0
+            ends_E = torch.cat([ends_E[:-1], ends_E.new_full((1,), T * K)])
+        y_SH = run_experts_grouped(x_SH, ends_E, experts)
     elif ep_size == 1:
         counts = counts_E.tolist()  # the one host read
         x_SH = _TakeRows.apply(x_TH, order_F, inv_F, sum(counts), K)

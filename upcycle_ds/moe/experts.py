@@ -116,37 +116,80 @@ def compute_dtype(x: torch.Tensor, experts: nn.ModuleList) -> torch.dtype:
     return experts[0].gate_proj.weight.dtype
 
 
-def run_experts_grouped(x_SH: torch.Tensor, ends_L: torch.Tensor, experts: nn.ModuleList, *,
-                        zero_tail: bool = False) -> torch.Tensor:
+def run_experts_grouped(x_SH: torch.Tensor, ends_L: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """x_SH is sorted by local expert; expert l owns rows [ends_L[l-1], ends_L[l]) (int32 cumulative ends on the
-    device). Returns the outputs in the same order.
-
-    With `zero_tail`, rows from ends_L[-1] to S (token-slots dropped by capacity, kept in place so that S needs no
-    host read) form one more group whose weights are zero: their outputs and input gradients are exact zeros.
-    Without it ends_L[-1] must equal S: grouped GEMM leaves rows past the last offset unwritten, forward and
-    backward.
-    """
-    L = len(experts)
+    device; ends_L[-1] must be S: grouped GEMM leaves rows past the last end unwritten, forward and backward).
+    Returns the experts' outputs in the same order."""
     first = experts[0]
-    I, H = first.gate_proj.weight.shape
-    gate_up, down = [], []
-    for e in experts:
-        gate_up += [e.gate_proj.weight, e.up_proj.weight]
-        down.append(e.down_proj.weight)
-    G = L
-    if zero_tail:
-        gate_up.append(first.gate_proj.weight.new_zeros(2 * I, H))
-        down.append(first.down_proj.weight.new_zeros(H, I))
-        ends_L = torch.cat([ends_L, ends_L.new_full((1,), x_SH.shape[0])])
-        G = L + 1
     dtype = compute_dtype(x_SH, experts)
-    w_G2IH = torch.cat(gate_up).view(G, 2 * I, H).to(dtype)
-    w_GHI = torch.stack(down).to(dtype)
-    x_SH = x_SH.to(dtype)
-    h_S2I = _grouped_mm(x_SH, w_G2IH.transpose(1, 2), offs=ends_L)
+    w_L2IH, w_LHI = stacked_weights(experts)
+    h_S2I = _grouped_mm(x_SH.to(dtype), w_L2IH.to(dtype).transpose(1, 2), offs=ends_L)
     gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
     a_SI = first.act_fn(gate_SI) * up_SI
-    return _DenseGrad.apply(_grouped_mm(a_SI, w_GHI.transpose(1, 2), offs=ends_L))
+    return _DenseGrad.apply(_grouped_mm(a_SI, w_LHI.to(dtype).transpose(1, 2), offs=ends_L))
+
+
+def stacked_weights(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local experts' weights as grouped-GEMM operands: gate and up as [L, 2I, H] (expert l's gate rows, then
+    its up rows), down as [L, H, I]; gradients flow back to each expert's own parameters.
+
+    Zero-copy where the parameters already lie evenly spaced in one buffer in the order gate_0, up_0, down_0,
+    gate_1, ... : a strided view of that buffer. That is the layout DeepSpeed gives them when it flattens a parameter
+    group into one buffer and makes each parameter a view of it (ZeRO-1/2, and the bf16 optimizer), since the MoE
+    group lists each expert's parameters in module order. Elsewhere (separately allocated parameters) one copy per
+    forward (`torch.cat` / `torch.stack`); `stacking_is_zero_copy` tells which applies."""
+    gates = [e.gate_proj.weight for e in experts]
+    ups = [e.up_proj.weight for e in experts]
+    downs = [e.down_proj.weight for e in experts]
+    I, H = gates[0].shape
+    gate_at, up_at, down_at = _evenly_spaced(gates), _evenly_spaced(ups), _evenly_spaced(downs)
+    if (gate_at and up_at and down_at and gate_at[1] == up_at[1] == down_at[1] and up_at[0] == gate_at[0] + I * H
+            and gates[0].untyped_storage().data_ptr() == downs[0].untyped_storage().data_ptr()):
+        (offset, step), L = gate_at, len(experts)
+        gate_up = [p for pair in zip(gates, ups) for p in pair]
+        w_L2IH = _ParamsView.apply((L, 2 * I, H), (step, H, 1), offset, 2, *gate_up)
+        w_LHI = _ParamsView.apply((L, H, I), (step, I, 1), down_at[0], 1, *downs)
+        return w_L2IH, w_LHI
+    gate_up = [p for pair in zip(gates, ups) for p in pair]
+    return torch.cat(gate_up).view(len(experts), 2 * I, H), torch.stack(downs)
+
+
+def stacking_is_zero_copy(experts: nn.ModuleList) -> bool:
+    """Whether `stacked_weights` views the parameters in place (True) or copies them (False)."""
+    w_L2IH, _ = stacked_weights(experts)
+    return w_L2IH.untyped_storage().data_ptr() == experts[0].gate_proj.weight.untyped_storage().data_ptr()
+
+
+def _evenly_spaced(params: list[torch.Tensor]) -> tuple[int, int] | None:
+    """(storage offset of params[0], step) if the contiguous, equal-shaped params lie in one storage at offsets
+    offset + l * step with step >= numel (no overlap), else None. Host-side metadata only."""
+    first = params[0]
+    storage = first.untyped_storage().data_ptr()
+    step = params[1].storage_offset() - first.storage_offset() if len(params) > 1 else first.numel()
+    if step < first.numel():
+        return None
+    for l, p in enumerate(params):
+        if (not p.is_contiguous() or p.shape != first.shape or p.dtype != first.dtype or p.device != first.device
+                or p.untyped_storage().data_ptr() != storage or p.storage_offset() != first.storage_offset() + l * step):
+            return None
+    return first.storage_offset(), step
+
+
+class _ParamsView(torch.autograd.Function):
+    """A strided view (size, stride, storage offset) of the one buffer that holds `params`, which are
+    [parts per expert] x L blocks of rows in expert-major order; backward gives each parameter its own rows of the
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, size, stride, offset, parts, *params):
+        ctx.parts = parts
+        return params[0].detach().as_strided(size, stride, offset)
+
+    @staticmethod
+    def backward(ctx, grad):
+        L, rows = grad.shape[0], grad.shape[1] // ctx.parts
+        grads = [grad[l, j * rows:(j + 1) * rows] for l in range(L) for j in range(ctx.parts)]
+        return (None, None, None, None, *grads)
 
 
 class _DenseGrad(torch.autograd.Function):
