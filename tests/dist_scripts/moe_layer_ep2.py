@@ -2,8 +2,8 @@
 in every case below (output and every gradient at 1e-6 in fp32), the host reads of each forward and backward
 (exactly one `.tolist()` per forward, none in backward), and, where routing is dropless, both against the same
 layer at ep_size=1 in this process on both ranks' tokens; last, under a real DeepSpeed engine (ZeRO-1, bf16), that
-the grouped path views the experts' weights in DeepSpeed's flat buffer instead of copying them. Exits non-zero on the first mismatch; rank 0 writes
-OUT_DIR/done.txt (one line per case) when every case passed on both ranks.
+the grouped path views the experts' weights in DeepSpeed's flat buffer instead of copying them. Exits non-zero on
+the first mismatch; rank 0 writes OUT_DIR/done.txt (one line per case) when every case passed on both ranks.
 
 usage: moe_layer_ep2.py OUT_DIR
 """

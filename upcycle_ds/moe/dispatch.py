@@ -11,9 +11,9 @@ Every local expert runs on every forward, also on zero tokens, so each expert pa
 
 Host reads: at ep_size > 1 exactly one per forward, the `.tolist()` of [sent, received] per-(rank, local expert)
 counts that the all_to_all splits need (the counts themselves are exchanged on the device first). At ep_size = 1 the
-grouped path reads nothing: all T*K slots stay in the sorted buffer, slots dropped by capacity last, computed by the
-last expert and weighted 0 by the combine (their contribution to the output and to every gradient is exactly 0); the loop
-path reads the per-expert counts once (torch.split needs them).
+grouped path reads nothing: all T*K slots stay in the sorted buffer, slots dropped by capacity last, computed by
+the last expert and weighted 0 by the combine (their contribution to the output and to every gradient is exactly
+0); the loop path reads the per-expert counts once (torch.split needs them).
 Nothing in backward reads the host.
 
 Performance (bench/step_time.py, bench/moe_layer.py, docs/benchmarks.md): every row movement is a gather
@@ -114,20 +114,20 @@ def dispatch_compute_combine(x_TH: torch.Tensor, weights_TK: torch.Tensor, exper
     experts_TK, by_id = torch.sort(experts_TK, dim=1)
     weights_TK = weights_TK.gather(1, by_id)
     expert_F = experts_TK.reshape(-1)
-    if keep_TK is not None:  # dropped slots sort last (pseudo-expert num_experts) and are not computed
+    if keep_TK is not None:  # dropped slots sort last (pseudo-expert num_experts)
         expert_F = torch.where(keep_TK.gather(1, by_id).reshape(-1), expert_F, num_experts)
     order_F = torch.argsort(expert_F, stable=True)  # within an expert: token order
     inv_F = _inverse(order_F)
     counts_E = tokens_per_expert(expert_F, num_experts + 1)[:num_experts]
 
-    if ep_size == 1 and expert_impl == "grouped":  # static shapes: no host read
+    if ep_size == 1 and expert_impl == "grouped" and T > 0:  # static shapes: no host read
         x_SH = _TakeRows.apply(x_TH, order_F, inv_F, T * K, K)
         ends_E = counts_E.cumsum(0).to(torch.int32)
         if keep_TK is not None:  # dropped slots (sorted last) ride with the last expert; their combine weight is 0
             ends_E = torch.cat([ends_E[:-1], ends_E.new_full((1,), T * K)])
         y_SH = run_experts_grouped(x_SH, ends_E, experts)
     elif ep_size == 1:
-        counts = counts_E.tolist()  # the one host read
+        counts = counts_E.tolist() if T > 0 else [0] * num_experts  # the one host read
         x_SH = _TakeRows.apply(x_TH, order_F, inv_F, sum(counts), K)
         y_SH = run_experts_loop(x_SH, counts, experts)
     else:
@@ -144,7 +144,7 @@ def dispatch_compute_combine(x_TH: torch.Tensor, weights_TK: torch.Tensor, exper
         by_expert = torch.argsort(local_id, stable=True)
         inv_by_expert = _inverse(by_expert)
         x_sorted = _TakeRows.apply(x_recv, by_expert, inv_by_expert, by_expert.numel(), 1)
-        if expert_impl == "grouped":
+        if expert_impl == "grouped" and x_sorted.shape[0] > 0:  # (zero rows: the loop, every expert on none)
             y_sorted = run_experts_grouped(x_sorted, recv_RL.sum(0).cumsum(0).to(torch.int32), experts)
         else:
             y_sorted = run_experts_loop(x_sorted, [sum(col) for col in zip(*received)], experts)

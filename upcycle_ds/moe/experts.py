@@ -4,17 +4,18 @@ The experts stay DeepSpeed's: `deepspeed_experts[l]` is a `SwiGLUExpert` whose `
 expert l's own weights, so ZeRO's MoE parameter groups and DeepSpeed's one-file-per-expert checkpoints are unchanged.
 Both implementations compute, for the rows of local expert l,  down_l(act(gate_l(x)) * up_l(x)):
 
-  "grouped"  stacks the local experts' weights at each forward (gate and up fused into one [L, 2I, H] operand, down
-             into [L, H, I]; one `torch.cat` / `torch.stack` each, whose backward hands every expert its own gradient
-             slice) and runs two grouped GEMMs over all L experts at once, grouped by device-side int32 cumulative row
-             offsets: no host reads, no per-expert kernel launches.
+  "grouped"  stacks the local experts' weights (gate and up fused into one [L, 2I, H] operand, down into
+             [L, H, I]; a view where DeepSpeed already holds them in one flat buffer, else one copy per forward, see
+             `stacked_weights`) and runs two grouped GEMMs over all L experts at once, grouped by device-side int32
+             cumulative row offsets: no host reads, no per-expert kernel launches.
   "loop"     one `SwiGLUExpert` call per expert on its `torch.split` chunk; needs the per-expert row counts on the
              host.
 
 Capability, not version, decides whether "grouped" can run: `grouped_mm_available(device, dtype)` runs a tiny grouped
 GEMM, forward and backward, once per (device, dtype) and remembers whether it worked (no values are read back). The
 function is `torch.nn.functional.grouped_mm` where torch has it, else `torch._grouped_mm` (same arguments). Seen so
-far: torch 2.13 runs it on CPU in fp32, bf16 and fp16; torch's CUDA kernel takes bf16 only (Hopper and newer).
+far: torch 2.13 runs it on CPU in fp32, bf16 and fp16 (not fp64); on CUDA torch documents bf16 only, on sm_80+
+(so fp32 on a GPU runs the loop).
 Grouped GEMM also needs 16-byte aligned rows: H and I multiples of 16 / element size (4 in fp32, 8 in bf16).
 Where any of this fails, `resolve_expert_impl` answers "loop".
 
@@ -134,30 +135,40 @@ def stacked_weights(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]
     its up rows), down as [L, H, I]; gradients flow back to each expert's own parameters.
 
     Zero-copy where the parameters already lie evenly spaced in one buffer in the order gate_0, up_0, down_0,
-    gate_1, ... : a strided view of that buffer. That is the layout DeepSpeed gives them when it flattens a parameter
-    group into one buffer and makes each parameter a view of it (ZeRO-1/2, and the bf16 optimizer), since the MoE
-    group lists each expert's parameters in module order. Elsewhere (separately allocated parameters) one copy per
-    forward (`torch.cat` / `torch.stack`); `stacking_is_zero_copy` tells which applies."""
+    gate_1, ...: then the operands are strided views of that buffer. That is the layout DeepSpeed gives them when it
+    flattens a parameter group into one buffer and makes each parameter a view of it (ZeRO-1/2 and the bf16
+    optimizer), since the MoE group lists each expert's parameters in module order. Elsewhere (separately
+    allocated parameters) one copy per forward (`torch.cat` / `torch.stack`). `stacking_is_zero_copy` tells which.
+    Either way the backward copies each expert's gradient rows into its own `.grad` once."""
     gates = [e.gate_proj.weight for e in experts]
     ups = [e.up_proj.weight for e in experts]
     downs = [e.down_proj.weight for e in experts]
-    I, H = gates[0].shape
-    gate_at, up_at, down_at = _evenly_spaced(gates), _evenly_spaced(ups), _evenly_spaced(downs)
-    if (gate_at and up_at and down_at and gate_at[1] == up_at[1] == down_at[1] and up_at[0] == gate_at[0] + I * H
-            and gates[0].untyped_storage().data_ptr() == downs[0].untyped_storage().data_ptr()):
-        (offset, step), L = gate_at, len(experts)
-        gate_up = [p for pair in zip(gates, ups) for p in pair]
-        w_L2IH = _ParamsView.apply((L, 2 * I, H), (step, H, 1), offset, 2, *gate_up)
-        w_LHI = _ParamsView.apply((L, H, I), (step, I, 1), down_at[0], 1, *downs)
-        return w_L2IH, w_LHI
     gate_up = [p for pair in zip(gates, ups) for p in pair]
-    return torch.cat(gate_up).view(len(experts), 2 * I, H), torch.stack(downs)
+    L, (I, H) = len(experts), gates[0].shape
+    layout = _shared_buffer_layout(gates, ups, downs)
+    if layout is None:
+        return torch.cat(gate_up).view(L, 2 * I, H), torch.stack(downs)
+    gate_offset, down_offset, step = layout
+    return (_ParamsView.apply((L, 2 * I, H), (step, H, 1), gate_offset, 2, *gate_up),
+            _ParamsView.apply((L, H, I), (step, I, 1), down_offset, 1, *downs))
 
 
 def stacking_is_zero_copy(experts: nn.ModuleList) -> bool:
-    """Whether `stacked_weights` views the parameters in place (True) or copies them (False)."""
-    w_L2IH, _ = stacked_weights(experts)
-    return w_L2IH.untyped_storage().data_ptr() == experts[0].gate_proj.weight.untyped_storage().data_ptr()
+    """Whether `stacked_weights` views the experts' parameters in place (True) or copies them (False)."""
+    return _shared_buffer_layout([e.gate_proj.weight for e in experts], [e.up_proj.weight for e in experts],
+                                 [e.down_proj.weight for e in experts]) is not None
+
+
+def _shared_buffer_layout(gates, ups, downs) -> tuple[int, int, int] | None:
+    """(storage offset of gate_0, of down_0, step between experts) if gate_l, up_l (right after gate_l) and down_l
+    lie in one storage at those offsets + l * step, else None."""
+    I, H = gates[0].shape
+    gate_at, up_at, down_at = _evenly_spaced(gates), _evenly_spaced(ups), _evenly_spaced(downs)
+    if not (gate_at and up_at and down_at) or not gate_at[1] == up_at[1] == down_at[1]:
+        return None
+    if up_at[0] != gate_at[0] + I * H or gates[0].untyped_storage().data_ptr() != downs[0].untyped_storage().data_ptr():
+        return None
+    return gate_at[0], down_at[0], gate_at[1]
 
 
 def _evenly_spaced(params: list[torch.Tensor]) -> tuple[int, int] | None:
@@ -170,7 +181,8 @@ def _evenly_spaced(params: list[torch.Tensor]) -> tuple[int, int] | None:
         return None
     for l, p in enumerate(params):
         if (not p.is_contiguous() or p.shape != first.shape or p.dtype != first.dtype or p.device != first.device
-                or p.untyped_storage().data_ptr() != storage or p.storage_offset() != first.storage_offset() + l * step):
+                or p.untyped_storage().data_ptr() != storage
+                or p.storage_offset() != first.storage_offset() + l * step):
             return None
     return first.storage_offset(), step
 

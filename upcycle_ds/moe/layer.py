@@ -71,8 +71,9 @@ class UpcycledMoE(MoE):
         """route -> dispatch -> compute -> combine (+ the shared expert where the family has one).
 
         compute runs `self.expert_impl` where it can (`resolve_expert_impl`). Host reads: none at ep_size 1 with
-        grouped experts, one (the all_to_all split sizes, or the loop's chunk sizes) otherwise. Returns a tensor shaped like `hidden_states`, as the HF MLP it replaces. The router's aux loss, z-loss and
-        statistics of this call are left on `self.router` for the trainer to collect.
+        grouped experts, one (the all_to_all split sizes, or the loop's chunk sizes) otherwise; none in backward.
+        Returns a tensor shaped like `hidden_states`, as the HF MLP it replaces. The router's aux loss, z-loss and
+        statistics of this call (`RouterStats`, device tensors) are left on `self.router` for the trainer.
         """
         shape = hidden_states.shape
         x_TH = hidden_states.reshape(-1, shape[-1])
