@@ -124,7 +124,7 @@ def summarize(runners: list[Runner], clock: str) -> dict:
 
 def main() -> int:
     args = parse_args()
-    from upcycle_ds.dist import init_distributed, shutdown
+    from upcycle_ds.launch.distributed import init_distributed, shutdown
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,20 +1,27 @@
-"""Index-based token dispatch over DeepSpeed's expert-parallel group (dropless, no padding).
+"""Dispatch and combine (of route -> dispatch -> compute -> combine): index-based, dropless, no padding.
 
 Each token-slot goes to exactly one expert. Slots are sorted by expert id; with ep_size > 1 the sorted tokens are
 exchanged with a variable-split all_to_all over the expert-parallel group (the same group DeepSpeed-MoE creates),
-each rank runs its local experts on exactly the tokens they received, and a second all_to_all brings the outputs
-back. Unlike DeepSpeed's GShard dispatch this never pads experts to a common capacity (PLATFORM.md: 1.24x vs 1.47x
-of the FLOP-ideal step time). Both all_to_alls are autograd functions, so gradients flow back the same way.
+each rank runs its local experts (`experts.py`, grouped GEMM or loop) on exactly the tokens they received, and a
+second all_to_all brings the outputs back. Unlike DeepSpeed's GShard dispatch this never pads experts to a common
+capacity (docs/benchmarks.md). Both all_to_alls are autograd functions, so gradients flow back the same way.
 
 Every local expert runs on every forward, also on zero tokens, so each expert parameter always gets a gradient
 (ZeRO's gradient hooks expect that).
 
-Performance (bench/step_time.py, docs/benchmarks.md): every row movement is a gather (`index_select`), forward and
-backward. Slots reach expert order through one permutation of the T*K slots and come back through its inverse, so
-the backward of each gather is a gather too; scatters with accumulation (`index_add_`, and `index_put_` with
-accumulate, which autograd uses for the backward of `x[idx]`) are avoided. A token's K slots are then summed with
-K-1 plain additions in ascending expert id, the order transformers adds them in.
-Shape suffixes: T tokens, K slots per token, F token-major slots (t * K + j), S sorted (kept) slots, H hidden,
+Host reads: at ep_size > 1 exactly one per forward, the `.tolist()` of [sent, received] per-(rank, local expert)
+counts that the all_to_all splits need (the counts themselves are exchanged on the device first). At ep_size = 1 the
+grouped path reads nothing: all T*K slots stay in the sorted buffer, slots dropped by capacity last, computed by
+the last expert and weighted 0 by the combine (their contribution to the output and to every gradient is exactly
+0); the loop path reads the per-expert counts once (torch.split needs them).
+Nothing in backward reads the host.
+
+Performance (bench/step_time.py, bench/moe_layer.py, docs/benchmarks.md): every row movement is a gather
+(`index_select`), forward and backward. Slots reach expert order through one permutation of the T*K slots and come
+back through its inverse, so the backward of each gather is a gather too; scatters with accumulation (`index_add_`,
+and `index_put_` with accumulate, which autograd uses for the backward of `x[idx]`) are avoided. A token's K slots
+are then summed with K-1 plain additions in ascending expert id, the order transformers adds them in.
+Shape suffixes: T tokens, K slots per token, F token-major slots (t * K + j), S sorted slots, H hidden,
 E experts, L local experts, R ep ranks.
 """
 
@@ -23,6 +30,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .experts import run_experts_grouped, run_experts_loop
+from .router import tokens_per_expert
 
 
 class _AllToAll(torch.autograd.Function):
@@ -92,44 +102,52 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
-def run_local_experts(x_SH: torch.Tensor, counts_L: list[int], experts: nn.ModuleList) -> torch.Tensor:
-    """x_SH is sorted by local expert with counts_L rows each; returns the experts' outputs in the same order."""
-    outs = [expert(chunk) for chunk, expert in zip(torch.split(x_SH, counts_L), experts)]
-    return torch.cat(outs) if outs else x_SH
-
-
 def dispatch_compute_combine(x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor,
                              keep_TK: torch.Tensor | None, experts: nn.ModuleList, *, num_experts: int,
-                             ep_group=None, ep_size: int = 1) -> torch.Tensor:
+                             ep_group=None, ep_size: int = 1, expert_impl: str = "loop") -> torch.Tensor:
+    """Output rows of the MoE (without shared expert) for x_TH routed as (weights_TK, experts_TK, keep_TK).
+
+    `expert_impl` is the resolved implementation ("grouped" or "loop", see `experts.resolve_expert_impl`)."""
     T, K = experts_TK.shape
     L = num_experts // ep_size
     # a token's slots in ascending expert id (the combine order); slot f = t * K + j
     experts_TK, by_id = torch.sort(experts_TK, dim=1)
     weights_TK = weights_TK.gather(1, by_id)
     expert_F = experts_TK.reshape(-1)
-    if keep_TK is not None:  # dropped slots sort last (pseudo-expert num_experts) and are not computed
+    if keep_TK is not None:  # dropped slots sort last (pseudo-expert num_experts)
         expert_F = torch.where(keep_TK.gather(1, by_id).reshape(-1), expert_F, num_experts)
     order_F = torch.argsort(expert_F, stable=True)  # within an expert: token order
     inv_F = _inverse(order_F)
-    counts = torch.bincount(expert_F, minlength=num_experts + 1)[:num_experts]
-    counts_E = counts.tolist()
-    n = sum(counts_E)
-    x_SH = _TakeRows.apply(x_TH, order_F, inv_F, n, K)
+    counts_E = tokens_per_expert(expert_F, num_experts + 1)[:num_experts]
 
-    if ep_size == 1:
-        y_SH = run_local_experts(x_SH, counts_E, experts)
+    if ep_size == 1 and expert_impl == "grouped" and T > 0:  # static shapes: no host read
+        x_SH = _TakeRows.apply(x_TH, order_F, inv_F, T * K, K)
+        ends_E = counts_E.cumsum(0).to(torch.int32)
+        if keep_TK is not None:  # dropped slots (sorted last) ride with the last expert; their combine weight is 0
+            ends_E = torch.cat([ends_E[:-1], ends_E.new_full((1,), T * K)])
+        y_SH = run_experts_grouped(x_SH, ends_E, experts)
+    elif ep_size == 1:
+        counts = counts_E.tolist() if T > 0 else [0] * num_experts  # the one host read
+        x_SH = _TakeRows.apply(x_TH, order_F, inv_F, sum(counts), K)
+        y_SH = run_experts_loop(x_SH, counts, experts)
     else:
-        send_RL = counts.view(ep_size, L)
+        send_RL = counts_E.view(ep_size, L)
         recv_RL = torch.empty_like(send_RL)
         dist.all_to_all_single(recv_RL, send_RL, group=ep_group)
-        send_splits, recv_splits = send_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
+        sent, received = torch.stack([send_RL, recv_RL]).tolist()  # the one host read
+        send_splits, recv_splits = [sum(r) for r in sent], [sum(r) for r in received]
+        x_SH = _TakeRows.apply(x_TH, order_F, inv_F, sum(send_splits), K)
         x_recv = _AllToAll.apply(x_SH, recv_splits, send_splits, ep_group)
         # received rows are grouped by (source rank, local expert); regroup by local expert
-        local_id = torch.arange(L, device=x_TH.device).repeat(ep_size).repeat_interleave(recv_RL.reshape(-1))
+        local_id = torch.arange(L, device=x_TH.device).repeat(ep_size).repeat_interleave(
+            recv_RL.reshape(-1), output_size=sum(recv_splits))
         by_expert = torch.argsort(local_id, stable=True)
         inv_by_expert = _inverse(by_expert)
         x_sorted = _TakeRows.apply(x_recv, by_expert, inv_by_expert, by_expert.numel(), 1)
-        y_sorted = run_local_experts(x_sorted, recv_RL.sum(0).tolist(), experts)
+        if expert_impl == "grouped" and x_sorted.shape[0] > 0:  # (zero rows: the loop, every expert on none)
+            y_sorted = run_experts_grouped(x_sorted, recv_RL.sum(0).cumsum(0).to(torch.int32), experts)
+        else:
+            y_sorted = run_experts_loop(x_sorted, [sum(col) for col in zip(*received)], experts)
         y_recv = _PutRows.apply(y_sorted, by_expert, inv_by_expert)
         y_SH = _AllToAll.apply(y_recv, send_splits, recv_splits, ep_group)
 

@@ -1,4 +1,5 @@
-"""Top-k router: the routing semantics of every MoE model we build and export (no communication here).
+"""Route (of route -> dispatch -> compute -> combine): the top-k router, the routing semantics of every MoE model we
+build and export. No communication, and no value read back to the host: losses and statistics stay on the device.
 
 Semantics, identical to transformers' Mixtral / Qwen3-MoE / Qwen2-MoE (`norm_topk_prob=True`) routers:
     logits = x @ W^T (computed in fp32)  ->  p = softmax(logits) over all E experts  ->  top-k of p
@@ -10,6 +11,7 @@ Losses (recorded on the module after each forward, with gradients):
     aux  = E * sum_i f_i * P_i   (Switch / HF `load_balancing_loss_func`; f_i = fraction of tokens routed to i,
                                   summed over the k slots; P_i = mean router probability of i)
     z    = mean_t logsumexp(logits_t)^2   (ST-MoE router z-loss)
+Statistics of each forward are left on `stats` (`RouterStats`, detached device tensors).
 Shape suffixes: T tokens, E experts, K top-k slots, H hidden.
 """
 
@@ -35,29 +37,32 @@ class Routing:
 
 @dataclass
 class RouterStats:
-    """Detached per-forward routing statistics (summed over micro-batches by the trainer)."""
+    """Detached routing statistics of one forward, all on the input's device: reading them is the consumer's
+    choice (the trainer sums them over micro-batches on the device and reads them once per logging step)."""
 
     tokens_per_expert: torch.Tensor
-    """(E,) int64 token-slots routed to each expert, before capacity drops (on the input's device)."""
+    """(E,) int64: token-slots routed to each expert, before capacity drops."""
     dropped: torch.Tensor
-    """() int64 token-slots dropped by capacity."""
+    """() int64: token-slots dropped by capacity."""
     slots: int
-    """token-slots routed (T * k; a host int from shapes)."""
+    """token-slots routed, T * K (a host int from shapes)."""
     aux_loss: torch.Tensor
+    """() fp32, detached."""
     z_loss: torch.Tensor
+    """() fp32, detached."""
     entropy: torch.Tensor
-    """() fp32 mean router entropy over tokens (nats); the three detached, on the input's device."""
+    """() fp32, detached: mean router entropy over tokens (nats)."""
 
 
 class TopKRouter(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, normalize: bool = True,
-                 capacity_factor: float | None = None, min_capacity: int = 4):
+                 capacity_factor: float | None = None, min_capacity: int = 4, device: torch.device | None = None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.num_experts, self.top_k, self.normalize = num_experts, top_k, normalize
         self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device))
         nn.init.normal_(self.weight, std=0.02)
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
@@ -80,11 +85,12 @@ class TopKRouter(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
 
         T, E, K = x_TH.shape[0], self.num_experts, self.top_k
-        counts_E = torch.bincount(experts_TK.reshape(-1), minlength=E)
+        counts_E = tokens_per_expert(experts_TK, E)
         keep_TK = None
         if self.training and self.capacity_factor is not None and T > 0:
             capacity = max(self.min_capacity, math.ceil(self.capacity_factor * T * K / E))
-            onehot_KTE = F.one_hot(experts_TK.t(), E)  # slot-major: all first choices before second choices
+            # slot-major: all first choices before second choices, each in token order
+            onehot_KTE = experts_TK.new_zeros(K, T, E).scatter_(-1, experts_TK.t().unsqueeze(-1), 1)
             position_KTE = onehot_KTE.reshape(K * T, E).cumsum(0).reshape(K, T, E) * onehot_KTE
             keep_TK = (position_KTE.sum(-1) <= capacity).t()
             weights_TK = weights_TK * keep_TK
@@ -98,7 +104,16 @@ class TopKRouter(nn.Module):
             self.aux_loss = self.z_loss = logits_TE.sum() * 0
             entropy = logits_TE.new_zeros(())
         dropped = counts_E.new_zeros(()) if keep_TK is None else (~keep_TK).sum()
-        self.stats = RouterStats(tokens_per_expert=counts_E.detach(), dropped=dropped, slots=T * K,
-                                 aux_loss=self.aux_loss.detach().float(), z_loss=self.z_loss.detach().float(),
-                                 entropy=entropy.detach().float())
+        self.stats = RouterStats(tokens_per_expert=counts_E, dropped=dropped, slots=T * K,
+                                 aux_loss=self.aux_loss.detach(), z_loss=self.z_loss.detach(),
+                                 entropy=entropy.detach())
         return Routing(weights_TK=weights_TK, experts_TK=experts_TK, keep_TK=keep_TK)
+
+
+def tokens_per_expert(experts_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(num_experts,) int64 count of each id in `experts_N` (any shape), on its device.
+
+    A scatter-add into a tensor of known size: `torch.bincount` would read the maximum back to the host on CUDA to
+    size its output."""
+    ids = experts_N.reshape(-1)
+    return ids.new_zeros(num_experts).scatter_add_(0, ids, torch.ones_like(ids))
