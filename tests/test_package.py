@@ -6,6 +6,7 @@ works, the trainer uses the DeepSpeed configs shipped inside the package (not th
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,10 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_installs_and_runs_the_quickstart_outside_the_repo(tmp_path):
-    wheels, venv, work = tmp_path / "wheels", tmp_path / "venv", tmp_path / "work"
+    wheels, venv, work, src = tmp_path / "wheels", tmp_path / "venv", tmp_path / "work", tmp_path / "src"
     work.mkdir()
+    # build from a copy of the package sources (setuptools writes build/ and *.egg-info next to them)
+    src.mkdir()
+    for rel in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / rel, src / rel)
+    shutil.copytree(REPO / "upcycle_ds", src / "upcycle_ds", ignore=shutil.ignore_patterns("__pycache__"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(wheels), str(REPO)], capture_output=True, text=True, timeout=300)
+                        str(wheels), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = wheels.glob("upcycle_ds-*.whl")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
