@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..io.hf import atomic_output_dir
+from ..io.atomic import atomic_output_dir
 
 HERE = Path(__file__).resolve().parent
 KINDS = ("slurm", "launchers")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 """zero{0,1,2}.json, shipped in the package: GPU defaults (overlapped communication, 5e8-element buckets)."""
@@ -244,7 +245,9 @@ class TrainArgs:
         if self.expert_impl not in ("grouped", "loop"):
             raise UserError(f"--expert-impl must be grouped or loop (got {self.expert_impl!r})")
 
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self) -> "torch.dtype":
+        import torch  # not at import: `upcycle-ds train --help` needs no torch
+
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
 
     def to_dict(self) -> dict:
