@@ -1,4 +1,4 @@
-"""UpIT end to end (UPIT.md §2): sft -> assemble -> seed-data -> router-init -> train, from one recipe YAML.
+"""UpIT end to end (Hui et al. 2024; docs/upit.md): sft -> assemble -> seed-data -> router-init -> train, from one recipe YAML.
 
     upcycle-ds upit --config recipe.yaml [--nproc N]          one node: N ranks per training stage
     deepspeed --num_gpus N --module upcycle_ds.cli upit --config recipe.yaml

@@ -1,7 +1,7 @@
 """DeepSpeed partitioned MoE checkpoints (what `engine.save_checkpoint` writes for native DeepSpeed-MoE), read lazily
 under HF MoE hub key names, and written (module weights only) so that `engine.load_checkpoint` reads them.
 
-Layout of one tag dir (PLATFORM.md):
+Layout of one tag dir (as DeepSpeed 0.19 writes it for native MoE; docs/design.md):
     mp_rank_00_model_states.pt                       {"module": non-expert params (our names), "num_experts": [E per
                                                       MoE layer], "param_shapes": [per optimizer group] (ZeRO), ...}
     layer_{L}_expert_{G}_mp_rank_00_model_states.pt  one per MoE layer number L (0.. counts MoE layers, not decoder

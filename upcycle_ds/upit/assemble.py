@@ -1,7 +1,7 @@
-"""UpIT stage 1+2 (UPIT.md §2.1–2.2): dense SFT checkpoints -> one HF MoE checkpoint, expanded when E > checkpoints.
+"""UpIT stage 1+2 (docs/upit.md): dense SFT checkpoints -> one HF MoE checkpoint, expanded when E > checkpoints.
 
 `AssembledView` has the read interface of `io.hf.HFCheckpoint` (config, keys, shape, dtype, get), so
-`io.hf.write_sharded` streams it like `upcycle.UpcycledView`. Choices (UPIT.md marks them **[our choice]**):
+`io.hf.write_sharded` streams it like `upcycle.UpcycledView`. Choices (docs/upit.md marks them **[our choice]**):
 
 - Expert i (every MoE layer) is checkpoint i's MLP, in the order given. With more checkpoints than E, the **last E
   given** are used (pass checkpoints oldest first: later checkpoints make better experts).

@@ -1,4 +1,4 @@
-"""UpIT expert expansion (UPIT.md §2.2): grow one MoE layer's expert pool to E experts by a genetic algorithm.
+"""UpIT expert expansion (docs/upit.md, stage 2): grow one MoE layer's expert pool to E experts by a genetic algorithm.
 
 Pure functions, no I/O. An expert is a dict {"gate", "up", "down"} of weight tensors; its *delta* is its difference
 from the dense base MLP, flattened and concatenated in (gate, up, down) order, in float32.

@@ -1,4 +1,4 @@
-"""The UpIT recipe runner (UPIT.md §2): sft -> assemble -> seed-data -> router-init -> train, each stage resumable.
+"""The UpIT recipe runner (docs/upit.md): sft -> assemble -> seed-data -> router-init -> train, each stage resumable.
 
 Layout of OUT (every stage dir ends with a `DONE` file holding the stage's resolved config, JSON):
     sft/           `upcycle-ds sft` run: checkpoints_hf/ckpt-XXXX (the experts), hf/ (final dense model)

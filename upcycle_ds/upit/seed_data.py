@@ -1,4 +1,4 @@
-"""UpIT stage 3a (UPIT.md §2.3): router seed data — a random fraction of the training set, each sample labelled with
+"""UpIT stage 3a (docs/upit.md): router seed data — a random fraction of the training set, each sample labelled with
 the expert whose dense model gives it the lowest perplexity.
 
 Expert models: expert i < len(--experts) is the dense checkpoint that produced it. With --moe (an assembled MoE with
