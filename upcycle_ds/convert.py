@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .families import family_for
-from .families.base import PROJS
+from .families.base import PROJS, weight_key
 from .io.ds import DSCheckpoint, ds_expert_name, is_ds_checkpoint, module_layout, write_ds_checkpoint
 from .io.hf import (HFCheckpoint, _nbytes, atomic_output_dir, check_output_dir, copy_side_files, read_config,
                     write_config, write_hf_checkpoint)
@@ -83,11 +83,8 @@ def _ds_plan(view) -> Plan:
     config = dict(view.config)
     fam, _ = family_for(config)
     entries = []
-    tied = bool(config.get("tie_word_embeddings", False))
     for name, shape in module_layout(config):
-        key = fam.hf_key_for_ds_param(name, 0)
-        if tied and name == "lm_head.weight" and key not in view:
-            key = "model.embed_tokens.weight"
+        key = weight_key(config, fam.hf_key_for_ds_param(name, 0), lambda k: k in view)
         dtype = view.dtype(key) if key in view else torch.float32
         entries.append((name, dtype, shape))
     E = fam.num_experts(config)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .families import family_for
+from .families.base import Attention, is_tied
 from .granular import split_sizes
 from .upcycle import UpcycleOptions, check_shared_target, parse_layers
 
@@ -152,12 +153,8 @@ def shape_from_config(config: dict) -> ModelShape:
     hidden, heads = _req(cfg, "hidden_size"), _req(cfg, "num_attention_heads")
     head_dim = cfg.get("head_dim") or hidden // heads
     n_layers = _req(cfg, "num_hidden_layers")
-    attention_bias = bool(cfg.get("attention_bias", False))
-    qkv_bias, o_bias = {
-        "llama": (attention_bias, attention_bias), "qwen3": (attention_bias, attention_bias),
-        "qwen3_moe": (attention_bias, attention_bias), "qwen2": (True, False),
-        "qwen2_moe": (bool(cfg.get("qkv_bias", True)), False),
-    }.get(mt, (False, False))  # mistral, mixtral: no attention biases
+    attn = family.moe_attention if is_moe else family.dense_attention  # the family's attention weights
+    qkv_bias, o_bias = Attention.flag(attn.qkv_bias, cfg), Attention.flag(attn.o_bias, cfg)
     if is_moe:
         moe = set(family.moe_layers(cfg)) if family.num_experts(cfg) > 0 else set()
         experts, k = family.num_experts(cfg), int(cfg.get("num_experts_per_tok", 0))
@@ -171,8 +168,7 @@ def shape_from_config(config: dict) -> ModelShape:
         mlps = (MLPShape(intermediate=_req(cfg, "intermediate_size"), bias=bias),) * n_layers
     return ModelShape(model_type=mt, vocab=_req(cfg, "vocab_size"), hidden=hidden, heads=heads,
                       kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(head_dim),
-                      qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=mt in ("qwen3", "qwen3_moe"),
-                      tied_embeddings=bool(cfg.get("tie_word_embeddings", False)), mlps=mlps)
+                      qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=attn.qk_norm, tied_embeddings=is_tied(cfg), mlps=mlps)
 
 
 def upcycled_shape(config: dict, *, num_experts: int, top_k: int, layers: str = "all", granularity: int = 1,

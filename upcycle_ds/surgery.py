@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import UserError
 from .families import family_for
+from .families.base import is_tied, split_gate_up, weight_key
 from .moe.layer import UpcycledMoE, moe_layers
 
 
@@ -109,19 +110,17 @@ def load_weights(model: nn.Module, source, family) -> None:
     offsets = {}
     for layer, moe in moe_layers(model):
         offsets[layer] = moe.global_expert_ids()[0]
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     with torch.no_grad():
         for name, param in model.named_parameters():
             layer = _layer_of(name)
-            key = family.hf_key_for_ds_param(name, offsets.get(layer, 0))
-            if tied and name == "lm_head.weight" and key not in source:
-                key = "model.embed_tokens.weight"  # tied embeddings: exports may omit lm_head (SmolLM2)
+            key = weight_key(model.config, family.hf_key_for_ds_param(name, offsets.get(layer, 0)),
+                             lambda k: k in source)
             tensor = _read(source, family, key)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise UserError(f"{source.path}: {key} has shape {tuple(tensor.shape)}, model expects "
                                 f"{tuple(param.shape)}")
             param.copy_(tensor)  # casts to the parameter dtype and moves to its device
-        if getattr(model.config, "tie_word_embeddings", False):
+        if is_tied(model.config):
             model.tie_weights()
 
 
@@ -140,9 +139,7 @@ def _read(source, family, key: str) -> torch.Tensor:
         layer, expert, proj = parsed[1]["layer"], parsed[1]["expert"], parsed[1]["proj"]
         if proj == "down":
             return source.get(family.moe_fused["down"].format(layer=layer))[expert]
-        gate_up = source.get(family.moe_fused["gate_up"].format(layer=layer))[expert]
-        half = gate_up.shape[0] // 2
-        return gate_up[:half] if proj == "gate" else gate_up[half:]
+        return split_gate_up(source.get(family.moe_fused["gate_up"].format(layer=layer))[expert], proj)
     raise UserError(f"{source.path}: tensor {key} is missing")
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from ..errors import UserError
 
 PROJS = ("gate", "up", "down")
+LM_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 # our in-memory (DeepSpeed model) names inside one MoE block, relative to `model.layers.{layer}.mlp.`
 DS_ROUTER = "deepspeed_moe.gate.weight"
@@ -378,3 +379,24 @@ def _match_any(key: str, templates) -> dict[str, int] | None:
         if m is not None:
             return m
     return None
+
+
+# ------------------------------------------------------------------------------------------- shared by every family
+def is_tied(config) -> bool:
+    """Whether the lm_head is the input embedding (`tie_word_embeddings`; a dict or a transformers config)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return bool(get("tie_word_embeddings", False))
+
+
+def weight_key(config, key: str, present) -> str:
+    """The checkpoint key that holds `key`: with tied embeddings an export may omit the lm_head (transformers saves
+    only the embedding; e.g. SmolLM2), which then reads the embedding. `present(key)` says whether a key exists."""
+    if key == LM_HEAD and is_tied(config) and not present(key):
+        return EMBEDDING
+    return key
+
+
+def split_gate_up(gate_up, proj: str):
+    """The `gate` or `up` rows of one expert's fused [2I, H] `gate_up_proj` (transformers 5: gate rows, then up)."""
+    half = gate_up.shape[0] // 2
+    return gate_up[:half] if proj == "gate" else gate_up[half:]

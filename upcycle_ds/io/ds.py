@@ -23,7 +23,7 @@ import torch
 
 from ..errors import UserError
 from ..families import Family, family_for
-from ..families.base import DS_BLOCK, DS_EXPERT, PROJS
+from ..families.base import DS_BLOCK, DS_EXPERT, EMBEDDING, LM_HEAD, PROJS, is_tied, weight_key
 from .hf import SIDE_FILES, read_json_object
 from .paths import child
 from .source import PlannedSource
@@ -159,11 +159,11 @@ class DSCheckpoint(PlannedSource):
 
         # plan: hub key -> (dtype, shape, source); source = ("module", our name) | ("expert", L, G, our name)
         self._plan: dict[str, tuple[torch.dtype, tuple[int, ...], tuple]] = {}
-        tied = bool(self.config.get("tie_word_embeddings", False))
+        tied = is_tied(self.config)
         for name, t in module.items():
             if not isinstance(t, torch.Tensor):
                 continue
-            if tied and name == "lm_head.weight" and "model.embed_tokens.weight" in module:
+            if tied and name == LM_HEAD and EMBEDDING in module:
                 continue  # tied: transformers saves only the embedding
             if "deepspeed_experts" in name:
                 raise UserError(f"{self.tag_dir / MODEL_STATES}: holds expert weight {name}; expected them in "
@@ -481,13 +481,8 @@ def write_ds_checkpoint(source, out_dir: Path, *, ep_size: int, tag: str = "glob
     E = family.num_experts(config)
     if ep_size < 1 or E % ep_size:
         raise UserError(f"--ep-size {ep_size} does not divide the number of experts {E}")
-    tied = bool(config.get("tie_word_embeddings", False))
-
     def module_key(name: str) -> str:
-        key = family.hf_key_for_ds_param(name, 0)
-        if tied and name == "lm_head.weight" and key not in source:
-            return "model.embed_tokens.weight"
-        return key
+        return weight_key(config, family.hf_key_for_ds_param(name, 0), lambda k: k in source)
 
     def fetch(key: str) -> torch.Tensor:
         t = read_moe_tensor(source, family, key)

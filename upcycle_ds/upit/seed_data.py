@@ -31,6 +31,7 @@ from ..data.cache import cache_root
 from ..errors import UserError
 from ..io.text import check_utf8
 from ..families import family_for
+from ..families.base import split_gate_up
 from ..io.hf import HFCheckpoint, read_config
 from .expand import PROJS
 
@@ -130,8 +131,8 @@ def moe_expert_mlp(moe: HFCheckpoint, layer: int, expert: int) -> dict[str, torc
     gu, dn = (fam.moe_fused[x].format(layer=layer) for x in ("gate_up", "down"))
     if gu in moe and dn in moe:
         gate_up = moe.get(gu)[expert]
-        inter = gate_up.shape[0] // 2
-        return {"gate": gate_up[:inter].clone(), "up": gate_up[inter:].clone(), "down": moe.get(dn)[expert].clone()}
+        return {"gate": split_gate_up(gate_up, "gate").clone(), "up": split_gate_up(gate_up, "up").clone(),
+                "down": moe.get(dn)[expert].clone()}
     raise UserError(f"--moe {moe.path}: no weights for expert {expert} of layer {layer} ({keys['gate']})")
 
 
