@@ -9,14 +9,13 @@ into a temp dir and renamed at the end.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .errors import UserError
+from .progress import Progress
 from .families import family_for
 from .families.base import PROJS, weight_key
 from .io.ds import DSCheckpoint, ds_expert_name, is_ds_checkpoint, module_layout, write_ds_checkpoint
@@ -107,7 +106,7 @@ def _write_hf(view, out: Path, overwrite: bool, side_dir: Path, desc: str, max_s
 def _write_ds(view, out: Path, overwrite: bool, side_dir: Path, ep_size: int, tag: str) -> int:
     n = len(_ds_plan(view).entries)
     with atomic_output_dir(out, overwrite, inputs=(view.path,)) as tmp:
-        with tqdm(total=n, desc="to ds", unit="tensor", file=sys.stderr, disable=None) as bar:
+        with Progress(n, "upcycle-ds convert (to ds)", "tensors") as bar:
             nbytes = write_ds_checkpoint(view, tmp, ep_size=ep_size, tag=tag, progress=bar)
         write_config(tmp, view.config)
         copy_side_files(side_dir, tmp)

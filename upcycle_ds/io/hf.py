@@ -319,11 +319,9 @@ def write_hf_checkpoint(source, out: str | Path, *, overwrite: bool = False, sid
     any additional file. `get` overrides `source.get`. Before anything is written, every planned tensor's shape is
     checked against what the config implies (`Family.check_shapes`), so transformers will load the result.
     `inputs`: paths the output must not replace. Returns the tensor bytes written."""
-    import sys
-
-    from tqdm import tqdm
 
     from ..families import family_for
+    from ..progress import Progress
 
     if not max_shard_bytes > 0:
         raise UserError(f"the largest shard must be > 0 bytes (got {max_shard_bytes})")
@@ -333,7 +331,7 @@ def write_hf_checkpoint(source, out: str | Path, *, overwrite: bool = False, sid
     family.check_shapes(source.config, {k: s for k, _, s in plan}, f"{desc} output for {out}",
                         config_name="its config")
     with atomic_output_dir(out, overwrite, inputs) as tmp:
-        with tqdm(total=len(plan), desc=desc, unit="tensor", file=sys.stderr, disable=None) as bar:
+        with Progress(len(plan), f"upcycle-ds {desc}", "tensors") as bar:
             nbytes = write_sharded(tmp, plan, get or source.get, max_shard_bytes, progress=bar)
         write_config(tmp, source.config)
         if side_dir is not None:

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..data import IGNORE, TokenizeSpec, encode_dataset, parse_sources, read_source
 from ..data.cache import cache_root
 from ..errors import UserError
+from ..progress import Progress
 from ..io.text import check_utf8
 from ..families import family_for
 from ..families.base import split_gate_up
@@ -95,7 +94,9 @@ def mean_nll(model, encoded: list[tuple[list[int], list[int]]], *, batch_size: i
     model.eval()
     out = torch.empty(len(encoded), dtype=torch.float64)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths -> little padding
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", file=sys.stderr, disable=None):
+    bar = Progress(-(-len(order) // batch_size), f"upcycle-ds seed-data ({desc})", "batches")
+    for s in range(0, len(order), batch_size):
+        bar.update(1)
         idx = order[s:s + batch_size]
         T = max(len(encoded[i][0]) for i in idx)
         ids_BT = torch.full((len(idx), T), pad_id, dtype=torch.long)
@@ -112,6 +113,7 @@ def mean_nll(model, encoded: list[tuple[list[int], list[int]]], *, batch_size: i
                                                    ignore_index=IGNORE, reduction="none")
         n_B = (tgt_BT != IGNORE).sum(1)
         out[idx] = (nll_BT.double().sum(1) / n_B).cpu()
+    bar.close()
     return out
 
 
