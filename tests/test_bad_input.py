@@ -507,8 +507,8 @@ CASES = [
     Case("train-out-read-only", train(out=lambda w, d: _read_only(d) / "run"), ("cannot write",)),
     # ---------------------------------------------------------------- train: --config YAML
     Case("yaml-lr-list", train("--config", cfg_yaml("lr: [1, 2]\n")), ("field 'lr'", "expected a number", "list")),
-    Case("yaml-freeze-string", train("--config", cfg_yaml("freeze: embed_tokens\n")),
-         ("field 'freeze'", "expected a list", "got the string 'embed_tokens'")),
+    Case("yaml-freeze-mapping", train("--config", cfg_yaml("freeze: {embed_tokens: 1}\n")),
+         ("field 'freeze'", "expected a list", "got dict")),
     Case("yaml-betas-three", train("--config", cfg_yaml("adam_betas: [0.9, 0.95, 0.99]\n")),
          ("field 'adam_betas'", "expected a list of 2 values (got 3)")),
     Case("yaml-nan", train("--config", cfg_yaml("lr: .nan\n")), ("field 'lr'", "must be a finite number")),
@@ -596,6 +596,9 @@ CASES = [
     Case("demo-out-exists", lambda w, d: ["demo", "--out", str(_mkdir(d / "out"))], ("exists",)),
     Case("demo-parent-missing", lambda w, d: ["demo", "--out", str(d / "a" / "b")], ("parent directory",)),
     Case("demo-read-only", lambda w, d: ["demo", "--out", str(_read_only(d) / "out")], ("cannot write",)),
+    Case("scripts-out-exists", lambda w, d: ["scripts", "--out", str(_mkdir(d / "out"))], ("exists",)),
+    Case("scripts-parent-missing", lambda w, d: ["scripts", "--out", str(d / "a" / "b")], ("parent directory",)),
+    Case("scripts-read-only", lambda w, d: ["scripts", "--out", str(_read_only(d) / "out")], ("cannot write",)),
     Case("cli-unknown-subcommand", lambda w, d: ["upcylce"], ("unknown subcommand 'upcylce'",)),
 ]
 
@@ -683,7 +686,7 @@ def assert_one_line_error(rc: int, err: str, cmd: str, must=()) -> str:
     return lines[0]
 
 
-_COMMANDS = {"demo", "upcycle", "train", "convert", "plan", "upit-assemble", "seed-data", "sft", "router-init", "upit"}
+from upcycle_ds.cli import COMMANDS as _COMMANDS  # noqa: E402  (every subcommand)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -705,7 +708,7 @@ def test_bad_input(case, w, tmp_path, capsys):
 _PREFIX_COMMAND = {"up": "upcycle", "st": "upcycle", "idx": "upcycle", "flag": "upcycle", "out": "upcycle",
                    "conv": "convert", "train": "train", "yaml": "train", "resume": "train", "sft": "sft",
                    "router": "router-init", "seed": "seed-data", "assemble": "upit-assemble", "plan": "plan",
-                   "upit": "upit", "demo": "demo", "cli": None}
+                   "upit": "upit", "demo": "demo", "scripts": "scripts", "cli": None}
 
 
 def test_at_least_100_cases_over_every_subcommand():
@@ -717,7 +720,7 @@ def test_at_least_100_cases_over_every_subcommand():
 
 
 # ------------------------------------------------------------------------------- the console script, real processes
-CONSOLE_CASES = ["flag-noise-nan", "st-offsets-negative", "yaml-freeze-string", "demo-rows-0"]
+CONSOLE_CASES = ["flag-noise-nan", "st-offsets-negative", "yaml-freeze-mapping", "demo-rows-0"]
 
 
 @pytest.mark.parametrize("case_id", CONSOLE_CASES)
