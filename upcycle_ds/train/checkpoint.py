@@ -12,12 +12,11 @@ weights_only=False)`, which runs any pickled code. We hand DeepSpeed `SafeCheckp
 `weights_only=True` with exactly the DeepSpeed classes its files hold allow-listed, and before DeepSpeed opens
 anything, rank 0 opens every file of the tag the same way (`precheck`), so a bad file is one clear error for the whole
 job instead of a failure on some ranks while the others wait. Tags read from `latest` must name a directory inside
-the checkpoint dir.
+the checkpoint dir (`io.paths.child`).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -41,16 +40,6 @@ def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
-def _tag_dir(ckpt_dir: Path, tag: str, source: str) -> Path:
-    """`ckpt_dir / tag` for a tag read from a file: a plain name of a directory inside `ckpt_dir`, nothing else."""
-    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or "\0" in tag or os.path.isabs(tag):
-        raise UserError(f"{source}: {tag!r} is not a checkpoint tag (a directory name inside {ckpt_dir})")
-    path = Path(ckpt_dir) / tag
-    if path.is_symlink() or (path.exists() and path.resolve().parent != Path(ckpt_dir).resolve()):
-        raise UserError(f"{source}: tag {tag!r} resolves outside {ckpt_dir}")
-    return path
-
-
 def complete_tags(ckpt_dir: Path) -> list[str]:
     """Tags with a model file, oldest first (by step)."""
     d = Path(ckpt_dir)
@@ -62,14 +51,14 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 
 def latest_tag(ckpt_dir: Path) -> str | None:
     """The tag `latest` names (None when there is no `latest`); an error when it names nothing usable."""
+    from ..io.ds import read_latest
+    from ..io.paths import child
+
     f = Path(ckpt_dir) / LATEST
     if not f.is_file():
         return None
-    try:
-        tag = f.read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{f}: unreadable ({e})") from None
-    tag_dir = _tag_dir(Path(ckpt_dir), tag, str(f))
+    tag = read_latest(f)
+    tag_dir = child(ckpt_dir, tag, f"{f} names tag")  # a plain directory name inside the checkpoint dir
     if not (tag_dir / MODEL_STATES).is_file():
         have = complete_tags(ckpt_dir)
         hint = (f"the newest complete checkpoint is {have[-1]}: write `{have[-1]}` into {f} to resume from it, or "

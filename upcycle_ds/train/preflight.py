@@ -188,9 +188,6 @@ def load_tokenizer(path, trust_remote_code: bool):
 def check_run_dir(args, model_config: dict, world_size: int, command: str) -> None:
     """OUT/checkpoints: no checkpoint without --resume; with --resume a checkpoint of this model (config.json), this
     world size (its optimizer files) and these settings (OUT/{COMMAND}_args.yaml)."""
-    from ..io.ds import read_latest
-    from ..io.paths import child
-
     out = Path(args.out)
     ckpt = out / "checkpoints"
     latest = ckpt / "latest"
@@ -198,15 +195,14 @@ def check_run_dir(args, model_config: dict, world_size: int, command: str) -> No
         return
     if not args.resume:
         raise UserError(f"{ckpt} already holds a checkpoint; pass --resume to continue it or use a new --out")
-    tag = read_latest(latest)
-    tag_dir = child(ckpt, tag, f"{latest} names tag")
-    if not tag_dir.is_dir():
-        raise UserError(f"--resume: {latest} names tag {tag!r}, which does not exist in {ckpt}")
+    from .checkpoint import latest_tag
+
+    tag_dir = ckpt / latest_tag(ckpt)  # the tag, checked: inside OUT/checkpoints, complete (or the newest named)
     saved_cfg = ckpt / "config.json"
     if saved_cfg.is_file():
         from ..io.hf import read_json_object
 
-        _compare_configs(read_json_object(saved_cfg), model_config, saved_cfg, args.model)
+        compare_configs(read_json_object(saved_cfg), model_config, saved_cfg, args.model)
     _compare_optimizer_files(args, tag_dir, world_size)
     record = out / f"{command}_args.yaml"
     if record.is_file():
@@ -249,7 +245,7 @@ def _compare_optimizer_files(args, tag_dir: Path, world_size: int) -> None:
 _CONFIG_IGNORED = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache"}
 
 
-def _compare_configs(old: dict, new: dict, old_path: Path, model: str) -> None:
+def compare_configs(old: dict, new: dict, old_path: Path, model: str) -> None:
     """Keys both configs have must agree (a key only one side has, e.g. one a newer transformers adds on save, is
     not a different model), and the keys that define the model's shapes must be on both sides."""
     keys = (set(old) & set(new)) | set(_KEY_ORDER)

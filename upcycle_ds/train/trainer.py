@@ -186,17 +186,11 @@ class Trainer:
         layout (one line naming the first setting that differs)."""
         checkpoint.precheck(tag_dir)
         saved_cfg = self.ckpt_dir / "config.json"
-        if saved_cfg.is_file():
-            try:
-                old = json.loads(saved_cfg.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{saved_cfg}: not valid JSON ({e})") from None
-            new = self.source.config
-            for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
-                        "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
-                if isinstance(old, dict) and old.get(key) != new.get(key):
-                    raise UserError(f"--resume: {self.ckpt_dir} holds a model with {key}={old.get(key)!r}, --model "
-                                    f"{self.args.model} has {key}={new.get(key)!r}; use a new --out")
+        if saved_cfg.is_file():  # the same check as the launcher's (jobs started by srun / torchrun have none)
+            from ..io.hf import read_json_object
+            from .preflight import compare_configs
+
+            compare_configs(read_json_object(saved_cfg), self.source.config, saved_cfg, self.args.model)
         states = checkpoint.safe_load(tag_dir / checkpoint.MODEL_STATES, "cpu", mmap=True)
         saved = states.get("layout") if isinstance(states, dict) else None
         if isinstance(saved, dict):
