@@ -67,6 +67,11 @@ def sequence_logprobs(model, tokenizer, rows: list[dict], *, max_length: int, ba
             ds, _ = build_datasets(cfg, tokenizer)
         except ValueError as e:
             raise UserError(f"cannot render the eval rows with this tokenizer: {e}") from None
+        except UserError as e:
+            if "no training samples" in str(e):  # every row was dropped: nothing left inside max_length
+                raise UserError(f"no {what} has a token to score within --max-length {max_length} (empty, or the "
+                                f"prompt is longer): raise --max-length") from None
+            raise UserError(str(e).replace(str(path), f"the {what}s")) from None
     device = next(model.parameters()).device
     n = len(rows)
     lp_sum = torch.zeros(n + 1, dtype=torch.float64, device=device)  # slot n collects padding (id -1)
@@ -88,7 +93,8 @@ def sequence_logprobs(model, tokenizer, rows: list[dict], *, max_length: int, ba
     lp, nl, nt = lp_sum[:n].tolist(), n_loss[:n].tolist(), n_tok[:n].tolist()
     for i in range(n):
         if nl[i] == 0:
-            raise UserError(f"{what} {i}: nothing to score (no loss tokens after rendering; empty answer or text?)")
+            raise UserError(f"{what} {i}: no token to score within --max-length {max_length} (empty, or the prompt "
+                            f"is longer): raise --max-length")
     truncated = [t >= max_length for t in nt]
     if not allow_truncation and any(truncated):
         i = truncated.index(True)
