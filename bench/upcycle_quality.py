@@ -166,17 +166,19 @@ def run_all(size: Size, work: Path, a: argparse.Namespace, runner: Runner, info:
     every = max(1, size.steps // size.evals)
     cont = ["--data", data / "continue.jsonl", "--lr", size.lr, "--warmup-steps", size.warmup,
             "--min-lr-ratio", 0.1, "--eval-every", every, *common]
-    for seed in size.seeds:
+
+    def arm_chain(seed: int, arm: str):
         sd = work / f"seed{seed}"
-        for arm in arms:
-            out = sd / arm
-            if arm.startswith("dense"):
-                steps = size.steps if arm == "dense" else eq_steps
-                runner.cli(f"s{seed}_{arm}", ["sft", "--model", pre / "hf", "--out", out, "--max-steps", steps,
-                                              "--seed", seed, *sft_only, *cont], done=out / "hf" / "config.json",
-                           clean=out)
-                continue
-            moe = sd / f"{arm}_init"
+        out = sd / arm
+        if arm.startswith("dense"):
+            steps = size.steps if arm == "dense" else eq_steps
+            return lambda: runner.cli(f"s{seed}_{arm}", ["sft", "--model", pre / "hf", "--out", out, "--max-steps",
+                                                         steps, "--seed", seed, *sft_only, *cont],
+                                      done=out / "hf" / "config.json", clean=out)
+        moe = sd / f"{arm}_init"
+
+        def chain():
+            sd.mkdir(parents=True, exist_ok=True)
             runner.cli(f"s{seed}_{arm}_upcycle",
                        ["upcycle", "--model", pre / "hf", "--out", moe, "--num-experts", size.experts,
                         "--top-k", size.top_k, "--seed", seed, "--overwrite",
@@ -184,10 +186,19 @@ def run_all(size: Size, work: Path, a: argparse.Namespace, runner: Runner, info:
                        done=moe / "config.json")
             runner.cli(f"s{seed}_{arm}", ["train", "--model", moe, "--out", out, "--max-steps", size.steps,
                                           "--seed", seed, *cont], done=out / "hf" / "config.json", clean=out)
+        return chain
+
+    def eval_chain(seed: int):
+        sd = work / f"seed{seed}"
         inits = [f"{arm}_init={sd / f'{arm}_init'}" for arm in arms if not arm.startswith("dense")]
-        runner.cli(f"s{seed}_eval", ["eval", "--model", *[f"{arm}={sd / arm / 'hf'}" for arm in arms], *inits,
-                                     "--data", heldout, "--max-length", size.seq, "--batch-size", size.eval_batch,
-                                     "--out", sd / "eval.json"], done=sd / "eval.json")
+        return lambda: runner.cli(f"s{seed}_eval", ["eval", "--model", *[f"{arm}={sd / arm / 'hf'}" for arm in arms],
+                                                    *inits, "--data", heldout, "--max-length", size.seq,
+                                                    "--batch-size", size.eval_batch, "--out", sd / "eval.json"],
+                                  done=sd / "eval.json")
+
+    # one seed after another on CPU (parallel 1); on a GPU all runs share the device at once (--parallel)
+    runner.chains([arm_chain(seed, arm) for seed in size.seeds for arm in arms], size.parallel)
+    runner.chains([eval_chain(seed) for seed in size.seeds], size.parallel)
     return collect(size, work, arms, c, m, eq_steps, runner, info)
 
 

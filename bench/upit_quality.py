@@ -62,6 +62,7 @@ class UpitSize:
     eval_batch: int
     eval_max_length: int = 1024
     max_new_tokens: int = 8
+    parallel: int = 1
 
 
 SIZES = {
@@ -72,7 +73,7 @@ SIZES = {
     # one H200: the paper's FFN schedule shape: 4 SFT epochs, checkpoints every 0.25 epoch over the first 2 -> 8
     "gpu": UpitSize(train_per_task=1000, test_per_task=150, experts=8, dtype="bf16", zero_stage=1, mbs=16, seq=1024,
                     sft_epochs=4, sft_lr=2e-4, save_every_epochs=0.25, save_until_epochs=2, seed_fraction=0.02,
-                    router_epochs=4, train_epochs=2, train_lr=2e-4, eval_batch=32),
+                    router_epochs=4, train_epochs=2, train_lr=2e-4, eval_batch=32, parallel=2),
     # smoke test (numbers meaningless)
     "tiny": UpitSize(train_per_task=12, test_per_task=4, experts=4, dtype="fp32", zero_stage=0, mbs=4, seq=384,
                      sft_epochs=1, sft_lr=1e-3, save_every_epochs=0.5, save_until_epochs=1, seed_fraction=0.2,
@@ -131,16 +132,21 @@ def cmd_run(a) -> None:
     cfg = recipe(size, base, work / "train.jsonl", work / "upit")
     (work / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     nproc = ["--nproc", a.nproc] if a.nproc else []
-    runner.cli("upit", ["upit", "--config", work / "recipe.yaml", *nproc], done=work / "upit" / "train" / "DONE")
     vmoe = work / "vanilla_moe"
-    runner.cli("vanilla_upcycle", ["upcycle", "--model", base, "--out", vmoe, "--num-experts", size.experts,
-                                   "--top-k", 2, "--layers", "all", "--seed", 0, "--overwrite"],
-               done=vmoe / "config.json")
     vtrain = {**cfg["common"], **cfg["train"], "model": str(vmoe), "data": cfg["data"], "out": str(work / "vanilla"),
               "seed": 0}
     (work / "vanilla_train.yaml").write_text(yaml.safe_dump(vtrain, sort_keys=False))
-    runner.cli("vanilla", ["train", "--config", work / "vanilla_train.yaml", *nproc],
-               done=work / "vanilla" / "hf" / "config.json", clean=work / "vanilla")
+
+    def vanilla():
+        runner.cli("vanilla_upcycle", ["upcycle", "--model", base, "--out", vmoe, "--num-experts", size.experts,
+                                       "--top-k", 2, "--layers", "all", "--seed", 0, "--overwrite"],
+                   done=vmoe / "config.json")
+        runner.cli("vanilla", ["train", "--config", work / "vanilla_train.yaml", *nproc],
+                   done=work / "vanilla" / "hf" / "config.json", clean=work / "vanilla")
+
+    upit = lambda: runner.cli("upit", ["upit", "--config", work / "recipe.yaml", *nproc],  # noqa: E731
+                              done=work / "upit" / "train" / "DONE")
+    runner.chains([upit, vanilla], size.parallel)  # on a GPU the two arms share the device at once
     models = {"base": base, "dense_sft": work / "upit" / "sft" / "hf", "vanilla": work / "vanilla" / "hf",
               "upit": work / "upit" / "train" / "hf"}
     runner.cli("eval", ["eval", "--model", *[f"{k}={v}" for k, v in models.items()], "--data", work / "test.jsonl",

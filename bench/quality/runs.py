@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -44,18 +43,31 @@ class Runner:
         cmd = [sys.executable, "-m", "upcycle_ds.cli", *map(str, argv)]
         log = self.logs / f"{name}.log"
         self.echo(f"[{self.elapsed()}] {name}: upcycle-ds {' '.join(map(str, argv))}")
-        t, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.time()
         with open(log, "w") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
-            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
-        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, also when chains run in parallel
+            proc.returncode = rc = os.waitstatus_to_exitcode(status)
         self.times[name] = round(time.time() - t, 1)
-        self.cpu[name] = round(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, 1)
+        self.cpu[name] = round(usage.ru_utime + usage.ru_stime, 1)
         if rc != 0 or not done.exists():
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
             raise SystemExit(f"{name} failed (exit {rc}); last lines of {log}:\n{tail}")
         self.echo(f"[{self.elapsed()}] {name}: {self.times[name]} s wall, {self.cpu[name]} s CPU")
+
+    def chains(self, chains: list, parallel: int) -> None:
+        """Run callables (each a chain of `cli` calls) with at most `parallel` at a time (1: one after another)."""
+        if parallel <= 1:
+            for c in chains:
+                c()
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            for f in [pool.submit(c) for c in chains]:
+                f.result()
 
     def elapsed(self) -> str:
         s = int(time.time() - self.t0)
