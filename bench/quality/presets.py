@@ -53,7 +53,7 @@ SIZES = {
     # one H200, bf16, ~100M-class dense model (estimated, see docs/benchmarks.md)
     "gpu": Size(vocab=16384, hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, seq=1024, mbs=16,
                 chunk_chars=3000, heldout_rows=256, bpe_chars=8_000_000, pretrain_steps=500, pretrain_lr=6e-4,
-                steps=150, lr=6e-4, warmup=10, evals=6, dtype="bf16", zero_stage=1, eval_batch=16, parallel=9),
+                steps=150, lr=6e-4, warmup=10, evals=6, dtype="bf16", zero_stage=1, eval_batch=16, parallel=6),
     # smoke test of the script (minutes on CPU; numbers meaningless)
     "tiny": Size(vocab=512, hidden=32, intermediate=64, layers=2, heads=2, kv_heads=2, seq=64, mbs=4,
                  chunk_chars=200, heldout_rows=16, bpe_chars=200_000, pretrain_steps=12, pretrain_lr=3e-3,
