@@ -67,7 +67,7 @@ class UpitSize:
 
 SIZES = {
     # 2 CPU cores: 4 SFT checkpoints (0.5, 1, 1.5, 2 epochs) -> 4 experts, no expansion
-    "cpu": UpitSize(train_per_task=300, test_per_task=60, experts=4, dtype="fp32", zero_stage=0, mbs=8, seq=384,
+    "cpu": UpitSize(train_per_task=150, test_per_task=50, experts=4, dtype="fp32", zero_stage=0, mbs=8, seq=384,
                     sft_epochs=2, sft_lr=5e-4, save_every_epochs=0.5, save_until_epochs=2, seed_fraction=0.05,
                     router_epochs=2, train_epochs=1, train_lr=5e-4, eval_batch=16),
     # one H200: the paper's FFN schedule shape: 4 SFT epochs, checkpoints every 0.25 epoch over the first 2 -> 8

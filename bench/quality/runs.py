@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,13 +25,17 @@ def child_env() -> dict:
 
 class Runner:
     """`cli(name, [subcommand, flags...], done=PATH)`: runs `python -m upcycle_ds.cli ...` unless PATH exists
-    (the stage finished earlier); its output goes to LOGS/name.log; the wall time is kept in `self.times`."""
+    (the stage finished earlier); its output goes to LOGS/name.log; its wall and CPU time are kept in `self.times`,
+    `self.cpu` and LOGS/times.json."""
 
     def __init__(self, logs: Path, echo=print):
         self.logs = logs
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.times: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}  # user + sys seconds of the child (and its children)
+        self.record = self.logs / "times.json"  # kept across invocations: a rerun that skips a stage keeps its times
+        old = json.loads(self.record.read_text()) if self.record.exists() else {}
+        self.times: dict[str, float] = old.get("wall_s", {})
+        self.cpu: dict[str, float] = old.get("cpu_s", {})  # user + sys seconds of the child (and its children)
+        self.lock = threading.Lock()
         self.echo = echo
         self.t0 = time.time()
 
@@ -50,8 +55,10 @@ class Runner:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, also when chains run in parallel
             proc.returncode = rc = os.waitstatus_to_exitcode(status)
-        self.times[name] = round(time.time() - t, 1)
-        self.cpu[name] = round(usage.ru_utime + usage.ru_stime, 1)
+        with self.lock:
+            self.times[name] = round(time.time() - t, 1)
+            self.cpu[name] = round(usage.ru_utime + usage.ru_stime, 1)
+            self.record.write_text(json.dumps({"wall_s": self.times, "cpu_s": self.cpu}, indent=1))
         if rc != 0 or not done.exists():
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
             raise SystemExit(f"{name} failed (exit {rc}); last lines of {log}:\n{tail}")
