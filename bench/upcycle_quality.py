@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
                         "process; 1: one rank started by the deepspeed launcher, ~2 more Python start-ups per run)")
     p.add_argument("--equal-flops-arm", action=argparse.BooleanOptionalAction, default=False,
                    help="also run (d): dense continuation for as many FLOPs as the MoE arms")
+    p.add_argument("--arms", nargs="+", default=["dense", "upcycled", "drop"], choices=["dense", "upcycled", "drop"],
+                   help="continuation arms to run ((a) dense is the baseline and always runs)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override size fields, e.g. --set steps=200 seeds=0,1,2 (see bench/quality/presets.py)")
     return p.parse_args()
@@ -85,17 +87,24 @@ def prepare(work: Path, size: Size, log) -> dict:
 
     marker = work / "data" / "corpus.json"
     key = {k: getattr(size, k) for k in ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "seq",
-                                         "chunk_chars", "heldout_rows", "bpe_chars", "mbs", "pretrain_steps",
-                                         "steps")}
-    if marker.exists() and json.loads(marker.read_text()).get("key") == key and (work / "init" / "config.json").exists():
-        return json.loads(marker.read_text())
-    t = time.time()
-    split = build_split(chunk_chars=size.chunk_chars, heldout_percent=5, heldout_rows=size.heldout_rows)
+                                         "chunk_chars", "heldout_rows", "bpe_chars", "mbs", "pretrain_steps")}
     # only as much text as the runs read (+50%), so every run tokenizes little: ~3.4 characters per token here
     need = lambda steps: int(steps * size.mbs * size.seq * 3.4 * 1.5)  # noqa: E731
-    pre = take_chars(split.pretrain, need(size.pretrain_steps))
-    cont = take_chars(split.cont, need(math.ceil(size.steps * 1.6)))
+    cont_steps = math.ceil(size.steps * 1.6)  # room for the equal-FLOPs arm (MoE/dense FLOPs ~1.3-1.5)
+    info = json.loads(marker.read_text()) if marker.exists() else {}
     data = work / "data"
+    if info.get("key") == key and (work / "init" / "config.json").exists():
+        if info.get("continue_steps", 0) < cont_steps:  # a longer continuation than prepared: more text
+            cont = take_chars(build_split(chunk_chars=size.chunk_chars, heldout_percent=5,
+                                          heldout_rows=size.heldout_rows).cont, need(cont_steps))
+            write_text_rows(data / "continue.jsonl", cont)
+            info.update(continue_steps=cont_steps, continue_rows=len(cont), continue_chars=sum(map(len, cont)))
+            marker.write_text(json.dumps(info, indent=1))
+        return info
+    t = time.time()
+    split = build_split(chunk_chars=size.chunk_chars, heldout_percent=5, heldout_rows=size.heldout_rows)
+    pre = take_chars(split.pretrain, need(size.pretrain_steps))
+    cont = take_chars(split.cont, need(cont_steps))
     write_text_rows(data / "pretrain.jsonl", pre)
     write_text_rows(data / "continue.jsonl", cont)
     write_text_rows(data / "heldout.jsonl", split.heldout)
@@ -103,7 +112,7 @@ def prepare(work: Path, size: Size, log) -> dict:
     init_model(work / "init", tok_dir, size)
     info = {"key": key, **split.summary, "pretrain_rows": len(pre), "continue_rows": len(cont),
             "pretrain_chars": sum(map(len, pre)), "continue_chars": sum(map(len, cont)),
-            "prepare_s": round(time.time() - t, 1)}
+            "continue_steps": cont_steps, "prepare_s": round(time.time() - t, 1)}
     marker.write_text(json.dumps(info, indent=1))
     log(f"prepared corpus in {info['prepare_s']} s: {json.dumps(split.summary)}")
     return info
@@ -162,7 +171,8 @@ def run_all(size: Size, work: Path, a: argparse.Namespace, runner: Runner, info:
     c = flops_mod.counts(**shape(size), seq=size.seq)
     m = flops_mod.counts(**shape(size), seq=size.seq, experts=size.experts, top_k=size.top_k)
     eq_steps = round(size.steps * m["train_flops_per_token"] / c["train_flops_per_token"])
-    arms = ["dense", "upcycled", "drop"] + (["dense_eqflops"] if a.equal_flops_arm else [])
+    arms = ["dense"] + [x for x in ("upcycled", "drop") if x in a.arms] + (["dense_eqflops"] if a.equal_flops_arm
+                                                                              else [])
     every = max(1, size.steps // size.evals)
     cont = ["--data", data / "continue.jsonl", "--lr", size.lr, "--warmup-steps", size.warmup,
             "--min-lr-ratio", 0.1, "--eval-every", every, *common]

@@ -27,7 +27,7 @@ def plot_upcycle(res: dict, path: Path) -> Path:
         s0 = [v["start_loss"] for v in r["seeds"].values()]
         steps, mean, lo, hi = [0] + steps, [sum(s0) / len(s0)] + mean, [min(s0)] + lo, [max(s0)] + hi
         per_step = r["extra_train_flops"] / r["steps"]
-        kw = dict(color=COLORS.get(arm), label=f"{r['label']}: {r['heldout_loss_mean']:.3f}")
+        kw = dict(color=COLORS.get(arm), label=f"{r['label']}: {mean[0]:.3f} -> {r['heldout_loss_mean']:.4f}")
         for ax, xs in ((axes[0], steps), (axes[1], [s * per_step for s in steps])):
             ax.plot(xs, mean, marker="o", ms=3, **kw)
             ax.fill_between(xs, lo, hi, color=kw["color"], alpha=0.2, lw=0)
@@ -37,12 +37,13 @@ def plot_upcycle(res: dict, path: Path) -> Path:
     for ax in axes:
         ax.set_ylabel("held-out loss (nats/token)")
         ax.grid(alpha=0.3)
-    lows = [min(min(v for _, v in s["curve"]) for s in r["seeds"].values()) for r in res["arms"].values()]
-    for ax in axes:
-        ax.set_ylim(min(lows) - 0.02, start + 0.5 * (start - min(lows)) + 0.02)
+    pts = [v for r in res["arms"].values() for s in r["seeds"].values() for _, v in s["curve"]] + [start]
+    for ax in axes:  # the trained curves fill the plot; a start far above them (Drop-Upcycling) is off the top
+        ax.set_ylim(min(pts) - 0.01, max(pts) + 0.01)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Sparse upcycling vs dense continuation ({res['size']} size; mean of {n} seeds, band = min..max; "
-                 f"pretrained {res['pretrain']['steps']} steps, start {start:.3f})", fontsize=10)
+                 f"dense checkpoint: {res['pretrain']['steps']} steps, held-out {start:.3f}; legend: step 0 -> "
+                 f"final)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
