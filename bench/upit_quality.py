@@ -15,7 +15,8 @@ The three arms, as examples/upit_smollm2 defines them (every arm's last stage is
   (c) UpIT          = `upcycle-ds upit --config recipe.yaml` (sft checkpoints -> experts [+ genetic expansion] ->
                       seed data -> router init -> post-training with the same fields as (b))
 
-plus the base model untrained. Evaluation: `upcycle-ds eval` on the fixed held-out test rows: log-likelihood
+plus the base model untrained, and a control (a'): dense SFT for as many epochs as UpIT trains in total
+(sft.epochs + train.epochs), so that "more training" and "the method" can be told apart. Evaluation: `upcycle-ds eval` on the fixed held-out test rows: log-likelihood
 accuracy over each task's label set (`choice_acc`), exact match of the greedy answer, the per-token NLL of the right
 answer, each ± its standard error, and paired tests of every arm against (a) dense SFT. Output under --out:
 upit_quality.json (eval results incl. per-row predictions, timings) and the table printed last.
@@ -73,14 +74,14 @@ SIZES = {
     # one H200: the paper's FFN schedule shape: 4 SFT epochs, checkpoints every 0.25 epoch over the first 2 -> 8
     "gpu": UpitSize(train_per_task=1000, test_per_task=150, experts=8, dtype="bf16", zero_stage=1, mbs=16, seq=1024,
                     sft_epochs=4, sft_lr=2e-4, save_every_epochs=0.25, save_until_epochs=2, seed_fraction=0.02,
-                    router_epochs=4, train_epochs=2, train_lr=2e-4, eval_batch=32, parallel=2),
+                    router_epochs=4, train_epochs=2, train_lr=2e-4, eval_batch=32, parallel=3),
     # smoke test (numbers meaningless)
     "tiny": UpitSize(train_per_task=12, test_per_task=4, experts=4, dtype="fp32", zero_stage=0, mbs=4, seq=384,
                      sft_epochs=1, sft_lr=1e-3, save_every_epochs=0.5, save_until_epochs=1, seed_fraction=0.2,
                      router_epochs=1, train_epochs=1, train_lr=1e-3, eval_batch=8),
 }
 ARMS = {"base": "base (pretrained, no SFT)", "dense_sft": "(a) dense SFT", "vanilla": "(b) vanilla upcycling",
-        "upit": "(c) UpIT"}
+        "upit": "(c) UpIT", "dense_long": "(a') dense SFT, UpIT's epochs"}
 
 
 def recipe(size: UpitSize, base: Path, train: Path, out: Path) -> dict:
@@ -146,19 +147,31 @@ def cmd_run(a) -> None:
 
     upit = lambda: runner.cli("upit", ["upit", "--config", work / "recipe.yaml", *nproc],  # noqa: E731
                               done=work / "upit" / "train" / "DONE")
-    runner.chains([upit, vanilla], size.parallel)  # on a GPU the two arms share the device at once
+    # control (a'): dense SFT for as many epochs as UpIT trains in total (sft + post-training), same LR and batch
+    long_cfg = {**cfg["common"], "model": str(base), "data": cfg["data"], "out": str(work / "dense_long"), "seed": 0,
+                "epochs": size.sft_epochs + size.train_epochs, "lr": size.sft_lr, "save_every_epochs": 1e9}
+    (work / "dense_long_sft.yaml").write_text(yaml.safe_dump(long_cfg, sort_keys=False))
+    dense_long = lambda: runner.cli("dense_long", ["sft", "--config", work / "dense_long_sft.yaml", *nproc],  # noqa: E731
+                                    done=work / "dense_long" / "hf" / "config.json", clean=work / "dense_long")
+    runner.chains([upit, vanilla, dense_long], size.parallel)  # on a GPU the arms share the device at once
     models = {"base": base, "dense_sft": work / "upit" / "sft" / "hf", "vanilla": work / "vanilla" / "hf",
               "upit": work / "upit" / "train" / "hf"}
     runner.cli("eval", ["eval", "--model", *[f"{k}={v}" for k, v in models.items()], "--data", work / "test.jsonl",
                         "--max-length", size.eval_max_length, "--batch-size", size.eval_batch,
                         "--max-new-tokens", size.max_new_tokens, "--out", work / "eval.json"],
                done=work / "eval.json")
+    runner.cli("eval_control", ["eval", "--model", f"dense_long={work / 'dense_long' / 'hf'}", "--data",
+                                work / "test.jsonl", "--max-length", size.eval_max_length, "--batch-size",
+                                size.eval_batch, "--max-new-tokens", size.max_new_tokens,
+                                "--out", work / "eval_control.json"], done=work / "eval_control.json")
     ev = json.loads((work / "eval.json").read_text())
+    ev["models"]["dense_long"] = json.loads((work / "eval_control.json").read_text())["models"]["dense_long"]
     # the baseline of the paired tests is (a) dense SFT; `upcycle-ds eval` compared against its first model (base)
     from upcycle_ds.eval.evaluate import compare, comparison_lines
 
     ev["comparisons"] = {k: compare(ev["models"]["dense_sft"], ev["models"][k]) for k in ("vanilla", "upit")}
     ev["comparisons"]["upit_vs_vanilla"] = compare(ev["models"]["vanilla"], ev["models"]["upit"])
+    ev["comparisons"]["upit_vs_dense_long"] = compare(ev["models"]["dense_long"], ev["models"]["upit"])
     res = {"size": a.size, "config": asdict(size), "recipe": cfg, "base": str(base),
            "data": json.loads((data / "summary.json").read_text()), "train_rows": n_train, "test_rows": n_test,
            "timings_s": runner.times, "cpu_s": runner.cpu, "cpu_s_total": round(sum(runner.cpu.values()), 1),
@@ -168,7 +181,7 @@ def cmd_run(a) -> None:
     print(f"\nwall {res['wall_s']:.0f} s, children's CPU {res['cpu_s_total']:.0f} s; results {out / 'upit_quality.json'}\n")
     print(summary_table(ev["models"]))
     for k, tests in ev["comparisons"].items():
-        a_name, b_name = ("vanilla", "upit") if k == "upit_vs_vanilla" else ("dense_sft", k)
+        a_name, b_name = ("dense_sft", k) if "_vs_" not in k else (k.split("_vs_")[1], k.split("_vs_")[0])
         print()
         print("\n".join(comparison_lines(a_name, b_name, [t for t in tests if t["task"] == "all"])))
 
