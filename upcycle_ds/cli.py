@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "router-init": ("upcycle_ds.commands.router_init",
                     "UpIT: pre-train the routers on seed data (LM + BCE to each sample's expert), or init from prompts"),
     "upit": ("upcycle_ds.commands.upit", "UpIT recipe: sft -> assemble -> seed-data -> router-init -> train, resumable"),
+    "eval": ("upcycle_ds.commands.eval",
+             "score HF dense/MoE checkpoints: multiple choice, exact match, held-out loss; std errors, paired tests"),
     "scripts": ("upcycle_ds.commands.scripts", "copy the shipped Slurm and launch scripts out for editing"),
 }
 

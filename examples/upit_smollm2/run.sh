@@ -2,7 +2,7 @@
 # prepare -> (a) dense SFT, (b) vanilla upcycling, (c) UpIT -> eval on held-out test rows -> results table.
 #   bash examples/upit_smollm2/run.sh examples/upit_smollm2/small.yaml      (from the repo root)
 # Environment: PY (python, default .venv/bin/python), NPROC (ranks per training stage, default 1),
-# PREPARE_ARGS (prepare.py flags), EVAL_ARGS (eval.py flags). The three arms train on the same train.jsonl:
+# PREPARE_ARGS (prepare.py flags), EVAL_ARGS (`upcycle-ds eval` flags). The three arms train on the same train.jsonl:
 #   (a) dense SFT      = the UpIT recipe's stage-1 model (sft/hf): `sft.epochs` over the data
 #   (b) vanilla        = `upcycle-ds upcycle` of the base model (E, top_k of the recipe), then `upcycle-ds train`
 #                        with the recipe's `common` + `train` fields: `train.epochs` over the data
@@ -48,8 +48,8 @@ fi
 
 stamp "eval"
 U=$(get "['out']")
-$PY $EX/eval.py --test "$(dirname "$DATA")/test.jsonl" --out "$OUT/results.json" ${EVAL_ARGS:-} \
-  --model "base (no training)=$DENSE" --model "(a) dense SFT=$U/sft/hf" \
-  --model "(b) vanilla upcycling=$OUT/vanilla/hf" --model "(c) UpIT=$U/train/hf"
-$PY $EX/eval.py --table "$OUT/results.json"
+# greedy answers, exact match per task with standard errors, paired tests against the base (docs/eval.md)
+$CLI eval --data "$(dirname "$DATA")/test.jsonl" --out "$OUT/results.json" --max-new-tokens 40 --batch-size 16 \
+  ${EVAL_ARGS:-} --model "base (no training)=$DENSE" "(a) dense SFT=$U/sft/hf" \
+  "(b) vanilla upcycling=$OUT/vanilla/hf" "(c) UpIT=$U/train/hf"
 stamp "done"

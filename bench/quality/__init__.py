@@ -1,0 +1,1 @@
+"""Helpers of bench/upcycle_quality.py and bench/upit_quality.py (corpus, tokenizer, model presets, FLOPs, runs)."""
