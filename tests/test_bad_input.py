@@ -596,6 +596,12 @@ CASES = [
     Case("demo-out-exists", lambda w, d: ["demo", "--out", str(_mkdir(d / "out"))], ("exists",)),
     Case("demo-parent-missing", lambda w, d: ["demo", "--out", str(d / "a" / "b")], ("parent directory",)),
     Case("demo-read-only", lambda w, d: ["demo", "--out", str(_read_only(d) / "out")], ("cannot write",)),
+    Case("eval-model-missing", lambda w, d: ["eval", "--model", str(d / "nope"), "--data", str(w["data"])],
+         ("not an HF checkpoint dir",)),
+    Case("eval-rows-unknown", lambda w, d: ["eval", "--model", str(w["llama"]), "--data",
+                                            str(_write(d / "bad.jsonl", b'{"q": 1}\n'))], ("needs 'choices'",)),
+    Case("eval-batch-0", lambda w, d: ["eval", "--model", str(w["llama"]), "--data", str(w["data"]),
+                                       "--batch-size", "0"], ("--batch-size",)),
     Case("scripts-out-exists", lambda w, d: ["scripts", "--out", str(_mkdir(d / "out"))], ("exists",)),
     Case("scripts-parent-missing", lambda w, d: ["scripts", "--out", str(d / "a" / "b")], ("parent directory",)),
     Case("scripts-read-only", lambda w, d: ["scripts", "--out", str(_read_only(d) / "out")], ("cannot write",)),
@@ -708,7 +714,7 @@ def test_bad_input(case, w, tmp_path, capsys):
 _PREFIX_COMMAND = {"up": "upcycle", "st": "upcycle", "idx": "upcycle", "flag": "upcycle", "out": "upcycle",
                    "conv": "convert", "train": "train", "yaml": "train", "resume": "train", "sft": "sft",
                    "router": "router-init", "seed": "seed-data", "assemble": "upit-assemble", "plan": "plan",
-                   "upit": "upit", "demo": "demo", "scripts": "scripts", "cli": None}
+                   "upit": "upit", "demo": "demo", "scripts": "scripts", "eval": "eval", "cli": None}
 
 
 def test_at_least_100_cases_over_every_subcommand():

@@ -21,9 +21,13 @@ DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation "deepspeed==
     "datasets==$(ver datasets)" "dill==$(ver dill)" "multiprocess==$(ver multiprocess)" "xxhash==$(ver xxhash)" \
     "fsspec==$(ver fsspec)" hjson py-cpuinfo msgpack ninja einops pydantic pydantic-core annotated-types \
     typing-inspection pandas pytz tzdata python-dateutil
+# UpIT quality part (optional `upit` part of run.sh): the evals tasks as compact jsonl (~3 MiB, git-ignored)
+"$PY" -m pip download -q --no-deps "evals==3.0.1.post1" -d bench/quality/wheels
+"$PY" bench/upit_quality.py prepare
 size_kib=$(du -sk "$W" | cut -f1)
 ls -1 "$W"
 echo "bench/gpu/prepare.sh: $(ls -1 "$W" | wc -l) wheels, $((size_kib / 1024)) MiB in $W"
+echo "bench/gpu/prepare.sh: carry bench/gpu/wheels and bench/quality/data to the GPU machine"
 if [ "$size_kib" -gt $((50 * 1024)) ]; then
     echo "bench/gpu/prepare.sh: error: $W is larger than 50 MiB (the GPU machine takes at most 64 MiB in all)" >&2
     exit 1

@@ -2,7 +2,8 @@
 # The GPU acceptance run: on a machine with one CUDA GPU and no network, <= 8 minutes, logs under $OUT.
 #
 #   bash bench/gpu/prepare.sh            # before, on a machine with PyPI access: wheels -> bench/gpu/wheels
-#   OUT=/some/dir bash bench/gpu/run.sh [PARTS]     # PARTS: comma list of tests,step,quality (default: all three)
+#   OUT=/some/dir bash bench/gpu/run.sh [PARTS]     # PARTS: comma list of tests,step,quality,upit
+#                                                    # (default tests,step,quality: ~8 min; upit: ~5 min more)
 #
 # 1. installs what the machine lacks from bench/gpu/wheels (pip --no-index --no-deps), puts this checkout on
 #    PYTHONPATH;
@@ -11,7 +12,9 @@
 # 3. step:    bench/step_time.py --device cuda --preset gpu: a 1B-class Llama upcycled to 8 experts top-2, bf16,
 #             seq 2048: dense vs MoE step time and MFU, grouped vs loop experts, and peak GPU memory next to
 #             `upcycle-ds plan`'s prediction for the same setup;
-# 4. quality: bench/upcycle_quality.py --size gpu (sparse upcycling vs dense continuation, held-out loss).
+# 4. quality: bench/upcycle_quality.py --size gpu (sparse upcycling vs dense continuation, held-out loss);
+# 5. upit:    bench/upit_quality.py run --size gpu (UpIT vs vanilla vs dense SFT from part 4's checkpoint; needs
+#             bench/quality/data from prepare.sh).
 # The last lines printed are a short table of every part's result. Exit code: 0 if every part passed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -62,15 +65,17 @@ run_part() {  # name, timeout seconds, command...
 [[ ,$PARTS, == *,tests,* ]] && run_part tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
 [[ ,$PARTS, == *,step,* ]] && run_part step 150 "$PY" bench/step_time.py --device cuda --preset gpu \
     --json "$OUT/step_time.json"
-[[ ,$PARTS, == *,quality,* ]] && run_part quality 240 "$PY" bench/upcycle_quality.py --size gpu --out "$OUT/quality"
+[[ ,$PARTS, == *,quality,* ]] && run_part quality 300 "$PY" bench/upcycle_quality.py --size gpu --out "$OUT/quality"
+[[ ,$PARTS, == *,upit,* ]] && run_part upit 330 "$PY" bench/upit_quality.py run --size gpu --out "$OUT/upit"
 
 echo
 echo "=== bench/gpu/run.sh summary ($(date -Is), $(( $(date +%s) - T0 ))s, logs in $OUT)"
-for name in tests step quality; do
+for name in tests step quality upit; do
     [[ -n ${RESULT[$name]:-} ]] && printf '%-8s %s\n' "$name" "${RESULT[$name]}"
 done
 [[ -f $OUT/tests.log ]] && grep -E "passed|failed" "$OUT/tests.log" | tail -1
 [[ -f $OUT/step.log ]] && sed -n '/^| /p' "$OUT/step.log" | tail -12
 [[ -f $OUT/quality.log ]] && tail -8 "$OUT/quality.log"
+[[ -f $OUT/upit.log ]] && tail -8 "$OUT/upit.log"
 for name in "${!RESULT[@]}"; do [[ ${RESULT[$name]} == rc=0* ]] || exit 1; done
 exit 0
