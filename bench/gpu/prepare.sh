@@ -5,7 +5,8 @@
 # The GPU machine (one H200, no network) has python3.12 with torch (CUDA), transformers, accelerate, safetensors,
 # pyyaml, tqdm, matplotlib, numpy, pyarrow, psutil, pytest -- but not deepspeed, datasets or wandb.
 # deepspeed ships only an sdist: it is built here into a pure-Python wheel (no ops prebuilt; DeepSpeed JIT-compiles
-# the few it needs). The rest are downloaded as cp312 manylinux / pure wheels; run.sh installs only what is missing.
+# the few it needs). The rest, at the versions of this checkout's environment (the set the tests pass with), are
+# downloaded as cp312 manylinux / pure wheels; run.sh installs only what is missing there.
 # wandb is not carried: the GPU runs use --wandb-mode disabled.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,8 +20,10 @@ DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation "deepspeed==
 "$PY" -m pip download -q --no-deps -d "$W" --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
     "datasets==$(ver datasets)" "dill==$(ver dill)" "multiprocess==$(ver multiprocess)" "xxhash==$(ver xxhash)" \
-    "fsspec==$(ver fsspec)" hjson py-cpuinfo msgpack ninja einops pydantic pydantic-core annotated-types \
-    typing-inspection pandas pytz tzdata python-dateutil
+    "fsspec==$(ver fsspec)" "hjson==$(ver hjson)" "py-cpuinfo==$(ver py-cpuinfo)" "msgpack==$(ver msgpack)" \
+    "ninja==$(ver ninja)" "einops==$(ver einops)" "pydantic==$(ver pydantic)" "pydantic-core==$(ver pydantic-core)" \
+    "annotated-types==$(ver annotated-types)" "typing-inspection==$(ver typing-inspection)" "pandas==$(ver pandas)" \
+    "tzdata==$(ver tzdata)" "python-dateutil==$(ver python-dateutil)" pytz
 # UpIT quality part (optional `upit` part of run.sh): the evals tasks as compact jsonl (~3 MiB, git-ignored)
 "$PY" -m pip download -q --no-deps "evals==3.0.1.post1" -d bench/quality/wheels
 "$PY" bench/upit_quality.py prepare
