@@ -354,10 +354,10 @@ def test_expert_share_chart_every_heatmap_interval(straight):
 def test_step1_expert_shares_equal_transformers_router_counts(straight, tiny):
     """Independent count: step 1 routes the untrained upcycled weights, so transformers' own Mixtral, loaded from
     the upcycled checkpoint and run on exactly the step-1 micro-batches of both ranks (rebuilt with
-    upcycle_ds.train.data), must pick the same top-k experts."""
+    upcycle_ds.data), must pick the same top-k experts."""
     from transformers import AutoTokenizer
 
-    from upcycle_ds.train.data import DataConfig, batches, build_datasets
+    from upcycle_ds.data import DataConfig, batches, build_datasets
 
     tok = AutoTokenizer.from_pretrained(tiny["moe"])
     train_ds, _ = build_datasets(DataConfig(data=str(tiny["data"]), max_length=SEQ, eval_fraction=0.05,

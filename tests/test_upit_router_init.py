@@ -120,7 +120,7 @@ def test_router_init_hidden_mode_routes_each_experts_prompts_to_it(moe_dir, tmp_
 
 
 def test_sample_labels_follow_packed_samples(tmp_path):
-    from upcycle_ds.train.data import DataConfig, batches, build_datasets
+    from upcycle_ds.data import DataConfig, batches, build_datasets
 
     tok_dir = tiny.make_tokenizer(tmp_path / "tok")
     tok = transformers.AutoTokenizer.from_pretrained(tok_dir)

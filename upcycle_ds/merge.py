@@ -255,8 +255,8 @@ class Calibration:
 
 def calibration_rows(data: str, tokenizer, opts: MergeOptions) -> list[dict[str, torch.Tensor]]:
     """The calibration samples, one per row and without padding ({input_ids, labels, position_ids}, [1, n]), through
-    the training data path (`train.data`: same formats, templates and labels as `upcycle-ds train`)."""
-    from .train.data import DataConfig, batches, build_datasets
+    the training data path (`upcycle_ds.data`: same formats, templates and labels as `upcycle-ds train`)."""
+    from .data import DataConfig, batches, build_datasets
 
     cfg = DataConfig(data=data, max_length=opts.calib_max_length, eval_fraction=0.0, pack=False,
                      max_samples=opts.calib_samples)
@@ -273,7 +273,7 @@ def calibration_rows(data: str, tokenizer, opts: MergeOptions) -> list[dict[str,
 
 
 def _lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    from .train.data import IGNORE
+    from .data import IGNORE
 
     lab = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),

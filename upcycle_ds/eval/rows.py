@@ -14,7 +14,7 @@ A row is a JSON object (a line of a .jsonl file, or a row of any file `upcycle-d
 - **loss** (no `choices` / `ideal`): a training row — `text`, `messages` with assistant turns, or
   `prompt` + `response` — scored by its LM loss on exactly the tokens `upcycle-ds train` would put the loss on.
 
-A row with both `choices` and `ideal` gets both scores. Inputs are built by `upcycle_ds.train.data` (the renderer,
+A row with both `choices` and `ideal` gets both scores. Inputs are built by `upcycle_ds.data` (the renderer,
 tokenizer and packing of training), so the loss of a training-format row is the trainer's eval loss.
 """
 
@@ -118,11 +118,11 @@ def load_rows(path: str, mode: Mode = "auto", max_rows_per_task: int | None = No
 
 def read_any(path: str) -> list[dict]:
     """A .jsonl file is read line by line (rows may differ in type: `ideal` a string here, a list there); any other
-    format through `upcycle_ds.train.data.read_rows` (json, parquet, arrow, save_to_disk dirs)."""
+    format through `upcycle_ds.data.read_rows` (json, parquet, arrow, save_to_disk dirs)."""
     import json
     from pathlib import Path
 
-    from ..train.data import read_rows
+    from ..data import read_rows
 
     p = Path(path)
     if p.suffix.lower() != ".jsonl":

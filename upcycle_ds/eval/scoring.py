@@ -1,10 +1,10 @@
 """Model-side scoring: sequence log-likelihoods through the training data path, and greedy generation.
 
 `sequence_logprobs` writes the rows (training formats) to a temp jsonl with a row id, and builds the batches with
-`upcycle_ds.train.data` exactly as `upcycle-ds train` does for its eval split (render -> tokenize with the trainer's
+`upcycle_ds.data` exactly as `upcycle-ds train` does for its eval split (render -> tokenize with the trainer's
 loss labels -> pack -> `batches`); the row id rides along as `DataConfig.label_field`, so every token's log-prob is
 credited to its own row. Packed rows pass restarting `position_ids` and no attention mask, so each sample attends
-only to itself (see `upcycle_ds.train.data`).
+only to itself (see `upcycle_ds.data`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..train.data import IGNORE, DataConfig, batches, build_datasets
+from ..data import IGNORE, DataConfig, batches, build_datasets
 
 ROW_ID = "_upcycle_ds_eval_row"
 

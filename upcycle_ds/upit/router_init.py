@@ -85,7 +85,7 @@ def router_bce(layers, sample_labels, labels, num_experts: int, response_only: b
     import torch
     import torch.nn.functional as F
 
-    from ..train.data import IGNORE
+    from ..data import IGNORE
 
     lab_T = sample_labels.reshape(-1)
     ok_T = lab_T >= 0
