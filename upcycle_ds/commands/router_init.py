@@ -1,24 +1,11 @@
-"""UpIT stage 3b (router initialisation, docs/upit.md): initialise the routers of an HF MoE checkpoint; writes OUT/hf (HF MoE).
-
---mode bce (default, UpIT): train only the routers (`train_only` = deepspeed_moe.gate; every other weight stays
-bit-identical) on the seed data of `upcycle-ds seed-data` (rows with an `expert` field) with DeepSpeed, loss
-    alpha * L_lm + (1 - alpha) * BCE(sigmoid(logits_TE), one_hot(expert of the token's sample))
-where logits_TE = h W_router^T are each MoE layer's own router logits on its own input h. The BCE is averaged over
-tokens, experts and MoE layers (a mean, so alpha keeps its meaning whatever E and the layer count). Tokens: every
-token of the sample (`--bce-tokens all`, default: the router sees prompt tokens too) or only the response tokens.
-Logged per step: `bce` and `top1_match` (fraction of labelled tokens whose top-1 expert is their sample's expert).
-Same launchers as `train` (--nproc N, deepspeed, torchrun, srun), same checkpoints and --resume.
-
---mode hidden (mergekit-style, no training): for each expert, the mean over its positive prompts (and their tokens)
-of every MoE layer's router input h, minus the same mean over its negative prompts if any, L2-normalised, becomes
-that expert's router row. Prompts file (YAML): `experts: [{positive_prompts: [...], negative_prompts: [...]}, ...]`,
-one entry per expert, in expert order (or a plain list of such entries). Runs in this process (no launcher).
-"""
+"""`upcycle-ds router-init`: arguments and printing; the stage itself is `upcycle_ds.upit.router_init`."""
 
 from __future__ import annotations
 
+from ..upit import router_init as _stage
 from ..upit.router_init import RouterInitConfig, run_router_init
 
+__doc__ = _stage.__doc__  # --help shows the stage's description
 Args = RouterInitConfig
 
 
