@@ -47,8 +47,9 @@ from .optim import apply_freeze, lr_lambda, optimizer_groups
 from .sources import open_dense_source, open_source
 from .tracking import Tracker
 
-REQUEUE_MARKER = "requeue"
-"""OUT/requeue: written (holding the step) when the run stopped early on STOP_SIGNAL, saved, and wants to continue."""
+STOPPED_FILE_ENV = "UPCYCLE_DS_STOPPED_FILE"
+"""When set (slurm/*.sbatch set it), rank 0 writes the step into this file after stopping early on STOP_SIGNAL with
+a checkpoint saved: the batch script then requeues the job."""
 STOP_SIGNAL = signal.SIGUSR1
 """Save at the next logging step and exit (Slurm sends it before the time limit: slurm/train.sbatch)."""
 
@@ -297,7 +298,6 @@ class Trainer:
         if self.rank == 0:
             checkpoint.discard_uncommitted(self.ckpt_dir)  # before any rank can save again (after a training step)
             drop_metrics_after(self.run_dir / "metrics.jsonl", self.state.step)
-            (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------ stop before a limit
     def _on_stop_signal(self, signum, frame) -> None:
@@ -315,12 +315,13 @@ class Trainer:
         return bool(flag[0])
 
     def _stop_for_requeue(self) -> int:
-        """Collective: save this step, leave OUT/requeue (step number) for slurm/train.sbatch, exit cleanly."""
+        """Collective: save this step, tell the batch script (STOPPED_FILE_ENV), exit cleanly."""
         self.save()
-        if self.rank == 0:
-            tmp = self.run_dir / ".requeue.tmp"
+        stopped = os.environ.get(STOPPED_FILE_ENV)
+        if self.rank == 0 and stopped:
+            tmp = Path(f"{stopped}.tmp")
             tmp.write_text(f"{self.state.step}\n")
-            os.replace(tmp, self.run_dir / REQUEUE_MARKER)
+            os.replace(tmp, stopped)
         self.log(f"stopping at step {self.state.step} on {signal.Signals(STOP_SIGNAL).name}: checkpoint "
                  f"{checkpoint.tag_for(self.state.step)} saved; --resume continues (Slurm: the job requeues itself)")
         return 0
