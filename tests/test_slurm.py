@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -506,3 +507,63 @@ def test_real_train_rank_killed_then_resubmitted_matches_reference(slurm_cluster
     assert batch_log.count("fresh start") == 1 and batch_log.count("--resume") == 2
     assert f"job {job3} done" in batch_log
     assert f"job {job1} done" not in batch_log and f"job {job2} done" not in batch_log
+
+
+@pytest.mark.slow
+def test_real_train_stops_before_time_limit_requeues_and_continues_on_one_node(slurm_cluster, real_train_inputs,
+                                                                                real_reference, tmp_path):
+    """Save before the time limit, requeue, continue -- on fewer nodes.
+
+    The job asks for 2 nodes x 1 rank (ep 1: ZeRO-2 partitions over the 2 ranks), --time=2 and --signal=B:USR1@90,
+    so Slurm signals the batch script at its first time-limit check (within 30 s). Each step of this first start is
+    slowed to 3 s (tests/inject: the run must still be training then). The script passes USR1 on to the ranks, they
+    save at the next logging step, and the script requeues the job. While the requeued job is held, the test shrinks
+    it to 1 node (as an admin or a smaller free allocation would): it restarts with 1 rank, resumes elastically
+    (grad accum 1 -> 2 keeps the global batch) and finishes all 8 steps with the losses of the uninterrupted 2-rank
+    reference (ep 2 there: same math, another summation order; 1e-5 relative). --keep-last 2 holds across the
+    requeue."""
+    _, _, reference = real_reference
+    run_dir = tmp_path / "run"
+    inject = str(Path(__file__).parent / "inject")
+    config, base_env = real_train_inputs
+    job = slurm_cluster.submit(
+        REPO / "slurm" / "train.sbatch", config, run_dir, "--ep-size", "1", "--keep-last", "2", "--wandb-mode",
+        "disabled", env={**base_env, "UPCYCLE_DS_TEST_STEP_SLEEP": "3",
+                         "PYTHONPATH": os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")]))},
+        sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=2",
+                     "--signal=B:USR1@90", f"--output={tmp_path}/batch.log"])
+    t0 = time.monotonic()
+    slurm_cluster.wait_for(lambda: slurm_cluster.job(job)["Restarts"] == "1" or slurm_cluster.state(job) in
+                           FINAL_STATES, timeout=150, poll=0.2, what="requeue")
+    info = slurm_cluster.job(job)
+    batch_log = slurm_cluster.read_log(tmp_path / "batch.log")
+    assert info["Restarts"] == "1", batch_log + str(info) + "\n".join(_real_logs(slurm_cluster, run_dir, job))
+    print(f"signalled, saved and requeued after {time.monotonic() - t0:.1f} s")
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1", "MinCPUsNode=1",
+                      "TimeLimit=10")
+    state = slurm_cluster.wait(job, timeout=300)
+    batch_log = slurm_cluster.read_log(tmp_path / "batch.log")
+    first = _real_logs(slurm_cluster, run_dir, job)
+    second = slurm_cluster.read_log(run_dir / "logs" / f"train-{job}.1-rank0.log")
+    assert state == "COMPLETED", batch_log + str(slurm_cluster.job(job)) + second[-3000:]
+
+    stopped = re.search(r"stopped before the time limit at step (\d+) with a checkpoint saved; requeued", batch_log)
+    assert stopped, batch_log
+    step = int(stopped.group(1))
+    assert 1 <= step < REAL_STEPS
+    assert f"stopping at step {step} on SIGUSR1: checkpoint global_step{step} saved" in first[0], first[0][-3000:]
+    assert f"job {job} (restart 0): 2 ranks on 2 nodes" in batch_log
+    assert f"job {job} (restart 1): 1 ranks on 1 nodes" in batch_log and "--resume" in batch_log
+    assert f"job {job} done" in batch_log
+    assert "--grad-accum 1 -> 2" in second, second[-3000:]
+    assert (f"resumed from {run_dir / 'checkpoints'}/global_step{step} at step {step} on another layout "
+            f"(world_size 2 -> 1)") in second, second[-3000:]
+
+    got = _losses(run_dir)
+    assert sorted(got) == list(range(1, REAL_STEPS + 1))
+    diffs = {s: abs(got[s] - reference[s]) / abs(reference[s]) for s in got}
+    assert max(diffs.values()) <= 1e-5, {s: (got[s], reference[s], f"{d:.1e}") for s, d in diffs.items()}
+    # --keep-last 2 across the requeue: the last checkpoint and the newest before it (every 2 steps, or the stop's)
+    tags = sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*"))
+    assert _latest(run_dir) == f"global_step{REAL_STEPS}"
+    assert tags == sorted({f"global_step{REAL_STEPS}", f"global_step{max(REAL_STEPS - REAL_SAVE_EVERY, step)}"}), tags

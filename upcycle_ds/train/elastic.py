@@ -16,7 +16,7 @@ re-partition the optimizer state ourselves, into a live engine:
 The data position is global: TrainState.batch_in_epoch counts this rank's micro-batches, so the rows consumed in the
 epoch are batch_in_epoch x world x micro_batch_size, the same at any layout with the same global batch
 (docs/data.md). A checkpoint therefore fixes the global batch (rows per optimizer step): resuming on another world
-size adjusts --grad-accum to keep it (`adapt_grad_accum`).
+size sets --grad-accum to keep it (`adapt_grad_accum`).
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ def global_batch(layout: dict) -> int | None:
 
 
 def adapt_grad_accum(args, world: int, saved: dict) -> str | None:
-    """Keep the checkpoint's global batch on this world size: set args.grad_accum to global / (micro batch x world)
-    when it differs. Returns a line saying what changed (None if nothing did); a UserError when the global batch
-    cannot be kept."""
+    """Keep the checkpoint's global batch: set args.grad_accum to global / (micro batch x world) when this run's
+    differs (another world size, or a config written for one). Returns a line saying what changed (None if nothing
+    did); a UserError when the global batch cannot be kept. A run that wants another global batch starts anew from
+    the checkpoint (--model)."""
     G = global_batch(saved)
     if G is None:
         return None
@@ -87,7 +88,8 @@ def adapt_grad_accum(args, world: int, saved: dict) -> str | None:
         raise UserError(f"--resume: the checkpoint was trained with a global batch of {G} rows per step (micro batch "
                         f"{saved['micro_batch_size']} x {saved['world_size']} ranks x grad accum "
                         f"{saved['grad_accum']}), which micro batches of {args.micro_batch_size} on {world} ranks "
-                        f"cannot make; use a --micro-batch-size that divides {G // world if G % world == 0 else G}")
+                        f"cannot make; use a --micro-batch-size that divides {G // world if G % world == 0 else G}, "
+                        f"or start a new run from the checkpoint with --model")
     if args.global_batch_size is not None and args.global_batch_size != G:
         raise UserError(f"--resume: --global-batch-size {args.global_batch_size}, but the checkpoint was trained with "
                         f"{G} rows per step; the data order and LR schedule continue only with the same global batch")

@@ -218,15 +218,12 @@ class Trainer:
             elastic.open_saved_optimizer(tag_dir)  # readable in full, before any rank loads it
 
     def _keep_global_batch(self) -> None:
-        """Resuming on another world size: the checkpoint's global batch fixes --grad-accum (every rank, before the
-        data is opened and the engine built)."""
+        """The checkpoint's global batch fixes --grad-accum (so a job requeued on another number of nodes continues
+        with the same config): every rank, before the data is opened and the engine built."""
         tag = checkpoint.latest_tag(self.ckpt_dir)
         if tag is None:
             return
-        saved = elastic.read_layout(self.ckpt_dir / tag)
-        if saved.get("world_size") in (None, self.world):
-            return
-        line = elastic.adapt_grad_accum(self.args, self.world, saved)
+        line = elastic.adapt_grad_accum(self.args, self.world, elastic.read_layout(self.ckpt_dir / tag))
         if line:
             self.log(line)
 
