@@ -528,7 +528,7 @@ def test_real_train_stops_before_time_limit_requeues_and_continues_on_one_node(s
     config, base_env = real_train_inputs
     job = slurm_cluster.submit(
         REPO / "slurm" / "train.sbatch", config, run_dir, "--ep-size", "1", "--keep-last", "2", "--wandb-mode",
-        "disabled", env={**base_env, "UPCYCLE_DS_TEST_STEP_SLEEP": "3",
+        "disabled", env={**base_env, "UPCYCLE_DS_TEST_STEP_SLEEP": "5",
                          "PYTHONPATH": os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")]))},
         sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=2",
                      "--signal=B:USR1@90", f"--output={tmp_path}/batch.log"])

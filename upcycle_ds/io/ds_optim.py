@@ -358,8 +358,12 @@ def run_state(states: dict) -> dict:
 
 
 def has_optimizer_state(tag_dir: Path) -> bool:
+    """Whether the tag holds optimizer state: DeepSpeed's per-rank files, a dense ZeRO-0 model file's `optimizer`,
+    or our universal files (a module-only checkpoint holds none)."""
     d = Path(tag_dir)
-    return ((d / UNIVERSAL).is_file() or bool(_files(d, ZERO_FILE)) or bool(_files(d, EXPP_FILE)))
+    if (d / UNIVERSAL).is_file() or _files(d, ZERO_FILE) or _files(d, EXPP_FILE):
+        return True
+    return (d / MODEL_STATES).is_file() and isinstance(_load(d / MODEL_STATES).get("optimizer"), dict)
 
 
 def open_saved_optimizer(tag_dir: str | Path, *, param_names: list[list[str]] | None = None) -> SavedOptimizer:
