@@ -25,7 +25,9 @@ from upcycle_ds.launch.dist_env import DistEnv, dist_env, setup_dist_env
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = f"{sys.executable} {REPO / 'tests' / 'slurm_standin.py'}"
-CPU_JOB = ["--cpus-per-task=1", "--time=5"]
+# --signal: the scripts ask for USR1 600 s before the limit, which with --time=5 Slurm would send at once (the test of
+# stopping before the limit sets its own)
+CPU_JOB = ["--cpus-per-task=1", "--time=5", "--signal=B:USR1@30"]
 
 # The environment of task 1 of `srun` in `sbatch --nodes=2 --ntasks-per-node=2 --gpus-per-node=2` (real Slurm 22.05,
 # trimmed), and of the batch script itself (no step variables).
@@ -516,7 +518,7 @@ def test_real_train_stops_before_time_limit_requeues_and_continues_on_one_node(s
 
     The job asks for 2 nodes x 1 rank (ep 1: ZeRO-2 partitions over the 2 ranks), --time=2 and --signal=B:USR1@90,
     so Slurm signals the batch script at its first time-limit check (within 30 s). Each step of this first start is
-    slowed to 3 s (tests/inject: the run must still be training then). The script passes USR1 on to the ranks, they
+    slowed to 5 s (tests/inject: the run must still be training then). The script passes USR1 on to the ranks, they
     save at the next logging step, and the script requeues the job. While the requeued job is held, the test shrinks
     it to 1 node (as an admin or a smaller free allocation would): it restarts with 1 rank, resumes elastically
     (grad accum 1 -> 2 keeps the global batch) and finishes all 8 steps with the losses of the uninterrupted 2-rank
