@@ -5,11 +5,11 @@ Saving. DeepSpeed's own `save_checkpoint` lets rank 0 write `latest` before the 
 and truncates it in place; we save with `save_latest=False`, wait for every rank, then rank 0 replaces `latest`
 atomically (temp file, fsync, rename). A process killed mid-save therefore leaves `latest` at the previous complete
 checkpoint. On resume, rank 0 removes the tag dirs such saves leave behind (`discard_uncommitted`) before any rank
-trains, so their files never mix with those of a later save of the same step (on another layout, say). Each rank's RNG states go to `TAG/rng_rank{r}.pt`
-(tensors only); the names of the optimizer's parameters go into the model file (`optimizer_param_names`: DeepSpeed
-records none for ZeRO 0, and resuming on another layout needs them). With `keep_last` N, rank 0 then deletes all
-but the N newest tags — never the one `latest` names, and only after that save is committed, while the other ranks
-wait for it: no save runs while a prune does, also across requeues of the same run.
+trains, so their files never mix with those of a later save of the same step (on another layout, say). Each rank's
+RNG states go to `TAG/rng_rank{r}.pt` (tensors only); the names of the optimizer's parameters go into the model file
+(`optimizer_param_names`: DeepSpeed records none for ZeRO 0, and resuming on another layout needs them). With
+`keep_last` N, rank 0 then deletes all but the N newest tags — never the one `latest` names, and only after that
+save is committed, while the other ranks wait for it: no save runs while a prune does, also across requeues.
 
 Loading. A checkpoint is untrusted input: DeepSpeed's `TorchCheckpointEngine.load` calls `torch.load(...,
 weights_only=False)`, which runs any pickled code. We hand DeepSpeed `SafeCheckpointEngine`, whose `load` uses

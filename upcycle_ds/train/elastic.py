@@ -188,7 +188,7 @@ def apply_optimizer_state(engine, saved: SavedOptimizer, *, num_experts: int, ep
     names = {id(p): n for n, p in engine.module.named_parameters()}
     counts = {"params": 0, "missing": 0}
 
-    def state_of(p, moments: bool = True) -> ParamState | None:
+    def state_of(p) -> ParamState | None:
         name = to_global(names[id(p)], ep_rank, n_local)
         st = saved.get(name)
         if st is None:
@@ -210,7 +210,9 @@ def apply_optimizer_state(engine, saved: SavedOptimizer, *, num_experts: int, ep
                     counts["params"] += 1
                     hp = p._hp_mapping
                     if hp is None and not lp_from_master:  # not in this rank's partition: only its step
-                        step = max(step, saved.step_of(to_global(names[id(p)], ep_rank, n_local)) or 0.0)
+                        s = saved.step_of(to_global(names[id(p)], ep_rank, n_local))
+                        counts["missing"] += s is None
+                        step = max(step, s or 0.0)
                         continue
                     st = state_of(p)
                     if st is None:
@@ -285,5 +287,6 @@ def load(engine, ckpt_dir: Path, tag: str, *, num_experts: int, ep_size: int, lp
     return client, counts
 
 
-__all__ = ["LAYOUT_KEYS", "open_saved_optimizer", "read_run", "adapt_grad_accum", "apply_optimizer_state", "differences", "global_batch", "is_native",
-           "load", "optimizer_param_names", "position", "read_layout", "restore_schedule", "rng_seed"]
+__all__ = ["LAYOUT_KEYS", "adapt_grad_accum", "apply_optimizer_state", "differences", "global_batch", "is_native",
+           "load", "open_saved_optimizer", "optimizer_param_names", "position", "read_layout", "read_run",
+           "restore_schedule", "rng_seed"]
