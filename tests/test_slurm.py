@@ -366,7 +366,7 @@ def test_real_train_on_two_slurm_nodes(slurm_cluster, real_train_inputs, real_re
 
     run_dir, job, losses = real_reference
     logs = _real_logs(slurm_cluster, run_dir, job)
-    assert "[upcycle-ds train] 2 ranks, ep_size 2, ZeRO-2, fp32" in logs[0], logs[0][-3000:]
+    assert "[upcycle-ds train] 2 ranks on cpu, ep_size 2, ZeRO-2, fp32" in logs[0], logs[0][-3000:]
     assert sorted(losses) == list(range(1, REAL_STEPS + 1))
     assert all(0 < v < 20 for v in losses.values()), losses
     ckpts = run_dir / "checkpoints"
