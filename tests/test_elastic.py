@@ -73,6 +73,7 @@ def rel_diffs(got: dict[int, float], want: dict[int, float], steps) -> dict[int,
 def assert_close(got: dict[int, float], want: dict[int, float], steps, tol: float) -> None:
     assert sorted(got) == sorted(want), (sorted(got), sorted(want))
     diffs = rel_diffs(got, want, steps)
+    print(f"relative loss differences, steps {list(steps)}: max {max(diffs.values()):.1e}")
     assert max(diffs.values()) <= tol, {s: (got[s], want[s], f"{d:.1e}") for s, d in diffs.items()}
 
 
