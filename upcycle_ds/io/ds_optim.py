@@ -4,7 +4,7 @@ read from DeepSpeed's per-rank files, or written layout-free (`convert --to ds -
 A rank's optimizer state is stored in the form of that rank's optimizer (docs/training.md, "Resuming on another
 layout"):
 
-- ZeRO 1/2 (`zero_pp_rank_{r}_mp_rank_00_optim_states.pt`, one per rank): per param group one flat fp32 partition
+- ZeRO 1/2 (`[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt`, one per rank): per param group one flat fp32 partition
   of the masters, the AdamW state of that partition (`exp_avg`, `exp_avg_sq`: flat, same layout; `step`), and
   `param_slice_mappings` {name: (start, numel)}. Non-expert groups are partitioned over all W ranks, expert groups
   over the expert-data-parallel ranks of one expert-parallel rank e (ranks r with r % ep == e, in order), and their
@@ -38,7 +38,7 @@ EXPERT_FILE = "layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"
 UNIVERSAL = "universal_optim_states.pt"
 UNIVERSAL_EXPERT = "layer_{moe_layer}_expert_{expert}_universal_optim_states.pt"
 UNIVERSAL_FORMAT = "upcycle_ds.universal_optim_states/1"
-ZERO_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 EXPP_FILE = re.compile(r"^expp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 _EXPERT = re.compile(r"^(model\.layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)$")
 RUN_KEYS = ("train_state", "layout", "lr_scheduler", "global_steps", "global_samples", "skipped_steps")
