@@ -25,9 +25,10 @@ from upcycle_ds.launch.dist_env import DistEnv, dist_env, setup_dist_env
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = f"{sys.executable} {REPO / 'tests' / 'slurm_standin.py'}"
-# --signal: the scripts ask for USR1 600 s before the limit, which with --time=5 Slurm would send at once (the test of
-# stopping before the limit sets its own)
-CPU_JOB = ["--cpus-per-task=1", "--time=5", "--signal=B:USR1@30"]
+CPU_JOB = ["--cpus-per-task=1", "--time=5"]
+# sbatch jobs: the scripts ask for USR1 600 s before the limit, which with --time=5 Slurm would send at once (the
+# test of stopping before the limit sets its own --signal)
+BATCH_JOB = [*CPU_JOB, "--signal=B:USR1@30"]
 
 # The environment of task 1 of `srun` in `sbatch --nodes=2 --ntasks-per-node=2 --gpus-per-node=2` (real Slurm 22.05,
 # trimmed), and of the batch script itself (no step variables).
@@ -169,7 +170,7 @@ def test_train_sbatch_two_nodes(slurm_cluster, tmp_path):
     config.write_text("model: tiny\n")
     job = slurm_cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, "--lr", "1e-4",
                                env={"UPCYCLE_DS_CMD": STANDIN},
-                               sbatch_args=["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", *CPU_JOB,
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", *BATCH_JOB,
                                             f"--output={tmp_path}/batch.log"])
     state = slurm_cluster.wait(job, timeout=60)
     batch_log = slurm_cluster.read_log(tmp_path / "batch.log")
@@ -198,7 +199,7 @@ def test_train_sbatch_requeue_resumes(slurm_cluster, tmp_path):
     config.write_text("model: tiny\n")
     job = slurm_cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, "--save", "--hold", "2",
                                env={"UPCYCLE_DS_CMD": STANDIN},
-                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *BATCH_JOB,
                                             f"--output={tmp_path}/batch.log"])
     slurm_cluster.wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), timeout=60, what="checkpoint")
     slurm_cluster.run("scontrol", "requeue", str(job))
@@ -218,7 +219,7 @@ def _submit_two_ranks(cluster, tmp_path, *flags):
     config, run_dir = tmp_path / "run.yaml", tmp_path / "run"
     config.write_text("model: tiny\n")
     job = cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, *flags, env={"UPCYCLE_DS_CMD": STANDIN},
-                         sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                         sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *BATCH_JOB,
                                       f"--output={tmp_path}/batch.log"])
     pid_file = run_dir / "pids" / "rank1.pid"
     cluster.wait_for(pid_file.exists, timeout=60, what="rank 1 pid file")
@@ -263,7 +264,7 @@ def test_hung_rank_fails_job_by_collective_timeout(slurm_cluster, tmp_path):
 def test_train_sbatch_missing_config_fails_with_message(slurm_cluster, tmp_path):
     job = slurm_cluster.submit(REPO / "slurm" / "train.sbatch", tmp_path / "nope.yaml", tmp_path / "run",
                                env={"UPCYCLE_DS_CMD": STANDIN},
-                               sbatch_args=["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                               sbatch_args=["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", *BATCH_JOB,
                                             f"--output={tmp_path}/batch.log"])
     assert slurm_cluster.wait(job, timeout=30) == "FAILED"
     assert slurm_cluster.job(job)["ExitCode"] == "2:0"
@@ -277,7 +278,7 @@ def test_upit_sbatch_two_nodes_cpu_only(slurm_cluster, tmp_path):
     recipe.write_text("experts: []\n")
     job = slurm_cluster.submit(REPO / "slurm" / "upit.sbatch", recipe, "--out", out,
                                env={"UPCYCLE_DS_CMD": STANDIN, "LOG_DIR": str(tmp_path / "logs")},
-                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", *CPU_JOB,
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", *BATCH_JOB,
                                             f"--output={tmp_path}/batch.log"])
     assert slurm_cluster.wait(job, timeout=60) == "COMPLETED", slurm_cluster.read_log(tmp_path / "batch.log")
     ranks = _ranks(out)
@@ -319,7 +320,7 @@ def _submit_real(cluster, inputs, run_dir: Path, *flags: str, env: dict[str, str
     RUN_DIR/../batch-<run>.log (appended to by every job of the run, as on a cluster)."""
     config, base_env = inputs
     return cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, *flags, env={**base_env, **(env or {})},
-                          sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                          sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *BATCH_JOB,
                                        f"--output={run_dir.parent}/batch-{run_dir.name}.log"])
 
 
