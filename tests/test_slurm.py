@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -25,6 +26,9 @@ from upcycle_ds.launch.dist_env import DistEnv, dist_env, setup_dist_env
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = f"{sys.executable} {REPO / 'tests' / 'slurm_standin.py'}"
 CPU_JOB = ["--cpus-per-task=1", "--time=5"]
+# sbatch jobs: the scripts ask for USR1 600 s before the limit, which with --time=5 Slurm would send at once (the
+# test of stopping before the limit sets its own --signal)
+BATCH_JOB = [*CPU_JOB, "--signal=B:USR1@30"]
 
 # The environment of task 1 of `srun` in `sbatch --nodes=2 --ntasks-per-node=2 --gpus-per-node=2` (real Slurm 22.05,
 # trimmed), and of the batch script itself (no step variables).
@@ -166,7 +170,7 @@ def test_train_sbatch_two_nodes(slurm_cluster, tmp_path):
     config.write_text("model: tiny\n")
     job = slurm_cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, "--lr", "1e-4",
                                env={"UPCYCLE_DS_CMD": STANDIN},
-                               sbatch_args=["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", *CPU_JOB,
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", *BATCH_JOB,
                                             f"--output={tmp_path}/batch.log"])
     state = slurm_cluster.wait(job, timeout=60)
     batch_log = slurm_cluster.read_log(tmp_path / "batch.log")
@@ -195,7 +199,7 @@ def test_train_sbatch_requeue_resumes(slurm_cluster, tmp_path):
     config.write_text("model: tiny\n")
     job = slurm_cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, "--save", "--hold", "2",
                                env={"UPCYCLE_DS_CMD": STANDIN},
-                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *BATCH_JOB,
                                             f"--output={tmp_path}/batch.log"])
     slurm_cluster.wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), timeout=60, what="checkpoint")
     slurm_cluster.run("scontrol", "requeue", str(job))
@@ -215,7 +219,7 @@ def _submit_two_ranks(cluster, tmp_path, *flags):
     config, run_dir = tmp_path / "run.yaml", tmp_path / "run"
     config.write_text("model: tiny\n")
     job = cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, *flags, env={"UPCYCLE_DS_CMD": STANDIN},
-                         sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                         sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *BATCH_JOB,
                                       f"--output={tmp_path}/batch.log"])
     pid_file = run_dir / "pids" / "rank1.pid"
     cluster.wait_for(pid_file.exists, timeout=60, what="rank 1 pid file")
@@ -260,7 +264,7 @@ def test_hung_rank_fails_job_by_collective_timeout(slurm_cluster, tmp_path):
 def test_train_sbatch_missing_config_fails_with_message(slurm_cluster, tmp_path):
     job = slurm_cluster.submit(REPO / "slurm" / "train.sbatch", tmp_path / "nope.yaml", tmp_path / "run",
                                env={"UPCYCLE_DS_CMD": STANDIN},
-                               sbatch_args=["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                               sbatch_args=["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", *BATCH_JOB,
                                             f"--output={tmp_path}/batch.log"])
     assert slurm_cluster.wait(job, timeout=30) == "FAILED"
     assert slurm_cluster.job(job)["ExitCode"] == "2:0"
@@ -274,7 +278,7 @@ def test_upit_sbatch_two_nodes_cpu_only(slurm_cluster, tmp_path):
     recipe.write_text("experts: []\n")
     job = slurm_cluster.submit(REPO / "slurm" / "upit.sbatch", recipe, "--out", out,
                                env={"UPCYCLE_DS_CMD": STANDIN, "LOG_DIR": str(tmp_path / "logs")},
-                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", *CPU_JOB,
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", *BATCH_JOB,
                                             f"--output={tmp_path}/batch.log"])
     assert slurm_cluster.wait(job, timeout=60) == "COMPLETED", slurm_cluster.read_log(tmp_path / "batch.log")
     ranks = _ranks(out)
@@ -316,7 +320,7 @@ def _submit_real(cluster, inputs, run_dir: Path, *flags: str, env: dict[str, str
     RUN_DIR/../batch-<run>.log (appended to by every job of the run, as on a cluster)."""
     config, base_env = inputs
     return cluster.submit(REPO / "slurm" / "train.sbatch", config, run_dir, *flags, env={**base_env, **(env or {})},
-                          sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *CPU_JOB,
+                          sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", *BATCH_JOB,
                                        f"--output={run_dir.parent}/batch-{run_dir.name}.log"])
 
 
@@ -506,3 +510,63 @@ def test_real_train_rank_killed_then_resubmitted_matches_reference(slurm_cluster
     assert batch_log.count("fresh start") == 1 and batch_log.count("--resume") == 2
     assert f"job {job3} done" in batch_log
     assert f"job {job1} done" not in batch_log and f"job {job2} done" not in batch_log
+
+
+@pytest.mark.slow
+def test_real_train_stops_before_time_limit_requeues_and_continues_on_one_node(slurm_cluster, real_train_inputs,
+                                                                                real_reference, tmp_path):
+    """Save before the time limit, requeue, continue -- on fewer nodes.
+
+    The job asks for 2 nodes x 1 rank (ep 1: ZeRO-2 partitions over the 2 ranks), --time=2 and --signal=B:USR1@90,
+    so Slurm signals the batch script at its first time-limit check (within 30 s). Each step of this first start is
+    slowed to 5 s (tests/inject: the run must still be training then). The script passes USR1 on to the ranks, they
+    save at the next logging step, and the script requeues the job. While the requeued job is held, the test shrinks
+    it to 1 node (as an admin or a smaller free allocation would): it restarts with 1 rank, resumes elastically
+    (grad accum 1 -> 2 keeps the global batch) and finishes all 8 steps with the losses of the uninterrupted 2-rank
+    reference (ep 2 there: same math, another summation order; 1e-5 relative). --keep-last 2 holds across the
+    requeue."""
+    _, _, reference = real_reference
+    run_dir = tmp_path / "run"
+    inject = str(Path(__file__).parent / "inject")
+    config, base_env = real_train_inputs
+    job = slurm_cluster.submit(
+        REPO / "slurm" / "train.sbatch", config, run_dir, "--ep-size", "1", "--keep-last", "2", "--wandb-mode",
+        "disabled", env={**base_env, "UPCYCLE_DS_TEST_STEP_SLEEP": "5",
+                         "PYTHONPATH": os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")]))},
+        sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=2",
+                     "--signal=B:USR1@90", f"--output={tmp_path}/batch.log"])
+    t0 = time.monotonic()
+    slurm_cluster.wait_for(lambda: slurm_cluster.job(job)["Restarts"] == "1" or slurm_cluster.state(job) in
+                           FINAL_STATES, timeout=150, poll=0.2, what="requeue")
+    info = slurm_cluster.job(job)
+    batch_log = slurm_cluster.read_log(tmp_path / "batch.log")
+    assert info["Restarts"] == "1", batch_log + str(info) + "\n".join(_real_logs(slurm_cluster, run_dir, job))
+    print(f"signalled, saved and requeued after {time.monotonic() - t0:.1f} s")
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1", "MinCPUsNode=1",
+                      "TimeLimit=10")
+    state = slurm_cluster.wait(job, timeout=300)
+    batch_log = slurm_cluster.read_log(tmp_path / "batch.log")
+    first = _real_logs(slurm_cluster, run_dir, job)
+    second = slurm_cluster.read_log(run_dir / "logs" / f"train-{job}.1-rank0.log")
+    assert state == "COMPLETED", batch_log + str(slurm_cluster.job(job)) + second[-3000:]
+
+    stopped = re.search(r"stopped before the time limit at step (\d+) with a checkpoint saved; requeued", batch_log)
+    assert stopped, batch_log
+    step = int(stopped.group(1))
+    assert 1 <= step < REAL_STEPS
+    assert f"stopping at step {step} on SIGUSR1: checkpoint global_step{step} saved" in first[0], first[0][-3000:]
+    assert f"job {job} (restart 0): 2 ranks on 2 nodes" in batch_log
+    assert f"job {job} (restart 1): 1 ranks on 1 nodes" in batch_log and "--resume" in batch_log
+    assert f"job {job} done" in batch_log
+    assert "--grad-accum 1 -> 2" in second, second[-3000:]
+    assert (f"resumed from {run_dir / 'checkpoints'}/global_step{step} at step {step} on another layout "
+            f"(world_size 2 -> 1)") in second, second[-3000:]
+
+    got = _losses(run_dir)
+    assert sorted(got) == list(range(1, REAL_STEPS + 1))
+    diffs = {s: abs(got[s] - reference[s]) / abs(reference[s]) for s in got}
+    assert max(diffs.values()) <= 1e-5, {s: (got[s], reference[s], f"{d:.1e}") for s, d in diffs.items()}
+    # --keep-last 2 across the requeue: the last checkpoint and the newest before it (every 2 steps, or the stop's)
+    tags = sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*"))
+    assert _latest(run_dir) == f"global_step{REAL_STEPS}"
+    assert tags == sorted({f"global_step{REAL_STEPS}", f"global_step{max(REAL_STEPS - REAL_SAVE_EVERY, step)}"}), tags

@@ -19,6 +19,7 @@ from .progress import Progress
 from .families import family_for
 from .families.base import PROJS, weight_key
 from .io.ds import DSCheckpoint, ds_expert_name, is_ds_checkpoint, module_layout, write_ds_checkpoint
+from .io.ds_optim import open_saved_optimizer, write_universal
 from .io.hf import (HFCheckpoint, _nbytes, atomic_output_dir, check_output_dir, copy_side_files, read_config,
                     write_config, write_hf_checkpoint)
 from .io.paths import check_name
@@ -77,8 +78,9 @@ def _hf_plan(view, fmt: str) -> Plan:
     return Plan(fmt, [(k, view.dtype(k), tuple(view.shape(k))) for k in view.keys()], view.config)
 
 
-def _ds_plan(view) -> Plan:
-    """Our names and shapes as `write_ds_checkpoint` will write them (module file, then experts)."""
+def _ds_plan(view, optimizer=None) -> Plan:
+    """Our names and shapes as `write_ds_checkpoint` will write them (module file, then experts), then the optimizer
+    state `write_universal` writes (with --with-optimizer)."""
     config = dict(view.config)
     fam, _ = family_for(config)
     entries = []
@@ -94,6 +96,10 @@ def _ds_plan(view) -> Plan:
                 dtype = view.dtype(key) if key in view else entries[0][1]
                 hidden, inter = int(config["hidden_size"]), fam.expert_intermediate_size(config)
                 entries.append((ds_expert_name(layer, g, p), dtype, (hidden, inter) if p == "down" else (inter, hidden)))
+    for name in optimizer.names() if optimizer is not None else []:
+        shape, moments, _ = optimizer.meta(name)
+        entries += [(f"{name} [{k}]", torch.float32, shape)
+                    for k in (("fp32", "exp_avg", "exp_avg_sq") if moments else ("fp32",))]
     return Plan("ds", entries, config)
 
 
@@ -103,11 +109,14 @@ def _write_hf(view, out: Path, overwrite: bool, side_dir: Path, desc: str, max_s
                                max_shard_bytes=max_shard_bytes, inputs=(view.path,))
 
 
-def _write_ds(view, out: Path, overwrite: bool, side_dir: Path, ep_size: int, tag: str) -> int:
-    n = len(_ds_plan(view).entries)
+def _write_ds(view, out: Path, overwrite: bool, side_dir: Path, ep_size: int, tag: str, optimizer=None) -> int:
+    n = len(_ds_plan(view, optimizer).entries)
     with atomic_output_dir(out, overwrite, inputs=(view.path,)) as tmp:
         with Progress(n, "upcycle-ds convert (to ds)", "tensors") as bar:
             nbytes = write_ds_checkpoint(view, tmp, ep_size=ep_size, tag=tag, progress=bar)
+            if optimizer is not None:
+                fam, _ = family_for(view.config)
+                nbytes += write_universal(optimizer, tmp / tag, fam.moe_layers(view.config), progress=bar)
         write_config(tmp, view.config)
         copy_side_files(side_dir, tmp)
     return nbytes
@@ -137,12 +146,14 @@ def ds_to_hf_moe(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None =
 
 def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1, tag: str | None = None,
             weights: str = "module", expert: int | None = None, dry_run: bool = False, overwrite: bool = False,
-            upcycle=None, max_shard_bytes: int = 2 * 1024**3, out_tag: str = "global_step0",
-            merge: MergeOptions | None = None) -> Plan:
+            upcycle=None, max_shard_bytes: int = 2 * 1024**3, out_tag: str | None = None,
+            merge: MergeOptions | None = None, with_optimizer: bool = False) -> Plan:
     """Convert `input` (any format, detected) to `to`; returns the plan (written unless dry_run).
 
     `upcycle` (an `UpcycleOptions`) is used when an HF dense input must become an MoE (`--to ds`); `merge` (a
-    `MergeOptions`) says how an MoE becomes dense (`--to hf-dense`)."""
+    `MergeOptions`) says how an MoE becomes dense (`--to hf-dense`). `with_optimizer` (ds -> ds): also write the
+    optimizer state (fp32 masters, AdamW moments, steps) and the run's position, layout-free (`io.ds_optim`), so that
+    `upcycle-ds train --resume` continues from the output on any layout; the tag defaults to the input's."""
     if to not in FORMATS:
         raise UserError(f"--to must be one of {', '.join(FORMATS)} (got {to!r})")
     merge = merge or MergeOptions()
@@ -151,13 +162,23 @@ def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1,
         raise UserError("--expert applies to --to hf-dense only")
     if not max_shard_bytes > 0:
         raise UserError(f"--max-shard-gb must be > 0 (got {max_shard_bytes / 1024**3:g})")
-    if to == "ds":
+    if with_optimizer and to != "ds":
+        raise UserError("--with-optimizer applies to --to ds (a DeepSpeed checkpoint to resume from)")
+    if with_optimizer and weights != "module":
+        raise UserError("--with-optimizer writes the module weights and the fp32 masters both; leave --weights module")
+    if to == "ds" and out_tag is not None:
         check_name(out_tag, "--out-tag")
     if Path(output).resolve() == Path(input).resolve():
         raise UserError("--out must differ from --model")
     if not dry_run:
         check_output_dir(output, overwrite, inputs=(input,))
     fmt, reader = open_checkpoint(input, tag=tag, weights=weights)
+    optimizer = None
+    if with_optimizer:
+        if fmt != "ds":
+            raise UserError(f"--with-optimizer needs a DeepSpeed checkpoint as --model; {input} is {fmt}")
+        optimizer = open_saved_optimizer(reader.tag_dir)
+    out_tag = out_tag or (reader.tag if optimizer is not None else "global_step0")
     side = _side_dir(reader)
     out = Path(output)
     if to == "hf-dense":
@@ -183,7 +204,7 @@ def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1,
     E = fam.num_experts(reader.config)
     if ep_size < 1 or E % ep_size:
         raise UserError(f"--ep-size {ep_size} does not divide the number of experts {E}")
-    plan = _ds_plan(reader)
+    plan = _ds_plan(reader, optimizer)
     if not dry_run:
-        _write_ds(reader, out, overwrite, side, ep_size, out_tag)
+        _write_ds(reader, out, overwrite, side, ep_size, out_tag, optimizer)
     return plan

@@ -5,6 +5,8 @@ UPCYCLE_DS_TEST_KILL_IN_SAVE=STEP   SIGKILL rank 0 during the save of STEP: afte
                                     written, before `latest` is committed (the window a crash during a save hits).
 UPCYCLE_DS_TEST_SLOW_WRITE=SECONDS  rank 0 sleeps this long before writing each shard of an HF export (a slow
                                     filesystem), while the other ranks wait for it.
+UPCYCLE_DS_TEST_STEP_SLEEP=SECONDS  every rank sleeps this long after each optimizer step (a slow model), in the first
+                                    start of a Slurm job only (SLURM_RESTART_COUNT unset or 0).
 
 The patches are applied right after the product module is imported (an import hook), so nothing is imported early.
 """
@@ -52,9 +54,26 @@ def _patch_export(mod) -> None:
     mod.write_shard = slow
 
 
+def _patch_trainer(mod) -> None:
+    if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+        return
+    seconds = float(os.environ["UPCYCLE_DS_TEST_STEP_SLEEP"])
+    step = mod.Trainer.step
+
+    def slow_step(self, *a, **kw):
+        out = step(self, *a, **kw)
+        import time
+
+        time.sleep(seconds)
+        return out
+
+    mod.Trainer.step = slow_step
+
+
 PATCHES = {
     "upcycle_ds.train.checkpoint": ("UPCYCLE_DS_TEST_KILL_IN_SAVE", _patch_checkpoint),
     "upcycle_ds.train.export": ("UPCYCLE_DS_TEST_SLOW_WRITE", _patch_export),
+    "upcycle_ds.train.trainer": ("UPCYCLE_DS_TEST_STEP_SLEEP", _patch_trainer),
 }
 
 

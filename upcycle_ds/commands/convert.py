@@ -5,7 +5,9 @@
                       fp32 master weights from the ZeRO optimizer files
   hf-dense -> ds      upcycle straight into a module-only DeepSpeed checkpoint the trainer loads (--num-experts ...)
   hf-moe -> ds        an HF MoE checkpoint as a module-only DeepSpeed checkpoint
-  ds -> ds            re-write at another --ep-size (module only; optimizer state is dropped)
+  ds -> ds            re-write at another --ep-size (module only), or with --with-optimizer the optimizer state
+                      too (fp32 masters, AdamW moments, steps, LR schedule and data position, layout-free):
+                      `upcycle-ds train --resume` continues from it at any world size, ep size, ZeRO stage, dtype
   hf-moe/ds -> hf-dense   merge each MoE layer into one MLP: --merge average (mean of the experts; for granular
                       upcycling the concatenation of the slices: the exact inverse of upcycling), --merge
                       router-weighted (weights = routing frequencies on --calib-data), or --expert i (one
@@ -39,8 +41,11 @@ class Args(MergeOptions, UpcycleOptions):
     per-expert file layout itself is the same for every ep size)."""
     tag: str | None = None
     """DeepSpeed input: the tag (checkpoint) to read; default: the one named in `latest`."""
-    out_tag: str = "global_step0"
-    """--to ds: tag dir name of the written checkpoint."""
+    out_tag: str | None = None
+    """--to ds: tag dir name of the written checkpoint (default global_step0; with --with-optimizer the input's)."""
+    with_optimizer: bool = False
+    """ds -> ds: keep the optimizer state (fp32 masters, AdamW moments and steps, LR schedule, data position), so that
+    `train --resume` on the output continues the run (at any layout) instead of restarting Adam."""
     weights: Literal["module", "master"] = "module"
     """DeepSpeed input: `module` = the model weights as saved (training dtype); `master` = fp32 master weights from
     the ZeRO 1/2 optimizer files."""
@@ -72,7 +77,8 @@ class Args(MergeOptions, UpcycleOptions):
 def run(args: Args) -> int:
     plan = convert(args.model, args.out, args.to, ep_size=args.ep_size, tag=args.tag, weights=args.weights,
                    expert=args.expert, dry_run=args.dry_run, overwrite=args.overwrite, upcycle=args,
-                   max_shard_bytes=int(args.max_shard_gb * 1024**3), out_tag=args.out_tag, merge=args)
+                   max_shard_bytes=int(args.max_shard_gb * 1024**3), out_tag=args.out_tag, merge=args,
+                   with_optimizer=args.with_optimizer)
     if args.dry_run:
         print(plan.describe())
     else:

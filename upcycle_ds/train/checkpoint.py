@@ -4,8 +4,12 @@ without running code from the checkpoint.
 Saving. DeepSpeed's own `save_checkpoint` lets rank 0 write `latest` before the other ranks have finished their files
 and truncates it in place; we save with `save_latest=False`, wait for every rank, then rank 0 replaces `latest`
 atomically (temp file, fsync, rename). A process killed mid-save therefore leaves `latest` at the previous complete
-checkpoint. Each rank's RNG states go to `TAG/rng_rank{r}.pt` (tensors only). With `keep_last` N, rank 0 then deletes
-all but the N newest tags — never the one `latest` names, and only after that save is committed.
+checkpoint. On resume, rank 0 removes the tag dirs such saves leave behind (`discard_uncommitted`) before any rank
+trains, so their files never mix with those of a later save of the same step (on another layout, say). Each rank's
+RNG states go to `TAG/rng_rank{r}.pt` (tensors only); the names of the optimizer's parameters go into the model file
+(`optimizer_param_names`: DeepSpeed records none for ZeRO 0, and resuming on another layout needs them). With
+`keep_last` N, rank 0 then deletes all but the N newest tags — never the one `latest` names, and only after that
+save is committed, while the other ranks wait for it: no save runs while a prune does, also across requeues.
 
 Loading. A checkpoint is untrusted input: DeepSpeed's `TorchCheckpointEngine.load` calls `torch.load(...,
 weights_only=False)`, which runs any pickled code. We hand DeepSpeed `SafeCheckpointEngine`, whose `load` uses
@@ -155,7 +159,10 @@ def write_model_files(ckpt_dir: Path, config: dict, side_files_from: Path | None
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int | None = None) -> str:
     """Collective: every rank calls it. Returns the tag."""
+    from .elastic import optimizer_param_names
+
     tag = tag_for(step)
+    client_state = {**client_state, "optimizer_param_names": optimizer_param_names(engine)}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank()
     torch.save(_rng_state(), Path(ckpt_dir) / tag / f"rng_rank{rank}.pt")
@@ -168,17 +175,68 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int |
     return tag
 
 
-def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
-    """Delete all but the `keep_last` newest tags; the tag `latest` names is always kept. Returns the deleted."""
-    current = (Path(ckpt_dir) / LATEST).read_text().strip() if (Path(ckpt_dir) / LATEST).is_file() else None
-    tags = sorted((p for p in Path(ckpt_dir).iterdir() if _TAG_RE.match(p.name) and p.is_dir() and not p.is_symlink()),
-                  key=lambda p: int(_TAG_RE.match(p.name).group(1)))
+def _committed(ckpt_dir: Path) -> str | None:
+    f = Path(ckpt_dir) / LATEST
+    try:
+        return f.read_text().strip() if f.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def discard_uncommitted(ckpt_dir: Path) -> list[str]:
+    """Delete the tag dirs newer than the one `latest` names: never committed (a save that was killed), and the run
+    resumed from `latest` writes those steps again. Rank 0, before training resumes. Returns the deleted tags."""
+    current = _committed(ckpt_dir)
+    if current is None or not _TAG_RE.match(current):
+        return []
+    limit = int(_TAG_RE.match(current).group(1))
     gone = []
-    for p in tags[:-keep_last] if keep_last > 0 else []:
-        if p.name != current:
+    for p in sorted(Path(ckpt_dir).iterdir()):
+        m = _TAG_RE.match(p.name)
+        if m and int(m.group(1)) > limit and p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p.name)
     return gone
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
+    """Keep the tag `latest` names and the `keep_last` - 1 newest complete tags before it; delete every other tag
+    dir: older ones, and the never-committed leftovers of killed saves (incomplete, or newer than `latest`: a run
+    resumed from an earlier checkpoint writes those steps again). Without `latest` nothing is deleted. Call it only
+    right after `latest` was committed, while no other rank writes (as `save` does). Returns the deleted tags."""
+    current = _committed(ckpt_dir)
+    if current is None or not _TAG_RE.match(current):
+        return []
+    step_of = lambda p: int(_TAG_RE.match(p.name).group(1))  # noqa: E731
+    tags = sorted((p for p in Path(ckpt_dir).iterdir() if _TAG_RE.match(p.name) and p.is_dir() and not p.is_symlink()),
+                  key=step_of)
+    limit = int(_TAG_RE.match(current).group(1))
+    older = [p for p in tags if step_of(p) < limit and (p / MODEL_STATES).is_file()]
+    keep = {current, *(p.name for p in older[max(0, len(older) - (keep_last - 1)):] if keep_last > 1)}
+    gone = []
+    for p in tags:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    return gone
+
+
+def restore_rng(ckpt_dir: Path, tag: str, *, saved_world: int | None, seed: int, step: int) -> str:
+    """This rank's RNG after a resume on another layout: the saved stream of this rank when the world size is
+    unchanged (`restored`); otherwise (rank r's stream has no counterpart) re-seeded from (seed, step, rank)
+    (`re-seeded`: reproducible, not the stream the saved ranks would have drawn)."""
+    from .elastic import rng_seed
+
+    rank = dist.get_rank()
+    f = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
+    if saved_world == dist.get_world_size() and f.is_file():
+        _set_rng_state(safe_load(f), f)
+        return "restored"
+    s = rng_seed(seed, step, rank)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)  # also seeds every CUDA device
+    return "re-seeded"
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> dict:

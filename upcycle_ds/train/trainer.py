@@ -22,7 +22,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -38,7 +40,7 @@ from ..families import family_for
 from ..io.atomic import write_text_atomic
 from ..launch.distributed import init_distributed, one_error_for_all, shutdown, wait_for_io
 from ..moe.layer import moe_layers
-from . import checkpoint
+from . import checkpoint, elastic
 from .config import TrainArgs, deepspeed_config
 from ..data import IGNORE, DataConfig, batches, num_batches, open_cache, prepare_cache
 from .metrics import StepMeter, step_line
@@ -46,8 +48,11 @@ from .optim import apply_freeze, lr_lambda, optimizer_groups
 from .sources import open_dense_source, open_source
 from .tracking import Tracker
 
-LAYOUT_KEYS = ("world_size", "ep_size", "zero_stage", "dtype")
-"""What a checkpoint must share with the run that resumes it (the optimizer partitions depend on them)."""
+STOPPED_FILE_ENV = "UPCYCLE_DS_STOPPED_FILE"
+"""When set (slurm/*.sbatch set it), rank 0 writes the step into this file after stopping early on STOP_SIGNAL with
+a checkpoint saved: the batch script then requeues the job."""
+STOP_SIGNAL = signal.SIGUSR1
+"""Save at the next logging step and exit (Slurm sends it before the time limit: slurm/train.sbatch)."""
 
 
 @dataclass
@@ -110,6 +115,10 @@ class Trainer:
 
     def __init__(self, args: TrainArgs, hooks: StageHooks | None = None):
         self.args, self.hooks = args, hooks or StageHooks()
+        self.stop_requested = False
+        """Set by STOP_SIGNAL (host-side only); the ranks agree on it at the next logging step (`_agree_to_stop`)."""
+        if threading.current_thread() is threading.main_thread():  # (signals reach the main thread only)
+            signal.signal(STOP_SIGNAL, self._on_stop_signal)
         self.device = init_distributed(args.dist_timeout_s, args.io_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.on_gpu = self.device.type == "cuda"
@@ -150,6 +159,8 @@ class Trainer:
             self.source = open_source(args)
             family, _ = family_for(self.source.config)
             self.num_experts = family.num_experts(self.source.config)
+        if args.resume:
+            self._keep_global_batch()
         args.validate(self.world, self.num_experts)
         self.resume_tag = checkpoint.latest_tag(self.ckpt_dir)
         if not args.resume and self.resume_tag is not None:
@@ -179,7 +190,7 @@ class Trainer:
     def layout(self) -> dict:
         a = self.args
         return {"world_size": self.world, "ep_size": a.ep_size, "zero_stage": a.zero_stage, "dtype": a.dtype,
-                "num_experts": self.num_experts}
+                "num_experts": self.num_experts, "micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum}
 
     def _check_resumable(self, tag_dir: Path) -> None:
         """Rank 0, before anything is loaded: every file opens safely, and the checkpoint is of this model and
@@ -191,14 +202,28 @@ class Trainer:
             from .preflight import compare_configs
 
             compare_configs(read_json_object(saved_cfg), self.source.config, saved_cfg, self.args.model)
-        states = checkpoint.safe_load(tag_dir / checkpoint.MODEL_STATES, "cpu", mmap=True)
-        saved = states.get("layout") if isinstance(states, dict) else None
-        if isinstance(saved, dict):
-            now = self.layout()
-            for key in LAYOUT_KEYS:
-                if key in saved and saved[key] != now[key]:
-                    raise UserError(f"--resume: {tag_dir} was saved with {key}={saved[key]!r}, this run has "
-                                    f"{key}={now[key]!r}; resume with the same {key} (or convert the checkpoint)")
+        saved, now = elastic.read_layout(tag_dir), self.layout()
+        if saved.get("num_experts") not in (None, now["num_experts"]):
+            raise UserError(f"--resume: {tag_dir} holds a model with {saved['num_experts']} experts, --model "
+                            f"{self.args.model} has {now['num_experts']}; use a new --out")
+        if elastic.global_batch(saved) not in (None, elastic.global_batch(now)):
+            raise UserError(f"--resume: {tag_dir} was trained with a global batch of {elastic.global_batch(saved)} "
+                            f"rows per step, this run has {elastic.global_batch(now)} (micro batch "
+                            f"{now['micro_batch_size']} x {now['world_size']} ranks x grad accum {now['grad_accum']}); "
+                            f"the data order and LR schedule continue only with the same global batch")
+        elastic.position(elastic.read_run(tag_dir).get("train_state") or {"batch_in_epoch": 0}, saved, now)
+        if elastic.differences(saved, now) or not elastic.is_native(tag_dir):
+            elastic.open_saved_optimizer(tag_dir)  # readable in full, before any rank loads it
+
+    def _keep_global_batch(self) -> None:
+        """The checkpoint's global batch fixes --grad-accum (so a job requeued on another number of nodes continues
+        with the same config): every rank, before the data is opened and the engine built."""
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None:
+            return
+        line = elastic.adapt_grad_accum(self.args, self.world, elastic.read_layout(self.ckpt_dir / tag))
+        if line:
+            self.log(line)
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -245,11 +270,56 @@ class Trainer:
                  f"({self.steps_per_epoch} per epoch)")
 
     def _resume(self) -> None:
-        client = checkpoint.load(self.engine, self.ckpt_dir, self.resume_tag)
-        self.state = TrainState(**client["train_state"])
-        self.log(f"resumed from {self.ckpt_dir}/{self.resume_tag} at step {self.state.step}")
+        """Collective: continue from checkpoint `resume_tag`, saved with this layout (DeepSpeed's own load, bit-exact)
+        or another one (`elastic.load`: optimizer state re-partitioned, see docs/training.md)."""
+        tag_dir = self.ckpt_dir / self.resume_tag
+        saved, now = elastic.read_layout(tag_dir), self.layout()
+        changed = elastic.differences(saved, now)
+        how = ""
+        if not changed and elastic.is_native(tag_dir):
+            client = checkpoint.load(self.engine, self.ckpt_dir, self.resume_tag)
+        else:
+            client, counts = elastic.load(self.engine, self.ckpt_dir, self.resume_tag, num_experts=self.num_experts,
+                                          ep_size=self.args.ep_size,
+                                          lp_from_master=saved.get("dtype") != now["dtype"])
+            rng = checkpoint.restore_rng(self.ckpt_dir, self.resume_tag, saved_world=saved.get("world_size"),
+                                         seed=self.args.seed, step=int(client["train_state"]["step"]))
+            how = (f" on another layout ({', '.join(changed) or 'a converted checkpoint'}): optimizer state of "
+                   f"{counts['params'] - counts['missing']} parameters re-partitioned"
+                   + (f", {counts['missing']} without saved state start AdamW afresh" if counts["missing"] else "")
+                   + f", RNG {rng}")
+        self.state = TrainState(**elastic.position(client["train_state"], saved, now))
+        self.log(f"resumed from {self.ckpt_dir}/{self.resume_tag} at step {self.state.step}{how}")
         if self.rank == 0:
+            checkpoint.discard_uncommitted(self.ckpt_dir)  # before any rank can save again (after a training step)
             drop_metrics_after(self.run_dir / "metrics.jsonl", self.state.step)
+
+    # ------------------------------------------------------------------------------------------ stop before a limit
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.stop_requested = True  # a signal handler does nothing else; the training loop acts on it
+
+    def _agree_to_stop(self) -> bool:
+        """Collective, at a logging step: whether any rank got STOP_SIGNAL. One int all-reduced over the host-side
+        gloo I/O group: no device sync and no NCCL op, and every rank stops at the same step even when the signal
+        reached the ranks at different steps."""
+        flag = torch.tensor([int(self.stop_requested)], dtype=torch.int32, device="cpu")  # host-side on purpose
+        if self.world > 1:
+            from ..launch import distributed
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=distributed._IO_GROUP)
+        return bool(flag[0])
+
+    def _stop_for_requeue(self) -> int:
+        """Collective: save this step, tell the batch script (STOPPED_FILE_ENV), exit cleanly."""
+        self.save()
+        stopped = os.environ.get(STOPPED_FILE_ENV)
+        if self.rank == 0 and stopped:
+            tmp = Path(f"{stopped}.tmp")
+            tmp.write_text(f"{self.state.step}\n")
+            os.replace(tmp, stopped)
+        self.log(f"stopping at step {self.state.step} on {signal.Signals(STOP_SIGNAL).name}: checkpoint "
+                 f"{checkpoint.tag_for(self.state.step)} saved; --resume continues (Slurm: the job requeues itself)")
+        return 0
 
     # ------------------------------------------------------------------------------------------------------- utils
     def log(self, msg: str) -> None:
@@ -405,10 +475,12 @@ class Trainer:
                     lr = self.scheduler.get_last_lr()[0]
                 self.step(stream)
                 steps_here, window = steps_here + 1, window + 1
+                stop = False
                 if window >= a.log_every or st.step == self.max_steps or (
                         a.exit_after_steps and steps_here >= a.exit_after_steps):
                     self.log_window(window, time.perf_counter() - t0, lr)
                     t0, window = time.perf_counter(), 0
+                    stop = self._agree_to_stop()
                 if hooks.after_step is not None:
                     hooks.after_step(engine=self.engine, step=st.step, steps_per_epoch=self.steps_per_epoch,
                                      max_steps=self.max_steps)
@@ -416,6 +488,8 @@ class Trainer:
                     self.evaluate()
                 if a.save_every and st.step % a.save_every == 0:
                     self.save()
+                if stop and st.step < self.max_steps:
+                    return self._stop_for_requeue()
                 if a.exit_after_steps and steps_here >= a.exit_after_steps and st.step < self.max_steps:
                     self.save()
                     self.log(f"exiting after {steps_here} steps at step {st.step} (--exit-after-steps)")
