@@ -75,6 +75,15 @@ def wait_for_io() -> None:
         dist.barrier(group=_IO_GROUP)
 
 
+def any_rank(flag: bool) -> bool:
+    """Collective: whether `flag` is true on any rank — one int all-reduced over the host-side I/O group (no device
+    sync, no NCCL op)."""
+    t = torch.tensor([int(flag)], dtype=torch.int32)  # host-side on purpose (gloo group)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_IO_GROUP)
+    return bool(t[0])
+
+
 @contextlib.contextmanager
 def one_error_for_all(what: str = "setup"):
     """Collective: run a block on every rank; if any rank raises a UserError in it, every rank raises one after it —

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..families import family_for
 from ..io.atomic import write_text_atomic
-from ..launch.distributed import init_distributed, one_error_for_all, shutdown, wait_for_io
+from ..launch.distributed import any_rank, init_distributed, one_error_for_all, shutdown, wait_for_io
 from ..moe.layer import moe_layers
 from . import checkpoint, elastic
 from .config import TrainArgs, deepspeed_config
@@ -302,21 +302,14 @@ class Trainer:
         """Collective, at a logging step: whether any rank got STOP_SIGNAL. One int all-reduced over the host-side
         gloo I/O group: no device sync and no NCCL op, and every rank stops at the same step even when the signal
         reached the ranks at different steps."""
-        flag = torch.tensor([int(self.stop_requested)], dtype=torch.int32, device="cpu")  # host-side on purpose
-        if self.world > 1:
-            from ..launch import distributed
-
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=distributed._IO_GROUP)
-        return bool(flag[0])
+        return any_rank(self.stop_requested)
 
     def _stop_for_requeue(self) -> int:
         """Collective: save this step, tell the batch script (STOPPED_FILE_ENV), exit cleanly."""
         self.save()
         stopped = os.environ.get(STOPPED_FILE_ENV)
         if self.rank == 0 and stopped:
-            tmp = Path(f"{stopped}.tmp")
-            tmp.write_text(f"{self.state.step}\n")
-            os.replace(tmp, stopped)
+            write_text_atomic(stopped, f"{self.state.step}\n")
         self.log(f"stopping at step {self.state.step} on {signal.Signals(STOP_SIGNAL).name}: checkpoint "
                  f"{checkpoint.tag_for(self.state.step)} saved; --resume continues (Slurm: the job requeues itself)")
         return 0
