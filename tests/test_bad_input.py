@@ -521,23 +521,17 @@ CASES = [
     Case("yaml-missing-file", train("--config", lambda w, d: str(d / "none.yaml")), ("no such file",)),
     Case("yaml-env-not-ours", train("--config", "env:HOME"), ("only UPCYCLE_DS_* environment variables",)),
     # ---------------------------------------------------------------- train: the run dir and --resume
+    # (another world size, ep size, ZeRO stage or dtype is not bad input: the resume is elastic, tests/test_elastic.py)
     Case("resume-needed", train(out=lambda w, d: run_dir_with_checkpoint(w, d)),
          ("already holds a checkpoint", "--resume")),
     Case("resume-other-expert-count", train("--resume", out=lambda w, d: run_dir_with_checkpoint(
         w, d, config=lambda c: {**c, "num_local_experts": 8})), ("num_local_experts is 8", "4 now")),
     Case("resume-other-hidden-size", train("--resume", out=lambda w, d: run_dir_with_checkpoint(
         w, d, config=lambda c: {**c, "hidden_size": 128})), ("hidden_size is 128",)),
-    Case("resume-other-ep-size", train("--resume", "--ep-size", "2", out=lambda w, d: run_dir_with_checkpoint(w, d)),
-         ("trained with --ep-size 1, this run has 2",)),
     Case("resume-other-seed", train("--resume", "--seed", "5", out=lambda w, d: run_dir_with_checkpoint(w, d)),
          ("--seed 0, this run has 5",)),
-    Case("resume-other-world-size", train("--resume", out=lambda w, d: run_dir_with_checkpoint(
-        w, d, optim=("zero_pp_rank_0", "zero_pp_rank_1", "zero_pp_rank_2", "zero_pp_rank_3"))),
-        ("saved by 4 ranks, this run has 2",)),
-    Case("resume-other-dtype", train("--resume", "--dtype", "fp32", out=lambda w, d: run_dir_with_checkpoint(w, d)),
-         ("--dtype",)),
     Case("resume-latest-missing-tag", train("--resume", out=lambda w, d: run_dir_with_checkpoint(
-        w, d, latest="global_step9")), ("names tag 'global_step9', which does not exist",)),
+        w, d, latest="global_step9")), ("names 'global_step9', which is missing or incomplete",)),
     Case("resume-latest-absolute", train("--resume", out=lambda w, d: run_dir_with_checkpoint(
         w, d, latest="/etc")), ("latest names tag", "absolute path")),
     # ---------------------------------------------------------------- sft / router-init (launchers of their own)

@@ -221,7 +221,7 @@ def _bad_model(tiny, kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind,why", [("experts", "num_local_experts=4"), ("layers", "num_hidden_layers=2"),
+@pytest.mark.parametrize("kind,why", [("experts", "num_local_experts is 4"), ("layers", "num_hidden_layers is 2"),
                                       ("module_only", "no optimizer state"),
                                       ("global_batch", "global batch of 4 rows per step")])
 def test_bad_resume_is_one_line(kind, why, tiny, ref, tmp_path):
@@ -251,3 +251,35 @@ def test_convert_with_optimizer_needs_optimizer_state(ref, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("upcycle-ds convert: error: ") and "no optimizer state" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------- SIGUSR1 through --nproc N
+def test_sigusr1_to_the_launcher_saves_and_stops(tiny, tmp_path):
+    """`kill -USR1` on `upcycle-ds train --nproc 2` (what a Slurm time-limit signal does through sbatch): the launcher
+    passes it to the ranks, which save at the next logging step and exit 0, with a complete checkpoint of that step."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [str(BIN / "upcycle-ds"), "train", "--nproc", "2", "--model", str(tiny["moe"]), "--data", str(tiny["data"]),
+           "--out", str(out), "--ep-size", "2", "--zero-stage", "2", "--dtype", "fp32", *COMMON,
+           "--max-steps", "400"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(losses(out)) < 2 if (out / "metrics.jsonl").is_file() else True:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no training steps in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert rc == 0, err[-3000:]
+    assert "stopping at step" in err and "SIGUSR1" in err, err[-3000:]
+    stopped = int((out / "checkpoints" / "latest").read_text().removeprefix("global_step"))
+    assert 2 <= stopped < 400 and max(losses(out)) == stopped
+    tag_dir = out / "checkpoints" / f"global_step{stopped}"
+    assert {f"rng_rank{r}.pt" for r in range(2)} <= {p.name for p in tag_dir.iterdir()}

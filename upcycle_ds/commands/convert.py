@@ -69,7 +69,8 @@ class Args(MergeOptions, UpcycleOptions):
             raise UserError(f"--ep-size must be >= 1 (got {self.ep_size})")
         if self.expert is not None and self.expert < 0:
             raise UserError(f"--expert must be >= 0 (got {self.expert})")
-        check_name(self.out_tag, "--out-tag")
+        if self.out_tag is not None:
+            check_name(self.out_tag, "--out-tag")
         if self.tag is not None:
             check_name(self.tag, "--tag")
 

@@ -89,10 +89,13 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 def run_job(cmd: list[str], env: dict, grace_s: float = GRACE_S) -> int:
     """Run `cmd` in a new process group and return its exit code; a SIGTERM / SIGINT / SIGHUP to this process ends
-    the whole group (SIGTERM, SIGKILL after `grace_s`), then raises `Terminated(signal)`. Whatever the outcome, no
-    process of the group outlives this call."""
+    the whole group (SIGTERM, SIGKILL after `grace_s`), then raises `Terminated(signal)`; a SIGUSR1 is passed on to
+    the ranks (they save at the next logging step and exit: `kill -USR1` before a wall-time limit). Whatever the
+    outcome, no process of the group outlives this call."""
     got: list[int] = []
     main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # the job inherits an ignored SIGUSR1: the `deepspeed` launcher survives it, the ranks catch it
+        usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def on_signal(signum, frame):
@@ -100,7 +103,13 @@ def run_job(cmd: list[str], env: dict, grace_s: float = GRACE_S) -> int:
             got.append(signum)
             _kill_group(proc.pid, signal.SIGTERM)
 
+    def pass_on(signum, frame):  # SIGUSR1: the ranks save at their next logging step and exit (a time limit)
+        _kill_group(proc.pid, signum)
+
     old = {s: signal.signal(s, on_signal) for s in _FORWARDED} if main_thread else {}
+    if main_thread:
+        signal.signal(signal.SIGUSR1, pass_on)
+        old[signal.SIGUSR1] = usr1
     try:
         deadline = None
         while True:

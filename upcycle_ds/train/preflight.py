@@ -20,11 +20,12 @@ from ..families import family_for
 from ..launch.local import _resolved, launch_local
 from ..launch.run_lock import check_free
 
-RESUME_MUST_MATCH = ("ep_size", "zero_stage", "dtype", "micro_batch_size", "grad_accum", "max_length", "seed",
-                     "data", "eval_data", "eval_fraction", "max_samples", "freeze", "train_only", "num_experts",
-                     "top_k", "layers", "label_field", "mode")
-"""Recorded settings a --resume must keep: they fix the checkpoint's layout (ranks, ZeRO, dtype, parameter groups)
-or the data order that bit-exact resume replays. Others (max_steps, save/eval cadence, W&B, ...) may change."""
+RESUME_MUST_MATCH = ("max_length", "seed", "data", "eval_data", "eval_fraction", "max_samples", "freeze",
+                     "train_only", "num_experts", "top_k", "layers", "label_field", "mode")
+"""Recorded settings a --resume must keep: they fix the model, its parameter groups or the data order a resume
+replays. The layout (ranks, ep size, ZeRO stage, dtype, micro batch) may change: the optimizer state is re-partitioned
+(`train.elastic`), and the global batch — which must stay — is checked by the ranks. Others (max_steps, save/eval
+cadence, W&B, ...) may change too."""
 
 
 def _num_experts(args) -> int:
@@ -186,8 +187,8 @@ def load_tokenizer(path, trust_remote_code: bool):
 
 # ------------------------------------------------------------------------------------------------- the run dir
 def check_run_dir(args, model_config: dict, world_size: int, command: str) -> None:
-    """OUT/checkpoints: no checkpoint without --resume; with --resume a checkpoint of this model (config.json), this
-    world size (its optimizer files) and these settings (OUT/{COMMAND}_args.yaml)."""
+    """OUT/checkpoints: no checkpoint without --resume; with --resume a complete checkpoint (`latest`) of this model
+    (config.json) and these settings (OUT/{COMMAND}_args.yaml, `RESUME_MUST_MATCH`)."""
     out = Path(args.out)
     ckpt = out / "checkpoints"
     latest = ckpt / "latest"
@@ -197,13 +198,12 @@ def check_run_dir(args, model_config: dict, world_size: int, command: str) -> No
         raise UserError(f"{ckpt} already holds a checkpoint; pass --resume to continue it or use a new --out")
     from .checkpoint import latest_tag
 
-    tag_dir = ckpt / latest_tag(ckpt)  # the tag, checked: inside OUT/checkpoints, complete (or the newest named)
+    latest_tag(ckpt)  # the tag, checked: inside OUT/checkpoints and complete (else the newest complete is named)
     saved_cfg = ckpt / "config.json"
     if saved_cfg.is_file():
         from ..io.hf import read_json_object
 
         compare_configs(read_json_object(saved_cfg), model_config, saved_cfg, args.model)
-    _compare_optimizer_files(args, tag_dir, world_size)
     record = out / f"{command}_args.yaml"
     if record.is_file():
         try:
@@ -217,29 +217,6 @@ def check_run_dir(args, model_config: dict, world_size: int, command: str) -> No
                     raise UserError(f"--resume: the checkpoint in {ckpt} was trained with {_flag(key)} "
                                     f"{_show(old[key])}, this run has {_show(new[key])} ({record}); resume with "
                                     f"the same value or use a new --out")
-
-
-def _compare_optimizer_files(args, tag_dir: Path, world_size: int) -> None:
-    """The optimizer files DeepSpeed wrote: one per rank under ZeRO 1/2 (`[bf16_]zero_pp_rank_R_...`), one per
-    expert-parallel rank under ZeRO 0 (`expp_rank_R_...`); a resume must have the same layout."""
-    names = [f.name for f in tag_dir.iterdir()]
-    zero = [n for n in names if re.match(r"^(bf16_)?zero_pp_rank_\d+_mp_rank_00_optim_states\.pt$", n)]
-    expp = [n for n in names if re.match(r"^expp_rank_\d+_mp_rank_00_optim_states\.pt$", n)]
-    where = f"--resume: {tag_dir} was saved"
-    if zero:
-        if args.zero_stage == 0:
-            raise UserError(f"{where} with ZeRO 1/2 optimizer files, this run has --zero-stage 0")
-        if len(zero) != world_size:
-            raise UserError(f"{where} by {len(zero)} ranks, this run has {world_size} (ZeRO partitions the "
-                            f"optimizer state per rank; resume with --nproc {len(zero)})")
-        saved_bf16 = all(n.startswith("bf16_") for n in zero)
-        if saved_bf16 != (args.dtype == "bf16"):
-            raise UserError(f"{where} with --dtype {'bf16' if saved_bf16 else 'fp32'}, this run has {args.dtype}")
-    elif expp:
-        if args.zero_stage != 0:
-            raise UserError(f"{where} with --zero-stage 0, this run has {args.zero_stage}")
-        if len(expp) != args.ep_size:
-            raise UserError(f"{where} with --ep-size {len(expp)}, this run has {args.ep_size}")
 
 
 _CONFIG_IGNORED = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache"}
