@@ -56,7 +56,10 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     if _grouped_mm is None:
         return False
     try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        # own saved-tensor hooks: the first forward of a layer may run under activation checkpointing, whose hooks
+        # must not count the probe's tensors (its recomputation, with the answer cached, would save fewer)
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             # 3 groups, one of them empty, odd group sizes, 16-byte aligned rows: what the MoE layer passes
             x_SH = torch.ones(8, 16, device=device, dtype=dtype, requires_grad=True)
             w_GNH = torch.ones(3, 32, 16, device=device, dtype=dtype, requires_grad=True)
