@@ -49,7 +49,7 @@ SIZES = {
     # 2 CPU cores (one rank, 1 thread): see docs/benchmarks.md for what was tried
     "cpu": Size(vocab=4096, hidden=128, intermediate=352, layers=4, heads=4, kv_heads=4, seq=256, mbs=8,
                 chunk_chars=640, heldout_rows=80, bpe_chars=3_000_000, pretrain_steps=600, pretrain_lr=1e-3,
-                steps=120, lr=1e-3, warmup=6, evals=6, dtype="fp32", zero_stage=0),
+                steps=360, lr=1e-3, warmup=6, evals=6, dtype="fp32", zero_stage=0),
     # one H200, bf16, ~100M-class dense model (estimated, see docs/benchmarks.md)
     "gpu": Size(vocab=16384, hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, seq=1024, mbs=16,
                 chunk_chars=3000, heldout_rows=256, bpe_chars=8_000_000, pretrain_steps=500, pretrain_lr=6e-4,
