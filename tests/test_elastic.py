@@ -35,6 +35,7 @@ import torch
 from tiny import make_jsonl, make_moe, make_tokenizer
 
 from upcycle_ds.cli import main as cli_main
+from upcycle_ds.train.checkpoint import safe_load
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -157,7 +158,7 @@ def test_reset_optimizer_state_would_be_caught(tiny, ref, shrunk, tmp_path):
     and data are the same, so step 5's loss (computed before the first update) agrees, and step 6's clearly not."""
     out = from_checkpoint(ref, "global_step4", tmp_path / "reset")
     for f in (out / "checkpoints" / "global_step4").glob("zero_pp_rank_*_optim_states.pt"):
-        sd = torch.load(f, weights_only=False)  # our own file, just written by DeepSpeed
+        sd = safe_load(f)
         for state in sd["optimizer_state_dict"]["base_optimizer_state"]["state"].values():
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 state[key].zero_()

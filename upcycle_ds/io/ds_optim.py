@@ -26,6 +26,7 @@ tensors of the parameter asked for are read.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def saved_layout(states: dict) -> dict:
     return layout
 
 
-class SavedOptimizer:
+class SavedOptimizer(ABC):
     """The optimizer state of a checkpoint tag, per parameter under global names (see the module docstring).
 
     `kind`: "zero" (ZeRO 1/2), "zero0-fp32", "zero0-bf16" or "universal". `run` holds the run-level state
@@ -121,20 +122,21 @@ class SavedOptimizer:
             raise UserError(f"{self.tag_dir}: saved with ep_size {ep} and {E} experts (not a divisor)")
         self.num_experts, self.ep_size, self.n_local = E, ep, E // ep
 
+    @abstractmethod
     def names(self) -> list[str]:
-        raise NotImplementedError
+        """Every parameter the saved optimizer held (global names)."""
 
+    @abstractmethod
     def get(self, name: str) -> ParamState | None:
         """The state of parameter `name` (global), None when the optimizer did not hold it (frozen there)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def meta(self, name: str) -> tuple[tuple[int, ...], bool, float]:
         """(shape, has AdamW moments, step) without reading the tensors."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step_of(self, name: str) -> float | None:
         """The AdamW step count of `name`; None when the optimizer did not hold it."""
-        raise NotImplementedError
 
     def _split(self, name: str) -> tuple[int, str]:
         """(expert-parallel rank holding `name`, its local name there)."""
