@@ -28,7 +28,6 @@ For stage 2 + bf16 this is DeepSpeed's own `estimate_zero2_model_states_mem_need
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -115,13 +114,9 @@ def load_config(path: str | Path) -> dict:
         p = p / "config.json"
     if not p.is_file():
         raise UserError(f"{path}: no such config.json or HF checkpoint dir")
-    try:
-        cfg = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{p}: expected a JSON object")
-    return cfg
+    from .io.hf import read_json_object
+
+    return read_json_object(p)
 
 
 def _resolved(cfg: dict) -> dict:

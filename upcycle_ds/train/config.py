@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -265,12 +264,9 @@ def deepspeed_config(args: TrainArgs, world_size: int, on_gpu: bool) -> dict:
     if not path.is_file():
         raise UserError(f"DeepSpeed config not found: {path}" + ("" if args.ds_config else
                         " (the package is incomplete: reinstall upcycle_ds)"))
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    from ..io.hf import read_json_object
+
+    cfg = read_json_object(path)
     if not on_gpu and args.ds_config is None and args.zero_stage:
         cfg.setdefault("zero_optimization", {}).update(CPU_ZERO_OVERRIDES)
     cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
