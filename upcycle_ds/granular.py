@@ -21,14 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
+from .options import ALIGN, SPLITS, split_sizes, valid_granularities  # noqa: F401  (the sizes live with the options)
 
-SPLITS = ("contiguous", "random", "cluster")
 SHARED_GATE_INIT = 0.5
 """sigmoid(0): the shared expert's gate value at initialisation (its gate weights are zero)."""
-ALIGN = 8
-"""Expert intermediate sizes that grouped-GEMM kernels take in bf16: torch's grouped_mm (transformers' default MoE
-experts, `experts_implementation="grouped_mm"`) needs 16-byte aligned rows, i.e. a multiple of 8 bf16 / 4 fp32
-elements."""
 
 
 @dataclass(frozen=True)
@@ -39,31 +35,6 @@ class NeuronSplit:
     """G index tensors of equal size (the routed experts' intermediate size), each sorted ascending."""
     shared: torch.Tensor
     """the shared expert's neurons, sorted ascending (empty without a shared expert)."""
-
-
-def valid_granularities(intermediate: int, limit: int = 64, align: int = 1) -> list[int]:
-    """G up to `limit` that split `intermediate` neurons into equal groups of a multiple of `align` neurons."""
-    return [g for g in range(1, min(intermediate, limit) + 1) if intermediate % (g * align) == 0]
-
-
-def split_sizes(intermediate: int, granularity: int, shared_fraction: float) -> tuple[int, int]:
-    """(routed expert intermediate size, shared expert intermediate size) for a dense MLP of `intermediate` neurons.
-
-    The shared expert gets round(F * I) neurons, plus the fewest more (< ALIGN * G) that leave every routed expert a
-    multiple of ALIGN neurons (or, when fewer than ALIGN * G neurons are left to route, a routed remainder divisible
-    by G). Without a shared expert (F = 0) G must divide I."""
-    I, G = intermediate, granularity
-    if shared_fraction == 0:
-        if I % G:
-            valid = ", ".join(map(str, valid_granularities(I)))
-            raise UserError(f"--granularity {G} does not divide the dense intermediate size {I}; valid: {valid}")
-        return I // G, 0
-    n_routed = I - int(round(shared_fraction * I))
-    n_routed -= n_routed % (ALIGN * G if n_routed >= ALIGN * G else G)
-    if n_routed <= 0:
-        raise UserError(f"--shared-fraction {shared_fraction} leaves no neuron to route (intermediate size {I}, "
-                        f"--granularity {G})")
-    return n_routed // G, I - n_routed
 
 
 def split_neurons(gate: torch.Tensor, up: torch.Tensor, *, granularity: int, shared_fraction: float,

@@ -25,7 +25,6 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -34,62 +33,10 @@ from .families import family_for
 from .families.base import PROJS
 from .granular import SHARED_GATE_INIT
 from .io.source import PlannedSource
+from .options import MERGES, MergeOptions  # noqa: F401  (re-exported)
 from .surgery import read_moe_tensor
 
-MERGES = ("average", "router-weighted")
 REPORT = "merge_report.json"
-
-
-@dataclass(kw_only=True)
-class MergeOptions:
-    merge: Literal["average", "router-weighted"] = "average"
-    """--to hf-dense: how experts become one MLP: `average` (mean of the experts; for granular upcycling the
-    concatenation of the slices: the exact inverse of upcycling) or `router-weighted` (weights = each expert's
-    routing frequency on --calib-data)."""
-    merge_granularity: int | None = None
-    """--to hf-dense: G of a granular MoE (experts c*G+g are slices of one MLP); default: from config.json's
-    upcycle_ds record (1 when absent)."""
-    calib_data: str | None = None
-    """--to hf-dense: calibration data (the formats of `train --data`) for --merge router-weighted; with any merge it
-    also reports the calibration loss of the MoE and of the merged dense model."""
-    calib_samples: int = 256
-    """Calibration samples used (the first N after a seeded shuffle)."""
-    calib_max_length: int = 512
-    """Calibration samples are truncated to this many tokens."""
-    calib_baseline: str | None = None
-    """A dense HF checkpoint (e.g. the model before upcycling) whose calibration loss is reported next to the MoE's
-    and the merged model's."""
-    calib_device: str | None = None
-    """Device for the calibration passes (default: cuda if available, else cpu)."""
-    calib_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Precision of the calibration passes."""
-
-    def validate_merge(self, *, to: str, expert: int | None) -> None:
-        if self.merge not in MERGES:
-            raise UserError(f"--merge must be one of {', '.join(MERGES)} (got {self.merge!r})")
-        given = [f for f, v in (("--merge-granularity", self.merge_granularity), ("--calib-data", self.calib_data),
-                                ("--calib-baseline", self.calib_baseline)) if v is not None]
-        if to != "hf-dense" and (given or self.merge != "average"):
-            raise UserError(f"{(given or ['--merge'])[0]} applies to --to hf-dense only")
-        if self.merge_granularity is not None and self.merge_granularity < 1:
-            raise UserError(f"--merge-granularity must be >= 1 (got {self.merge_granularity})")
-        if self.merge == "router-weighted" and self.calib_data is None:
-            raise UserError("--merge router-weighted needs --calib-data (the routing frequencies are measured on it)")
-        if self.merge == "router-weighted" and expert is not None:
-            raise UserError("--expert takes one expert as it is; it does not combine with --merge router-weighted")
-        if self.calib_baseline is not None and self.calib_data is None:
-            raise UserError("--calib-baseline needs --calib-data")
-        if self.calib_samples < 1 or self.calib_max_length < 2:
-            raise UserError(f"--calib-samples must be >= 1 and --calib-max-length >= 2 (got {self.calib_samples}, "
-                            f"{self.calib_max_length})")
-        if self.calib_device is not None:
-            try:
-                dev = torch.device(self.calib_device)
-            except RuntimeError:
-                raise UserError(f"--calib-device {self.calib_device!r} is not a torch device (cpu, cuda, cuda:1, "
-                                f"...)") from None
-            if dev.type == "cuda" and not torch.cuda.is_available():
-                raise UserError(f"--calib-device {self.calib_device}: no CUDA device here")
 
 
 def granularity_of(config: dict, override: int | None = None) -> int:

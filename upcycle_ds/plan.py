@@ -34,8 +34,7 @@ from pathlib import Path
 from .errors import UserError
 from .families import family_for
 from .families.base import Attention, is_tied
-from .granular import split_sizes
-from .upcycle import UpcycleOptions, check_shared_target, parse_layers
+from .options import UpcycleOptions, check_shared_target, parse_layers, split_sizes
 
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}

@@ -11,134 +11,17 @@ tensor is the same whichever rank or process computes it, and in whatever order.
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import dataclass, fields
-from typing import Literal
+from dataclasses import fields
 
 import torch
 
 from .errors import UserError
 from .families import Family, MoESpec, family_for
-from .granular import SHARED_GATE_INIT, SPLITS, NeuronSplit, slice_mlp, split_neurons, split_sizes
+from .granular import SHARED_GATE_INIT, NeuronSplit, slice_mlp, split_neurons, split_sizes
+from .options import UpcycleOptions, check_shared_target, parse_layers  # noqa: F401  (re-exported)
 from .io.source import PlannedSource
 
 PROJS = ("gate", "up", "down")
-
-
-@dataclass(kw_only=True)
-class UpcycleOptions:
-    num_experts: int = 8
-    """Experts per MoE layer (E >= 2). With --granularity G: E = C * G, C copies of the G slices."""
-    top_k: int = 2
-    """Experts each token is routed to (1 <= k <= E). With --granularity G: a multiple of G (k/G copies per token)."""
-    layers: str = "all"
-    """Which layers become MoE: `all`, `every:N` (layers i with (i+1) % N == 0, as Qwen's decoder_sparse_step) or
-    a comma list of 0-based indices `i,j,...`."""
-    capacity_factor: float | None = None
-    """Expert capacity factor used in training (tokens over capacity are dropped); None = dropless (default)."""
-    noise_std: float = 0.0
-    """Std of Gaussian noise added to every expert weight (breaks exact equivalence by design)."""
-    reinit_ratio: float = 0.0
-    """Drop-Upcycling: fraction of each expert's intermediate neurons re-drawn from N(mean, std) of the original
-    slice, a different random subset per expert (0 = pure copies; the paper's default is 0.5)."""
-    seed: int = 0
-    """Seed for router init, noise and re-initialisation."""
-    granularity: int = 1
-    """Granular upcycling: split each dense MLP's intermediate neurons into G groups, one fine-grained expert (I/G
-    neurons, `down` x G) per group and copy, with the G experts of a copy sharing one router row (virtual groups), so
-    the MoE still computes exactly the dense model (docs/granular.md). 1 = whole-MLP copies."""
-    split: Literal["contiguous", "random", "cluster"] = "contiguous"
-    """How neurons are grouped for --granularity / --shared-fraction: contiguous ranges, a seeded random permutation,
-    or balanced k-means on the neurons' gate/up weights."""
-    shared_fraction: float = 0.0
-    """Fraction of the dense neurons carved into the shared expert (Qwen2-MoE targets only; its sigmoid gate starts
-    at 0, so its `down` is doubled); the rest is routed. 0 = an empty shared expert."""
-    router_noise: float = 0.0
-    """Std of Gaussian noise added to every router row, so that the experts of a virtual group (or copies) diverge
-    once training starts; breaks exact equivalence by design."""
-
-    def validate(self) -> None:
-        for name in ("capacity_factor", "noise_std", "reinit_ratio"):
-            v = getattr(self, name)
-            if v is not None and not math.isfinite(v):
-                raise UserError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
-        if self.num_experts < 2:
-            raise UserError(f"--num-experts must be >= 2 (got {self.num_experts})")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise UserError(f"--top-k must be between 1 and --num-experts={self.num_experts} (got {self.top_k})")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise UserError(f"--capacity-factor must be > 0 (got {self.capacity_factor})")
-        if self.noise_std < 0:
-            raise UserError(f"--noise-std must be >= 0 (got {self.noise_std})")
-        if not 0 <= self.reinit_ratio <= 1:
-            raise UserError(f"--reinit-ratio must be in [0, 1] (got {self.reinit_ratio})")
-        self.validate_granular()
-
-    def validate_granular(self) -> None:
-        """Checks of the granular-upcycling options that need no model (the model-dependent ones are in
-        `UpcycledView`): integers in range, finite floats, E and k multiples of G."""
-        G, E, k = self.granularity, self.num_experts, self.top_k
-        if isinstance(G, bool) or not isinstance(G, int) or G < 1:
-            raise UserError(f"--granularity must be an integer >= 1 (got {G!r})")
-        if self.split not in SPLITS:
-            raise UserError(f"--split must be one of {', '.join(SPLITS)} (got {self.split!r})")
-        if not (isinstance(self.shared_fraction, (int, float)) and math.isfinite(self.shared_fraction)
-                and 0 <= self.shared_fraction < 1):
-            raise UserError(f"--shared-fraction must be in [0, 1) (got {self.shared_fraction})")
-        if not (isinstance(self.router_noise, (int, float)) and math.isfinite(self.router_noise)
-                and self.router_noise >= 0):
-            raise UserError(f"--router-noise must be a finite number >= 0 (got {self.router_noise})")
-        if E % G:
-            valid = ", ".join(str(G * c) for c in range(1, 5))
-            raise UserError(f"--num-experts {E} is not a multiple of --granularity {G} (E = copies x G); valid: "
-                            f"{valid}, ...")
-        if k % G:
-            valid = ", ".join(str(G * c) for c in range(1, E // G + 1))
-            raise UserError(f"--top-k {k} is not a multiple of --granularity {G}: the {G} slices of a copy must be "
-                            f"selected together for the MoE to equal the dense model; valid --top-k: {valid}")
-
-    @property
-    def copies(self) -> int:
-        """C = E / G: how many copies of the dense MLP the experts hold."""
-        return self.num_experts // self.granularity
-
-    @property
-    def is_granular(self) -> bool:
-        """Whether experts are slices of the dense MLP (G > 1 or a shared expert) rather than whole copies."""
-        return self.granularity > 1 or self.shared_fraction > 0
-
-
-def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """`all` | `every:N` | `i,j,...` -> sorted layer indices; a clear error naming the flag otherwise."""
-    s = str(spec).strip()
-    if s == "all":
-        return tuple(range(num_layers))
-    if s.startswith("every:"):
-        try:
-            n = int(s.split(":", 1)[1])
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise UserError(f"--layers {spec!r}: every:N needs a positive integer N")
-        layers = tuple(i for i in range(num_layers) if (i + 1) % n == 0)
-    else:
-        try:
-            layers = tuple(sorted({int(x) for x in s.split(",") if x.strip() != ""}))
-        except ValueError:
-            raise UserError(f"--layers {spec!r}: expected all, every:N or a comma list of layer indices") from None
-        bad = [i for i in layers if not 0 <= i < num_layers]
-        if bad:
-            raise UserError(f"--layers {spec!r}: layer {bad[0]} out of range (model has {num_layers} layers)")
-    if not layers:
-        raise UserError(f"--layers {spec!r} selects no layer")
-    return layers
-
-
-def check_shared_target(family: Family, opts: UpcycleOptions) -> None:
-    """--shared-fraction needs an export target that has a shared expert (Qwen2-MoE)."""
-    if opts.shared_fraction > 0 and not family.has_shared_expert:
-        raise UserError(f"--shared-fraction needs an export target with a shared expert: Qwen2-MoE (upcycle a Qwen2 "
-                        f"model); {family.name} -> {family.moe_model_type} has none")
 
 
 def derive_seed(*parts) -> int:

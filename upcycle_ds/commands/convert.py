@@ -22,10 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..convert import convert
 from ..errors import UserError
-from ..merge import MergeOptions
-from ..upcycle import UpcycleOptions
+from ..options import MergeOptions, UpcycleOptions, check_shard_size
 
 
 @dataclass(kw_only=True)
@@ -61,7 +59,6 @@ class Args(MergeOptions, UpcycleOptions):
 
     def __post_init__(self):
         from ..io.paths import check_name
-        from ..io.hf import check_shard_size
 
         self.validate()
         check_shard_size(self.max_shard_gb)
@@ -76,6 +73,8 @@ class Args(MergeOptions, UpcycleOptions):
 
 
 def run(args: Args) -> int:
+    from ..convert import convert
+
     plan = convert(args.model, args.out, args.to, ep_size=args.ep_size, tag=args.tag, weights=args.weights,
                    expert=args.expert, dry_run=args.dry_run, overwrite=args.overwrite, upcycle=args,
                    max_shard_bytes=int(args.max_shard_gb * 1024**3), out_tag=args.out_tag, merge=args,

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import sys
 
-from ..upit.seed_data import SeedDataConfig, run_seed_data
+from ..upit.config import SeedDataConfig
 
 Args = SeedDataConfig
 
 
 def run(args: SeedDataConfig) -> int:
+    from ..upit.seed_data import run_seed_data
+
     res = run_seed_data(args)
     rep = res.report
     print(f"seed data: {rep['num_scored']} of {rep['num_rows']} rows scored by {len(rep['counts'])} experts -> "

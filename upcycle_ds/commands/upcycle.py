@@ -8,9 +8,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from ..granular import ALIGN, valid_granularities
-from ..io.hf import HFCheckpoint, check_output_dir, check_shard_size, write_hf_checkpoint
-from ..upcycle import UpcycledView, UpcycleOptions
+from ..options import ALIGN, UpcycleOptions, check_shard_size, valid_granularities
 
 
 @dataclass(kw_only=True)
@@ -31,6 +29,9 @@ class Args(UpcycleOptions):
 
 
 def run(args: Args) -> int:
+    from ..io.hf import HFCheckpoint, check_output_dir, write_hf_checkpoint
+    from ..upcycle import UpcycledView
+
     check_output_dir(args.out, args.overwrite, inputs=(args.model,))
     view = UpcycledView(HFCheckpoint(args.model), args)
     nbytes = write_hf_checkpoint(view, args.out, overwrite=args.overwrite, side_dir=view.path, desc="upcycle",

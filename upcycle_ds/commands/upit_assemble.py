@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import sys
 
-from ..upit.assemble import AssembleConfig, run_assemble
+from ..upit.config import AssembleConfig
 
 Args = AssembleConfig
 
 
 def run(args: AssembleConfig) -> int:
+    from ..upit.assemble import run_assemble
+
     res = run_assemble(args)
     view = res.view
     if not res.base_given and args.copies > len(view.used):

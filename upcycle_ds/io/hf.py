@@ -221,12 +221,6 @@ class HFCheckpoint(PlannedSource):
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def check_shard_size(gb: float) -> None:
-    """--max-shard-gb: a positive, finite number of GiB."""
-    if not gb > 0 or gb == float("inf"):
-        raise UserError(f"--max-shard-gb must be > 0 (got {gb})")
-
-
 def shard_plan(plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int) -> list[list[int]]:
     """Split tensor entries (in order) into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
     shards: list[list[int]] = [[]]

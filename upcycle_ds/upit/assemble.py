@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -32,49 +31,11 @@ from ..errors import UserError
 from ..families import family_for
 from ..granular import slice_mlp
 from ..io.hf import HFCheckpoint
-from ..upcycle import UpcycledView, UpcycleOptions
+from ..upcycle import UpcycledView
+from .config import AssembleConfig, AssembleOptions  # noqa: F401  (re-exported)
 from .expand import PROJS, delta_cosine_matrix, expand_pool, flat_delta
 
 REPORT = "upit_report.json"
-
-
-@dataclass(kw_only=True)
-class AssembleOptions:
-    num_experts: int = 8
-    """Experts per MoE layer (E >= 2). Experts beyond the number of checkpoints come from genetic expansion. With
-    --granularity G: E = C * G, C pool MLPs (checkpoints + expansion) of G slices each."""
-    top_k: int = 2
-    """Experts each token is routed to (1 <= k <= E; with --granularity G a multiple of G)."""
-    layers: str = "all"
-    """Which layers become MoE: `all`, `every:N` (layers i with (i+1) % N == 0) or a comma list `i,j,...`."""
-    shared_weights: Literal["last", "average"] = "last"
-    """Non-expert weights: from the last checkpoint, or the mean over the checkpoints used as experts."""
-    dare_p: float = 0.3
-    """DARE drop probability of the expansion's mutation step (survivors are rescaled by 1/(1-p))."""
-    capacity_factor: float | None = None
-    """Expert capacity factor recorded for training (None = dropless)."""
-    seed: int = 0
-    """Seed for the router init and the expansion draws (each draw seeded from seed, layer, new expert index)."""
-    granularity: int = 1
-    """Split each checkpoint's MLP into G fine-grained experts (I/G neurons each) with virtual-group routers, as
-    `upcycle --granularity` does (docs/granular.md). 1 = one expert per checkpoint MLP."""
-    split: Literal["contiguous", "random", "cluster"] = "contiguous"
-    """How neurons are grouped for --granularity: contiguous ranges, a seeded permutation, or balanced k-means."""
-
-    def validate(self) -> None:
-        self.upcycle_options().validate()
-        if not 0 <= self.dare_p < 1:
-            raise UserError(f"--dare-p must be in [0, 1) (got {self.dare_p})")
-
-    def upcycle_options(self) -> UpcycleOptions:
-        return UpcycleOptions(num_experts=self.num_experts, top_k=self.top_k, layers=self.layers,
-                              capacity_factor=self.capacity_factor, seed=self.seed, granularity=self.granularity,
-                              split=self.split)
-
-    @property
-    def copies(self) -> int:
-        """C = E / G: pool MLPs (checkpoints + expanded) that the experts are slices of."""
-        return self.num_experts // self.granularity
 
 
 def _check_dense(ck: HFCheckpoint, what: str):
@@ -241,26 +202,6 @@ def open_checkpoints(paths: list[str]) -> list[HFCheckpoint]:
 
 
 # ------------------------------------------------------------------------------------------------------- the stage
-@dataclass(kw_only=True)
-class AssembleConfig(AssembleOptions):
-    checkpoints: list[str]
-    """HF dense checkpoint dirs, oldest first (same model at different SFT steps); expert i = checkpoint i."""
-    out: str
-    """Output dir for the HF MoE checkpoint (must not exist unless --overwrite)."""
-    base: str | None = None
-    """The dense model before SFT: expansion deltas are taken from it (recommended). Default: the first checkpoint."""
-    overwrite: bool = False
-    """Replace OUT if it exists (only after the new checkpoint is complete)."""
-    max_shard_gb: float = 2.0
-    """Largest safetensors shard, in GiB."""
-
-    def __post_init__(self):
-        from ..io.hf import check_shard_size
-
-        self.validate()
-        check_shard_size(self.max_shard_gb)
-
-
 @dataclass
 class AssembleResult:
     out: Path

@@ -19,7 +19,6 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from ..families import family_for
 from ..families.base import split_gate_up
 from ..io.hf import HFCheckpoint, read_config
 from .expand import PROJS
+from .config import SeedDataConfig  # noqa: F401  (re-exported)
 
 SEED_FILE, REPORT_FILE = "seed.jsonl", "seed_report.json"
 
@@ -245,40 +245,6 @@ def output_rows(rows: SeedRows, sel: SeedSelection):
 
 
 # ------------------------------------------------------------------------------------------------------- the stage
-@dataclass(kw_only=True)
-class SeedDataConfig:
-    experts: list[str]
-    """Dense checkpoint dirs that became the experts, in expert order (for upit-assemble: the last E given)."""
-    data: list[str]
-    """The training set: one or more sources as for `upcycle-ds train --data` (files, globs, dirs, hub names; weights
-    are ignored), read and tokenised exactly as training does."""
-    out: str
-    """Output dir (created; must not exist unless --overwrite): seed.jsonl (the selected samples, each with its
-    expert) and seed_report.json (per-expert counts and mean NLL)."""
-    moe: str | None = None
-    """Assembled MoE checkpoint, needed when it has more experts than --experts (the expanded ones)."""
-    fraction: float = 0.01
-    """Fraction of the training set to select (UpIT: 1%)."""
-    min_samples: int = 1
-    """Select at least this many samples (at most the whole set)."""
-    seed: int = 0
-    """Seed of the random selection."""
-    max_length: int | None = None
-    """Truncate samples to this many tokens, as training does (None = no truncation)."""
-    prompt_format: Literal["auto", "chat", "plain"] = "auto"
-    """How prompt/response rows are rendered; keep training's (auto: chat template if the tokenizer has one)."""
-    data_cache: str | None = None
-    """Data cache root (datasets' copies of the sources); default as for training."""
-    batch_size: int = 8
-    """Samples per forward pass."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the expert models are scored in."""
-    device: str = "auto"
-    """torch device for scoring; auto = cuda if available, else cpu."""
-    overwrite: bool = False
-    """Replace OUT if it exists (only after the new seed data is complete)."""
-
-
 @dataclass
 class SeedDataResult:
     out: Path
