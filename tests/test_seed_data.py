@@ -158,6 +158,27 @@ def test_expanded_experts_are_scored_with_their_swapped_mlp(experts, tmp_path):
     assert rc == 2 and not bad.exists()
 
 
+def test_granular_moe_is_scored_per_copy(experts, tmp_path):
+    """upit-assemble --granularity 2 (6 experts = 3 copies x 2 slices): seed-data scores the 3 copies, each with its
+    slices put back together, so every perplexity and label equals the coarse (G = 1) assembly's at the same seed."""
+    runs = {}
+    for G in (1, 2):
+        moe, out = tmp_path / f"moe{G}", tmp_path / f"s{G}"
+        assert main(["upit-assemble", "--checkpoints", str(experts["A"]), str(experts["B"]), "--num-experts",
+                     str(3 * G), "--top-k", str(G), "--granularity", str(G), "--base", str(experts["base"]),
+                     "--out", str(moe)]) == 0
+        assert main(["seed-data", "--experts", str(experts["A"]), str(experts["B"]), "--moe", str(moe),
+                     "--data", str(experts["data"]), "--out", str(out), "--fraction", "0.25", "--seed", "3"]) == 0
+        runs[G] = (read_jsonl(out / "seed.jsonl"), json.loads((out / "seed_report.json").read_text()))
+    (coarse, rep1), (fine, rep2) = runs[1], runs[2]
+    assert [g["index"] for g in fine] == [g["index"] for g in coarse]
+    for c, f in zip(coarse, fine):
+        assert len(f["ppl"]) == 3 and f["expert"] == c["expert"]
+        assert f["ppl"] == pytest.approx(c["ppl"], rel=1e-5)
+    assert rep2["granularity"] == 2 and rep2["counts"] == rep1["counts"] and "copy 2 (experts 4..5)" in \
+        rep2["experts"][2]["model"]
+
+
 def test_selection_size_and_determinism():
     assert pick_indices(100, 0.05, 1, 0) == pick_indices(100, 0.05, 1, 0)
     assert pick_indices(100, 0.05, 1, 0) != pick_indices(100, 0.05, 1, 1)

@@ -33,19 +33,10 @@ from .families import family_for
 from .families.base import PROJS
 from .granular import SHARED_GATE_INIT
 from .io.source import PlannedSource
-from .options import MERGES, MergeOptions  # noqa: F401  (re-exported)
+from .options import MERGES, MergeOptions, granularity_of  # noqa: F401  (re-exported)
 from .surgery import read_moe_tensor
 
 REPORT = "merge_report.json"
-
-
-def granularity_of(config: dict, override: int | None = None) -> int:
-    if override is not None:
-        return int(override)
-    g = (config.get("upcycle_ds") or {}).get("granularity", 1)
-    if not isinstance(g, int) or isinstance(g, bool) or g < 1:
-        raise UserError(f"config.json: upcycle_ds.granularity must be an integer >= 1 (got {g!r})")
-    return g
 
 
 class MergedView(PlannedSource):

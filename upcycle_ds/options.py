@@ -224,6 +224,18 @@ class MergeOptions:
                 raise UserError(f"--calib-device {self.calib_device}: no CUDA device here")
 
 
+def granularity_of(config: dict, override: int | None = None) -> int:
+    """G of an MoE checkpoint: experts c*G+g are slices g of copy c (`override` if given, else config.json's
+    upcycle_ds record as written by upcycle and upit-assemble; 1 when absent)."""
+    if override is not None:
+        return int(override)
+    record = config.get("upcycle_ds")
+    g = record.get("granularity", 1) if isinstance(record, dict) else 1
+    if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+        raise UserError(f"config.json: upcycle_ds.granularity must be an integer >= 1 (got {g!r})")
+    return g
+
+
 def check_shard_size(gb: float) -> None:
     """--max-shard-gb: a positive, finite number of GiB."""
     if not gb > 0 or gb == float("inf"):

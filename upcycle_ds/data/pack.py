@@ -165,6 +165,12 @@ class PackedDataset:
     def sample_label(self, j: int) -> int:
         return int(self.stores[int(self.sample_store[j])].sample_labels[int(self.sample_index[j])])
 
+    def max_sample_label(self) -> int:
+        """The largest sample label in the stores (both splits; -1 without labels); host arrays only."""
+        if not self.has_sample_labels:
+            return -1
+        return max((int(np.asarray(st.sample_labels).max()) for st in self.stores if len(st.sample_labels)), default=-1)
+
     def __len__(self) -> int:
         return len(self.row_ptr) - 1
 

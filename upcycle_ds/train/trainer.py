@@ -76,8 +76,10 @@ class StageHooks:
     label_field: str | None = None
     """Data row field (an int per sample) carried to every token of the sample as batch["sample_labels"] (-1 on
     padding); router-init: 'expert'."""
-    setup: Callable[[torch.nn.Module, list], None] | None = None
-    """(model, [(layer, UpcycledMoE)]) before `deepspeed.initialize` (e.g. make the routers keep their logits)."""
+    setup: Callable[..., None] | None = None
+    """(model=, layers=[(layer, UpcycledMoE)], config=the source's config.json dict, data=the training
+    PackedDataset) before `deepspeed.initialize`: check the data against the model, make the routers keep their
+    logits, ..."""
     loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
     """(lm=, moe=, batch=, layers=) -> (loss to backpropagate, {metric: detached device scalar}); default lm + moe,
     where moe = aux_loss_coef * sum(aux) + z_loss_coef * sum(z). Metrics are averaged over micro-steps and ranks."""
@@ -239,7 +241,7 @@ class Trainer:
                                     dtype=dtype, device=self.device, attn_impl=args.attn_impl,
                                     expert_impl=args.expert_impl)
         if hooks.setup is not None:
-            hooks.setup(model, moe_layers(model))
+            hooks.setup(model=model, layers=moe_layers(model), config=dict(self.source.config), data=self.train_ds)
         if args.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         apply_freeze(model, args.freeze, args.train_only)

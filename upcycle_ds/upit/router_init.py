@@ -7,12 +7,15 @@ where logits_TE = h W_router^T are each MoE layer's own router logits on its own
 tokens, experts and MoE layers (a mean, so alpha keeps its meaning whatever E and the layer count). Tokens: every
 token of the sample (`--bce-tokens all`, default: the router sees prompt tokens too) or only the response tokens.
 Logged per step: `bce` and `top1_match` (fraction of labelled tokens whose top-1 expert is their sample's expert).
+A granular MoE (`--granularity G` at upcycle / upit-assemble, recorded in config.json): a label is a copy c, the
+target is 1 on its G experts c*G..c*G+G-1 (which start with one shared router row) and a top-1 match is any of them.
 Same launchers as `train` (--nproc N, deepspeed, torchrun, srun), same checkpoints and --resume.
 
 --mode hidden (mergekit-style, no training): for each expert, the mean over its positive prompts (and their tokens)
 of every MoE layer's router input h, minus the same mean over its negative prompts if any, L2-normalised, becomes
 that expert's router row. Prompts file (YAML): `experts: [{positive_prompts: [...], negative_prompts: [...]}, ...]`,
-one entry per expert, in expert order (or a plain list of such entries). Runs in this process (no launcher).
+one entry per expert, in expert order (or a plain list of such entries); for a granular MoE one entry per copy, whose
+row all G experts of the copy get. Runs in this process (no launcher).
 """
 
 from __future__ import annotations
@@ -79,9 +82,12 @@ class RouterInitConfig(TrainArgs):
 
 
 # ------------------------------------------------------------------------------------------------------ mode bce
-def router_bce(layers, sample_labels, labels, num_experts: int, response_only: bool):
+def router_bce(layers, sample_labels, labels, num_experts: int, response_only: bool, granularity: int = 1):
     """(BCE averaged over labelled tokens x experts x MoE layers, fraction of labelled (token, layer) pairs whose
-    top-1 router expert is the label). `sample_labels` [B, L] (-1 = padding) in the order the layers flatten tokens."""
+    top-1 router expert is the label). `sample_labels` [B, L] (-1 = padding) in the order the layers flatten tokens.
+
+    With `granularity` G > 1 (a granular MoE: experts c*G+g are the G slices of copy c) a label is a copy c: the
+    target is 1 on its G experts, and a top-1 expert matches when it is one of them."""
     import torch
     import torch.nn.functional as F
 
@@ -91,8 +97,10 @@ def router_bce(layers, sample_labels, labels, num_experts: int, response_only: b
     ok_T = lab_T >= 0
     if response_only:
         ok_T = ok_T & (labels.reshape(-1) != IGNORE)
+    G = granularity
     target_TE = lab_T.new_zeros((lab_T.shape[0], num_experts), dtype=torch.float32)
-    target_TE.scatter_(1, lab_T.clamp(min=0)[:, None], 1.0)  # one-hot without F.one_hot's range check (a sync)
+    slots_TG = lab_T.clamp(min=0)[:, None] * G + torch.arange(G, device=lab_T.device)  # copy c -> experts c*G+g
+    target_TE.scatter_(1, slots_TG, 1.0)  # multi-hot without F.one_hot's range check (a sync)
     w_T = ok_T.float()
     n = w_T.sum().clamp_min(1)  # no host sync: masked means instead of boolean indexing
     bces, hits = [], []
@@ -102,7 +110,7 @@ def router_bce(layers, sample_labels, labels, num_experts: int, response_only: b
             raise RuntimeError("router logits missing or not one per token (record_logits not set?)")
         per_TE = F.binary_cross_entropy_with_logits(logits_TE, target_TE, reduction="none")
         bces.append((per_TE * w_T[:, None]).sum() / (n * num_experts))
-        hits.append(((logits_TE.argmax(-1) == lab_T).float() * w_T).sum().detach() / n)
+        hits.append(((logits_TE.argmax(-1) // G == lab_T).float() * w_T).sum().detach() / n)
     bce = torch.stack(bces).mean()
     return bce, torch.stack(hits).mean()
 
@@ -112,23 +120,34 @@ def hooks_for(args: RouterInitConfig):
 
     state: dict = {}
 
-    def setup(model, layers) -> None:
+    def setup(*, model, layers, config, data) -> None:
+        from ..options import granularity_of
+
         if not layers:
             raise UserError(f"{args.model} has no MoE layers")
+        E = layers[0][1].num_experts
+        G = granularity_of(config)
+        if E % G:
+            raise UserError(f"{args.model}: {E} experts cannot be {G}-way granular (config.json upcycle_ds record)")
+        top = data.max_sample_label()
+        if top >= E // G:
+            what = f"{E} experts" if G == 1 else f"{E // G} copies of {G} slices"
+            raise UserError(f"--seed-data {args.data}: {args.label_field!r} {top} is out of range: {args.model} has "
+                            f"{what} (labels 0..{E // G - 1})")
         for _, moe in layers:
             moe.router.record_logits = True
-        state["E"] = layers[0][1].num_experts
+        state["E"], state["G"] = E, G
 
     def loss(*, lm, moe, batch, layers):
         bce, top1 = router_bce(layers, batch["sample_labels"], batch["labels"], state["E"],
-                               args.bce_tokens == "response")
+                               args.bce_tokens == "response", state["G"])
         return args.alpha * lm + (1 - args.alpha) * bce + moe, {"bce": bce.detach(), "top1_match": top1}
 
     return StageHooks(prog="upcycle-ds router-init", label_field=args.label_field, setup=setup, loss=loss)
 
 
 # --------------------------------------------------------------------------------------------------- mode hidden
-def load_prompts(path: str, num_experts: int) -> list[tuple[list[str], list[str]]]:
+def load_prompts(path: str, num_experts: int, what: str = "experts") -> list[tuple[list[str], list[str]]]:
     import yaml
 
     p = Path(path)
@@ -144,7 +163,7 @@ def load_prompts(path: str, num_experts: int) -> list[tuple[list[str], list[str]
     if not isinstance(entries, list):
         raise UserError(f"--prompts {path}: expected `experts:` with one entry per expert")
     if len(entries) != num_experts:
-        raise UserError(f"--prompts {path}: {len(entries)} expert entries, the model has {num_experts} experts")
+        raise UserError(f"--prompts {path}: {len(entries)} expert entries, the model has {num_experts} {what}")
     out = []
     for i, e in enumerate(entries):
         pos = e.get("positive_prompts") if isinstance(e, dict) else None
@@ -217,11 +236,16 @@ def run_hidden(args: RouterInitConfig) -> int:
     family, is_moe = family_for(src.config)
     if not is_moe:
         raise UserError(f"{args.model} is a dense checkpoint; router-init needs an HF MoE checkpoint")
-    prompts = load_prompts(args.prompts, family.num_experts(src.config))
+    from ..options import granularity_of
+
+    E, G = family.num_experts(src.config), granularity_of(src.config)
+    if E % G:
+        raise UserError(f"{args.model}: {E} experts cannot be {G}-way granular (config.json upcycle_ds record)")
+    prompts = load_prompts(args.prompts, E // G, "experts" if G == 1 else f"copies of {G} slices (one entry each)")
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model = build_moe_model(src, ep_size=1)
     rows = hidden_router_rows(model, tokenizer, prompts)
-    new = {family.router_key(l): r for l, r in rows.items()}
+    new = {family.router_key(l): r.repeat_interleave(G, dim=0) for l, r in rows.items()}  # a copy's G experts
     missing = [k for k in new if k not in src]
     if missing:
         raise UserError(f"{args.model}: no router tensor {missing[0]} (expected the hub per-expert layout)")

@@ -3,7 +3,9 @@ the expert whose dense model gives it the lowest perplexity.
 
 Expert models: expert i < len(--experts) is the dense checkpoint that produced it. With --moe (an assembled MoE with
 more experts than checkpoints), expert i >= len(--experts) is the dense model of the *last* checkpoint with the MLP of
-every MoE layer replaced by expert i's (built in memory from the MoE files through the family's weight names).
+every MoE layer replaced by expert i's (built in memory from the MoE files through the family's weight names). A
+granular --moe (`upit-assemble --granularity G`) is scored per copy: copy c's MLP is its G slices put back together,
+and the label is the copy c (router-init trains the G router rows of copy c).
 
 Rows are read, rendered and tokenised by `upcycle_ds.data` — the same reader, row-format table, chat templates and
 tokeniser that trained the experts (so a sample is scored on exactly the tokens it was trained on) — with one
@@ -29,7 +31,6 @@ from ..errors import UserError
 from ..progress import Progress
 from ..io.text import check_utf8
 from ..families import family_for
-from ..families.base import split_gate_up
 from ..io.hf import HFCheckpoint, read_config
 from .expand import PROJS
 from .config import SeedDataConfig  # noqa: F401  (re-exported)
@@ -124,22 +125,12 @@ def _load_dense(path: str | Path, dtype: torch.dtype, device):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
 
 
-def moe_expert_mlp(moe: HFCheckpoint, layer: int, expert: int) -> dict[str, torch.Tensor]:
-    """One expert's {gate, up, down} from an HF MoE checkpoint (hub per-expert layout, or transformers' fused one)."""
-    fam, _ = family_for(moe.config)
-    keys = {p: fam.expert_key(layer, expert, p) for p in PROJS}
-    if all(k in moe for k in keys.values()):
-        return {p: moe.get(k) for p, k in keys.items()}
-    gu, dn = (fam.moe_fused[x].format(layer=layer) for x in ("gate_up", "down"))
-    if gu in moe and dn in moe:
-        gate_up = moe.get(gu)[expert]
-        return {"gate": split_gate_up(gate_up, "gate").clone(), "up": split_gate_up(gate_up, "up").clone(),
-                "down": moe.get(dn)[expert].clone()}
-    raise UserError(f"--moe {moe.path}: no weights for expert {expert} of layer {layer} ({keys['gate']})")
-
-
 class ExpertModels:
-    """Builds expert i's dense model on demand (one in memory at a time)."""
+    """Builds expert i's dense model on demand (one in memory at a time).
+
+    With a granular --moe (experts c*G+g are the G slices of copy c, config.json's upcycle_ds record) the scored
+    units are the C = E/G copies: copy c's dense MLP is its G slices put back together (`merge.MergedView`, exact),
+    and a sample's label is its copy (router-init trains that copy's G router rows)."""
 
     def __init__(self, experts: list[str], moe: str | None = None):
         if not experts:
@@ -157,7 +148,9 @@ class ExpertModels:
             raise UserError(f"--experts mix model families: {sorted({f.name for f in fams})}")
         self.family = fams[-1]
         self.moe = None
+        self.granularity = 1
         self.num_experts = len(self.experts)
+        """Scored units: the experts (copies, for a granular MoE)."""
         if moe is not None:
             self.moe = HFCheckpoint(moe)
             mfam, is_moe = family_for(self.moe.config)
@@ -166,33 +159,41 @@ class ExpertModels:
             if mfam.moe_model_type != self.family.moe_model_type:
                 raise UserError(f"--moe {moe} is {mfam.moe_model_type}; the experts ({self.family.name}) upcycle "
                                 f"to {self.family.moe_model_type}")
-            self.num_experts = mfam.num_experts(self.moe.config)
+            probe = self.copy_view(0)
+            self.granularity, self.num_experts = probe.granularity, probe.copies
             self.moe_layers = mfam.moe_layers(self.moe.config)
+            what = "experts" if self.granularity == 1 else f"copies of {self.granularity} slices"
             if self.num_experts < len(self.experts):
-                raise UserError(f"--moe {moe} has {self.num_experts} experts but {len(self.experts)} --experts are "
+                raise UserError(f"--moe {moe} has {self.num_experts} {what} but {len(self.experts)} --experts are "
                                 f"given; give the checkpoints that became its experts, in order")
-            # expert i < len(experts) must be that checkpoint's MLP (cheap check on one tensor per expert)
-            l0 = self.moe_layers[0]
+            # copy i < len(experts) must be that checkpoint's MLP (cheap check on one tensor per copy)
+            key = self.family.dense_mlp_key(self.moe_layers[0], "gate")
             for i, e in enumerate(self.experts):
-                dense = HFCheckpoint(e).get(self.family.dense_mlp_key(l0, "gate"))
-                if not torch.equal(moe_expert_mlp(self.moe, l0, i)["gate"], dense):
-                    raise UserError(f"expert {i} of --moe {moe} (layer {l0}) is not the MLP of --experts {e}; give "
-                                    f"the checkpoints used by upit-assemble (the last E given), in the same order")
+                if not torch.equal(self.copy_view(i).get(key), HFCheckpoint(e).get(key)):
+                    raise UserError(f"expert {i} of --moe {moe} (layer {self.moe_layers[0]}) is not the MLP of "
+                                    f"--experts {e}; give the checkpoints used by upit-assemble (the last E given), "
+                                    f"in the same order")
+
+    def copy_view(self, c: int):
+        """Copy c of --moe as a dense checkpoint (its MLPs = copy c's G slices put together)."""
+        from ..merge import MergedView
+
+        return MergedView(self.moe, expert=c)
 
     def source(self, i: int) -> str:
         if i < len(self.experts):
             return self.experts[i]
-        return f"{self.experts[-1]} with the MLPs of expert {i} of {self.moe.path}"
+        unit = f"expert {i}" if self.granularity == 1 else f"copy {i} (experts {i * self.granularity}.." \
+                                                               f"{(i + 1) * self.granularity - 1})"
+        return f"{self.experts[-1]} with the MLPs of {unit} of {self.moe.path}"
 
     def load(self, i: int, dtype: torch.dtype = torch.float32, device="cpu"):
         if i < len(self.experts):
             return _load_dense(self.experts[i], dtype, device)
         model = _load_dense(self.experts[-1], dtype, device)
-        sd = {}
-        for l in self.moe_layers:
-            for p, t in moe_expert_mlp(self.moe, l, i).items():
-                sd[self.family.dense_mlp_key(l, p)] = t
-        res = model.load_state_dict(sd, strict=False)
+        view = self.copy_view(i)
+        keys = [self.family.dense_mlp_key(l, p) for l in self.moe_layers for p in PROJS]
+        res = model.load_state_dict({k: view.get(k) for k in keys}, strict=False)
         if res.unexpected_keys:
             raise UserError(f"cannot put expert {i}'s MLP into {self.experts[-1]}: unexpected "
                             f"{res.unexpected_keys[0]}")
@@ -300,6 +301,8 @@ def run_seed_data(args: SeedDataConfig) -> SeedDataResult:
         "experts": [{"expert": e, "model": models.source(e), "samples": counts[e],
                      "mean_nll": (float(sel.nll[:, e].mean()) if len(sel.indices) else None)} for e in range(E)],
         "counts": counts,
+        "granularity": models.granularity,
+        "label": "expert" if models.granularity == 1 else "copy (experts copy*G .. copy*G+G-1)",
     }
     with atomic_output_dir(out, args.overwrite, inputs=(*local, *args.experts, args.moe)) as tmp:
         (tmp / SEED_FILE).write_text("".join(lines), encoding="utf-8")
