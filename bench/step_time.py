@@ -106,16 +106,26 @@ def write_inputs(root: Path, args) -> tuple[Path, Path]:
 
 
 def make_trainer(arm: str, zero: int, dense: Path, data: Path, root: Path, args):
+    """Arm `dense` (the dense model itself) or `grouped` / `loop` (upcycled on the fly, that expert impl)."""
+    moe = arm != "dense"
+    return trainer_arm(arm, zero, dense, data, root, args, expert_impl=arm if moe else None,
+                       num_experts=args.experts if moe else None)
+
+
+def trainer_arm(name: str, zero: int, model: Path, data: Path, root: Path, args, *, expert_impl: str | None,
+                num_experts: int | None = None) -> dict:
+    """One arm: a Trainer for `model` (dense when expert_impl is None; an HF MoE dir, or a dense one upcycled on the
+    fly to `num_experts`), its batch stream, and a timer around the optimizer step."""
     from upcycle_ds.train.config import TrainArgs
     from upcycle_ds.train.trainer import StageHooks, Trainer
 
-    moe = arm != "dense"
-    targs = TrainArgs(model=str(dense), data=str(data), out=str(root / f"run-{arm}-z{zero}"), zero_stage=zero,
+    moe = expert_impl is not None
+    targs = TrainArgs(model=str(model), data=str(data), out=str(root / f"run-{name}-z{zero}"), zero_stage=zero,
                       dtype=args.dtype, micro_batch_size=args.mbs, max_length=args.seq, lr=1e-4,
                       max_steps=10**6, eval_fraction=0.0, wandb_mode="disabled", export_hf=False,
-                      ep_size=args.ep_size if moe else 1, num_experts=args.experts if moe else None,
-                      top_k=args.top_k, expert_impl=arm if moe else "grouped", peak_tflops=args.peak_tflops)
-    hooks = StageHooks(prog=f"bench {arm} z{zero}", dense=not moe)
+                      ep_size=args.ep_size if moe else 1, num_experts=num_experts,
+                      top_k=args.top_k, expert_impl=expert_impl or "grouped", peak_tflops=args.peak_tflops)
+    hooks = StageHooks(prog=f"bench {name} z{zero}", dense=not moe)
     trainer = Trainer(targs, hooks)
     trainer.engine.train()
     timer = {"opt": []}
@@ -130,7 +140,7 @@ def make_trainer(arm: str, zero: int, dense: Path, data: Path, root: Path, args)
         return out
 
     trainer.engine.step = timed_step
-    return {"name": arm, "zero": zero, "trainer": trainer, "stream": trainer.micro_batches(), "timer": timer,
+    return {"name": name, "zero": zero, "trainer": trainer, "stream": trainer.micro_batches(), "timer": timer,
             "wall": [], "cpu": []}
 
 

@@ -61,3 +61,20 @@ def test_wheel_installs_and_runs_the_quickstart_outside_the_repo(tmp_path):
     run(cli, "scripts", "--out", "scripts")  # the cluster scripts ship in the wheel
     for rel in ("slurm/train.sbatch", "slurm/upit.sbatch", "launchers/train_single_node.sh"):
         assert (work / "scripts" / rel).read_text() == (REPO / rel).read_text()
+
+
+def test_every_bench_script_imports():
+    """The benches are run by hand (and bench/gpu/run.sh on a GPU machine), not by the suite: importing each one (its
+    top level: the harness it shares with the others, the library names it uses) catches a refactor that broke one."""
+    bench = REPO / "bench"
+    code = ("import importlib.util, sys\n"
+            f"sys.path[:0] = [{str(REPO)!r}, {str(bench)!r}]\n"
+            "for path in sys.argv[1:]:\n"
+            "    spec = importlib.util.spec_from_file_location('bench_' + path.rsplit('/', 1)[-1][:-3], path)\n"
+            "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "    print('ok', path)\n")
+    scripts = sorted(str(p) for p in bench.glob("*.py"))
+    assert len(scripts) >= 9
+    out = subprocess.run([sys.executable, "-c", code, *scripts], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("ok ") == len(scripts)
