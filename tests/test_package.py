@@ -70,8 +70,10 @@ def test_every_bench_script_imports():
     code = ("import importlib.util, sys\n"
             f"sys.path[:0] = [{str(REPO)!r}, {str(bench)!r}]\n"
             "for path in sys.argv[1:]:\n"
-            "    spec = importlib.util.spec_from_file_location('bench_' + path.rsplit('/', 1)[-1][:-3], path)\n"
-            "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "    name = 'bench_' + path.rsplit('/', 1)[-1][:-3]\n"
+            "    spec = importlib.util.spec_from_file_location(name, path)\n"
+            "    sys.modules[name] = module = importlib.util.module_from_spec(spec)\n"
+            "    spec.loader.exec_module(module)\n"
             "    print('ok', path)\n")
     scripts = sorted(str(p) for p in bench.glob("*.py"))
     assert len(scripts) >= 9
