@@ -1,5 +1,6 @@
 """One data path for every stage: the UpIT recipe runs from a parquet file (sft -> assemble -> seed-data), and the
-token ids seed-data scores for a row are exactly the ids sft trained on for that row (read from sft's data cache)."""
+token ids seed-data scores for a row are exactly the ids sft trained on for that row (read from sft's data cache).
+The recipe assembles a granular MoE (2 slices per checkpoint MLP): seed-data scores the copies assemble used."""
 
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ def test_upit_recipe_from_parquet_scores_the_trained_tokens(tmp_path):
     data = tmp_path / "train.parquet"
     mixed.to_parquet(str(data))
     recipe = {
-        "model": str(dense), "data": str(data), "out": str(tmp_path / "upit"), "num_experts": 2, "top_k": 2,
+        "model": str(dense), "data": str(data), "out": str(tmp_path / "upit"), "num_experts": 4, "top_k": 2,
         "stages": ["sft", "assemble", "seed_data"],
+        "assemble": {"granularity": 2},  # 2 copies (the last 2 of 3 sft checkpoints) x 2 slices: seed-data scores copies
         "common": {"dtype": "fp32", "zero_stage": 0, "micro_batch_size": 4, "max_length": 96, "eval_fraction": 0,
                    "wandb_mode": "disabled"},
-        "sft": {"epochs": 1, "lr": 1e-3, "save_every_epochs": 0.5, "save_until_epochs": 1},
+        "sft": {"epochs": 1, "lr": 1e-3, "save_every_epochs": 0.3, "save_until_epochs": 1},
         "seed_data": {"fraction": 0.5, "max_length": 96},
     }
     cfg = tmp_path / "recipe.yaml"
@@ -53,7 +55,10 @@ def test_upit_recipe_from_parquet_scores_the_trained_tokens(tmp_path):
     # what sft trained on: its cache entry of the parquet file (the only tokenised source)
     (entry,) = [TokenStore(p) for p in (cache / "tokens").iterdir()]
     assert entry.meta["source"] == str(data) and entry.meta["rows_total"] == 40
-    expert = sorted((out / "sft" / "checkpoints_hf").glob("ckpt-*"))[0]
+    cks = sorted((out / "sft" / "checkpoints_hf").glob("ckpt-*"))
+    assert len(cks) == 3 and report["granularity"] == 2 and [e["model"] for e in report["experts"]] == \
+        [str(c) for c in cks[1:]]
+    expert = cks[0]
     tok = transformers.AutoTokenizer.from_pretrained(expert)
     rows = SeedRows(str(data))
     scored, skipped = encode(rows, [s["index"] for s in seed], tok, max_length=96)

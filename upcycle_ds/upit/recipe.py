@@ -197,7 +197,7 @@ def stage_seed_data(recipe: Recipe) -> None:
     from .sft import list_checkpoints
 
     cks = list_checkpoints(recipe.dirs["sft"])
-    used = cks[-recipe.assemble.num_experts:]
+    used = cks[-recipe.assemble.copies:]  # the checkpoints assemble took (C = E / granularity of them)
     out = recipe.dirs["seed_data"]
     out.mkdir(parents=True, exist_ok=True)
     run_seed_data(SeedDataConfig(experts=[str(c) for c in used], data=recipe.args.data, out=str(out),
