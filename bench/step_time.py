@@ -67,6 +67,8 @@ def parse_args() -> argparse.Namespace:
     a("--peak-tflops", type=float, default=None)
     a("--threads", type=int, default=0, help="torch.set_num_threads (0 = default); 1 gives steadier CPU ratios")
     a("--json", help="also write the results to this file")
+    a("--profile", type=int, default=0, help="CPU: then profile this many more steps of each arm (torch.profiler) and "
+      "print where the time goes: matrix multiplies, DeepSpeed's gradient flatten, everything else")
     args = p.parse_args()
     preset = PRESETS[args.preset or ("gpu" if args.device == "cuda" else "cpu")]
     for k, v in preset.items():
@@ -161,6 +163,33 @@ def one_step(arm, args, record: bool) -> None:
         arm["timer"]["opt"].clear()
 
 
+def profile_arm(arm, args) -> dict[str, float]:
+    """Per step of --profile more steps (ms): the step's wall time under the profiler, the self CPU time of matrix
+    multiplies (aten::mm/bmm/addmm/_grouped_mm), that of DeepSpeed's gradient flatten for its all-reduce (every op
+    under `flatten_dense_tensors`), and the rest of the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.profile):
+            one_step(arm, args, record=False)
+    step = (time.perf_counter() - t) * 1e3 / args.profile
+    mm = flat = 0.0
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        q, under_flatten = e, False
+        while q is not None and not under_flatten:
+            under_flatten = "flatten_dense_tensors" in q.name
+            q = q.cpu_parent
+        if under_flatten:
+            flat += e.self_cpu_time_total
+        elif e.name in ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm"):
+            mm += e.self_cpu_time_total
+    mm, flat = mm / 1e3 / args.profile, flat / 1e3 / args.profile
+    return {"step": step, "matmul": mm, "grad flatten": flat, "other": step - mm - flat}
+
+
 def finish(arm, args) -> dict:
     """Medians of one arm, then free it."""
     tr = arm["trainer"]
@@ -252,6 +281,10 @@ def main() -> int:
                 for arm in arms:
                     one_step(arm, args, record=i >= args.warmup)
             results = [finish(arm, args) for arm in arms]
+            profiles = [profile_arm(arm, args) for arm in arms] if args.profile else []
+            for arm, prof in zip(results, profiles):
+                print(f"profile {arm['arm']} ZeRO-{arm['zero']}: " + ", ".join(f"{k} {v:.1f} ms/step"
+                                                                          for k, v in prof.items()))
         else:
             for a, z in plan:
                 arm = make_trainer(a, z, dense, data, root, args)
