@@ -20,10 +20,11 @@ def run(args: SeedDataConfig) -> int:
 
     res = run_seed_data(args)
     rep = res.report
-    print(f"seed data: {rep['num_scored']} of {rep['num_rows']} rows scored by {len(rep['counts'])} experts -> "
-          f"{res.out}", file=sys.stderr)
+    unit = "expert" if rep["granularity"] == 1 else "copy"
+    print(f"seed data: {rep['num_scored']} of {rep['num_rows']} rows scored by {len(rep['counts'])} {unit} models "
+          f"-> {res.out}", file=sys.stderr)
     for e, n in enumerate(rep["counts"]):
-        print(f"  expert {e}: {n} samples  ({res.sources[e]})", file=sys.stderr)
+        print(f"  {unit} {e}: {n} samples  ({res.sources[e]})", file=sys.stderr)
     if rep["skipped_no_response_tokens"]:
         print(f"  skipped {len(rep['skipped_no_response_tokens'])} rows with no response tokens", file=sys.stderr)
     return 0

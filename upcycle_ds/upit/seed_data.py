@@ -171,8 +171,8 @@ class ExpertModels:
             for i, e in enumerate(self.experts):
                 if not torch.equal(self.copy_view(i).get(key), HFCheckpoint(e).get(key)):
                     raise UserError(f"expert {i} of --moe {moe} (layer {self.moe_layers[0]}) is not the MLP of "
-                                    f"--experts {e}; give the checkpoints used by upit-assemble (the last E given), "
-                                    f"in the same order")
+                                    f"--experts {e}; give the checkpoints used by upit-assemble (the last "
+                                    f"{self.num_experts} given), in the same order")
 
     def copy_view(self, c: int):
         """Copy c of --moe as a dense checkpoint (its MLPs = copy c's G slices put together)."""
