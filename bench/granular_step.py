@@ -114,6 +114,7 @@ def main() -> int:
                 one_step(arm, args, record=i >= args.warmup)
         results = {r["arm"]: r for r in (finish(arm, args) for arm in arms)}
         ideals = {w: ideal(root / w, dense, args.seq) for w in ("coarse", "fine")}
+        torch.distributed.barrier()  # rank 0 removes the shared temp dir on leaving this block
     if rank == 0:
         I = args.intermediate
         print(f"\nLlama h{args.hidden}/i{I}/{args.layers}L, vocab {args.vocab}, seq {args.seq} x mbs {args.mbs}, "

@@ -292,6 +292,7 @@ def main() -> int:
                     one_step(arm, args, record=i >= args.warmup)
                 results.append(finish(arm, args))
                 free(arm, args)
+        torch.distributed.barrier()  # rank 0 removes the shared temp dir on leaving this block
         if rank == 0:
             print(f"model: Llama h{args.hidden}/i{args.intermediate}/{args.layers}L, {args.heads} heads "
                   f"({args.kv_heads} KV), vocab {args.vocab}; seq {args.seq} x mbs {args.mbs}; {args.dtype}; "
