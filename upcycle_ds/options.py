@@ -23,7 +23,6 @@ experts, `experts_implementation="grouped_mm"`) needs 16-byte aligned rows, i.e.
 elements."""
 
 
-
 def valid_granularities(intermediate: int, limit: int = 64, align: int = 1) -> list[int]:
     """G up to `limit` that split `intermediate` neurons into equal groups of a multiple of `align` neurons."""
     return [g for g in range(1, min(intermediate, limit) + 1) if intermediate % (g * align) == 0]
