@@ -231,6 +231,16 @@ def _type_name(tp) -> str:
             dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _number_from_str(v, kind):
+    """A string holding a number of `kind` (int or float) as that number; anything else unchanged."""
+    if isinstance(v, str):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
 def coerce(v, tp, where: str):
     """`v` (a YAML value) as field type `tp`, or a one-line UserError naming `where`. Numbers written as strings
     (YAML reads `1e-4` as a string) are accepted for number fields; floats must be finite."""
@@ -244,19 +254,11 @@ def coerce(v, tp, where: str):
         if isinstance(v, bool):
             return v
     elif tp is int:
-        if isinstance(v, str):
-            try:
-                v = int(v)
-            except ValueError:
-                pass
+        v = _number_from_str(v, int)
         if isinstance(v, int) and not isinstance(v, bool):
             return v
     elif tp is float:
-        if isinstance(v, str):
-            try:
-                v = float(v)
-            except ValueError:
-                pass
+        v = _number_from_str(v, float)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if not math.isfinite(v):
                 raise UserError(f"{where}: must be a finite number (got {v})")
