@@ -3,7 +3,8 @@
 1. static: no tensor factory in the step path (moe/, the Trainer, its metrics) without an explicit device — every new
    tensor is on the device of what it is derived from (`new_*`, `*_like`, `device=`);
 2. runtime, on 2 real DeepSpeed ranks at ep=2 (a 4-layer MoE): every tensor handed to a torch.distributed collective
-   is on the engine's device; our code makes no collective in the step but the expert all_to_alls, and exactly one
+   is on the engine's device; our code makes no collective in the step but the expert all_to_alls and (with
+   --aux-loss-scope global, used here) one all_reduce of the expert counts per micro-step, and exactly one
    all_reduce per logging step; host syncs made by our code (`.item()`, `.tolist()`, `float/int/bool(tensor)`,
    `repeat_interleave` without `output_size`) are at most one per MoE layer per forward, plus one per logging step.
    (tests/dist_scripts/trainer_step_probe.py instruments torch in the test process only.)
@@ -75,7 +76,7 @@ def test_collectives_on_device_and_host_sync_budget(tmp_path):
     cfg.write_text(yaml.safe_dump({"model": str(moe), "data": str(data), "out": str(tmp_path / "run"), "ep_size": 2,
                                    "zero_stage": 2, "dtype": "fp32", "micro_batch_size": 2, "grad_accum": 2,
                                    "max_length": 64, "max_steps": 10, "wandb_mode": "disabled", "log_every": steps,
-                                   "eval_fraction": 0.0}))
+                                   "eval_fraction": 0.0, "aux_loss_scope": "global"}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(Path(__file__).parent / "dist_scripts" / "trainer_step_probe.py"), str(cfg), str(tmp_path), str(steps)]
@@ -90,7 +91,9 @@ def test_collectives_on_device_and_host_sync_budget(tmp_path):
         off = [c for c in colls if any(d != device for d in c["devices"])]
         assert off == [], off
         ours_step = [c for c in colls if c["ours"] and c["phase"] == "step"]
-        assert {c["name"] for c in ours_step} == {"all_to_all_single"}, ours_step
+        assert {c["name"] for c in ours_step} == {"all_to_all_single", "all_reduce"}, ours_step
+        aux_reduces = [c for c in ours_step if c["name"] == "all_reduce"]
+        assert len(aux_reduces) == forwards and {c["where"].split(":")[0] for c in aux_reduces} == {"balance.py"}
         ours_log = [c["name"] for c in colls if c["ours"] and c["phase"] == "log"]
         assert ours_log == ["all_reduce"], ours_log
         # the data pipeline builds micro-batches on the host before they are moved to the device: not device syncs

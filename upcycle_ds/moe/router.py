@@ -9,7 +9,9 @@ ceil(cf * T * k / E) token-slots, first choices before second choices, in token 
 
 Losses (recorded on the module after each forward, with gradients):
     aux  = E * sum_i f_i * P_i   (Switch / HF `load_balancing_loss_func`; f_i = fraction of tokens routed to i,
-                                  summed over the k slots; P_i = mean router probability of i)
+                                  summed over the k slots; P_i = mean router probability of i): this forward's
+                                  tokens only. `balance.GlobalAuxLoss` replaces it by the global-batch loss
+                                  (`--aux-loss-scope global`), from `mean_probs_E` and the counts in `stats`.
     z    = mean_t logsumexp(logits_t)^2   (ST-MoE router z-loss)
 Statistics of each forward are left on `stats` (`RouterStats`, detached device tensors).
 Shape suffixes: T tokens, E experts, K top-k slots, H hidden.
@@ -65,6 +67,8 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device))
         nn.init.normal_(self.weight, std=0.02)
         self.aux_loss: torch.Tensor | None = None
+        self.mean_probs_E: torch.Tensor | None = None
+        """P_i of the last forward: (E,) fp32 mean router probability over its tokens, with gradients."""
         self.z_loss: torch.Tensor | None = None
         self.stats: RouterStats | None = None
         self.record_logits = False
@@ -97,11 +101,13 @@ class TopKRouter(nn.Module):
 
         if T > 0:
             f_E = counts_E.float() / T
-            self.aux_loss = E * torch.sum(f_E * probs_TE.mean(0))
+            self.mean_probs_E = probs_TE.mean(0)
+            self.aux_loss = E * torch.sum(f_E * self.mean_probs_E)
             self.z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
             entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
         else:
             self.aux_loss = self.z_loss = logits_TE.sum() * 0
+            self.mean_probs_E = probs_TE.sum(0)  # zeros, still attached to the graph
             entropy = logits_TE.new_zeros(())
         dropped = counts_E.new_zeros(()) if keep_TK is None else (~keep_TK).sum()
         self.stats = RouterStats(tokens_per_expert=counts_E, dropped=dropped, slots=T * K,

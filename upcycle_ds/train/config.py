@@ -153,6 +153,10 @@ class TrainArgs:
     """Debugging/tests: after the final checkpoint, run the trained engine (eval mode) on each rank's first eval
     micro-batch (train rows if there is no eval split) and save {input_ids, position_ids, logits} (fp32) to
     OUT/debug/final_logits_rank{r}.pt, e.g. to check that OUT/hf computes the same logits in transformers."""
+    aux_loss_scope: Literal["micro", "global"] = "micro"
+    """Tokens the load-balancing loss counts expert frequencies f_i over: each micro-batch of each rank (micro, the
+    Switch / HF loss), or every rank's micro-batches of the optimizer step so far (global: global-batch balancing,
+    Megatron-Core's global_aux_loss; one small all_reduce per micro-step). docs/training.md defines it exactly."""
 
     # ------------------------------------------------------------------------------------------------ validation
     def validate(self, world_size: int, num_experts: int) -> None:
@@ -243,6 +247,8 @@ class TrainArgs:
             raise UserError(f"--attn-impl must be one of {', '.join(ATTN_IMPLS)} (got {self.attn_impl!r})")
         if self.expert_impl not in ("grouped", "loop"):
             raise UserError(f"--expert-impl must be grouped or loop (got {self.expert_impl!r})")
+        if self.aux_loss_scope not in ("micro", "global"):
+            raise UserError(f"--aux-loss-scope must be micro or global (got {self.aux_loss_scope!r})")
 
     def torch_dtype(self) -> "torch.dtype":
         import torch  # not at import: `upcycle-ds train --help` needs no torch

@@ -39,6 +39,7 @@ from ..errors import UserError
 from ..families import family_for
 from ..io.atomic import write_text_atomic
 from ..launch.distributed import any_rank, init_distributed, one_error_for_all, shutdown, wait_for_io
+from ..moe import balance
 from ..moe.layer import moe_layers
 from . import checkpoint, elastic
 from .config import TrainArgs, deepspeed_config
@@ -259,6 +260,8 @@ class Trainer:
         checkpoint.install_safe_engine(self.engine)
         rebuild_non_persistent_buffers(self.engine.module, hf_config(self.source.config))  # fp32 rotary again
         self.layers = moe_layers(self.engine.module)
+        balance.install(self.engine.module, [m.router for _, m in self.layers], args.aux_loss_scope,
+                        grad_accum=args.grad_accum)
         self.meter = StepMeter(self.layers, self.num_experts, self.device)
         from ..flops import peak_tflops, train_flops_per_token
         from ..plan import shape_from_config
