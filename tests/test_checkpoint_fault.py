@@ -20,7 +20,7 @@ INJECT = str(Path(__file__).parent / "inject")
 
 
 def _losses(path):
-    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
+    return {r["step"]: r["train/loss"] for r in map(json.loads, path.read_text().splitlines()) if "train/loss" in r}
 
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ def train(tiny, out: Path, nproc: int, *flags: str, model: Path | None = None, c
 
 def losses(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 def rel_diffs(got: dict[int, float], want: dict[int, float], steps) -> dict[int, float]:

@@ -76,7 +76,7 @@ def _train(tiny, out: Path, zero: int, *flags: str) -> subprocess.CompletedProce
 
 def _losses(out: Path) -> list[float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
 @pytest.mark.parametrize("zero", [1, 2])

@@ -54,8 +54,8 @@ def run(tmp_path_factory):
 
 
 def test_trains_with_16_fine_grained_experts_on_2_ranks(run):
-    losses = [json.loads(line)["loss"] for line in (run["out"] / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in line]
+    losses = [json.loads(line)["train/loss"] for line in (run["out"] / "metrics.jsonl").read_text().splitlines()
+              if '"train/loss"' in line]
     assert len(losses) == 6 and all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.5, losses
     tag = run["out"] / "checkpoints" / (run["out"] / "checkpoints" / "latest").read_text().strip()
     files = {p.name for p in tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt")}

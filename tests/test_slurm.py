@@ -335,7 +335,7 @@ def _why(cluster, run_dir: Path, job: int) -> str:
 
 def _losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 def _latest(run_dir: Path) -> str | None:
@@ -368,6 +368,9 @@ def test_real_train_on_two_slurm_nodes(slurm_cluster, real_train_inputs, real_re
     run_dir, job, losses = real_reference
     logs = _real_logs(slurm_cluster, run_dir, job)
     assert "[upcycle-ds train] 2 ranks on cpu, ep_size 2, ZeRO-2, fp32" in logs[0], logs[0][-3000:]
+    run_id = (run_dir / "wandb" / "run_id").read_text().strip()
+    assert logs[0].count(f"[upcycle-ds train] W&B offline run {run_id} in {run_dir}/wandb/offline-run-") == 1
+    assert "W&B" not in logs[1]
     assert sorted(losses) == list(range(1, REAL_STEPS + 1))
     assert all(0 < v < 20 for v in losses.values()), losses
     ckpts = run_dir / "checkpoints"
@@ -411,9 +414,9 @@ def test_real_train_on_two_slurm_nodes(slurm_cluster, real_train_inputs, real_re
     # W&B offline run (rank 0 only) under RUN_DIR/wandb: history = the logged steps with metrics.jsonl's losses.
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
     wb = read_offline_run(run_dir / "wandb")
-    history = {row["_step"]: row for row in wb["history"] if "loss" in row}
+    history = {row["_step"]: row for row in wb["history"] if "train/loss" in row}
     assert sorted(history) == list(range(1, REAL_STEPS + 1))
-    assert {s: row["loss"] for s, row in history.items()} == losses
+    assert {s: row["train/loss"] for s, row in history.items()} == losses
     assert wb["exit_code"] == 0 and wb["config"]["ep_size"] == 2
 
 
@@ -524,14 +527,15 @@ def test_real_train_stops_before_time_limit_requeues_and_continues_on_one_node(s
     it to 1 node (as an admin or a smaller free allocation would): it restarts with 1 rank, resumes elastically
     (grad accum 1 -> 2 keeps the global batch) and finishes all 8 steps with the losses of the uninterrupted 2-rank
     reference (ep 2 there: same math, another summation order; 1e-5 relative). --keep-last 2 holds across the
-    requeue."""
+    requeue. Both starts log to one W&B run (offline: two folders with the run dir's one run id, the second a
+    resume, together every step once with the losses of metrics.jsonl)."""
     _, _, reference = real_reference
     run_dir = tmp_path / "run"
     inject = str(Path(__file__).parent / "inject")
     config, base_env = real_train_inputs
     job = slurm_cluster.submit(
-        REPO / "slurm" / "train.sbatch", config, run_dir, "--ep-size", "1", "--keep-last", "2", "--wandb-mode",
-        "disabled", env={**base_env, "UPCYCLE_DS_TEST_STEP_SLEEP": "5",
+        REPO / "slurm" / "train.sbatch", config, run_dir, "--ep-size", "1", "--keep-last", "2",
+        env={**base_env, "UPCYCLE_DS_TEST_STEP_SLEEP": "5",
                          "PYTHONPATH": os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")]))},
         sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=2",
                      "--signal=B:USR1@90", f"--output={tmp_path}/batch.log"])
@@ -570,3 +574,13 @@ def test_real_train_stops_before_time_limit_requeues_and_continues_on_one_node(s
     tags = sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*"))
     assert _latest(run_dir) == f"global_step{REAL_STEPS}"
     assert tags == sorted({f"global_step{REAL_STEPS}", f"global_step{max(REAL_STEPS - REAL_SAVE_EVERY, step)}"}), tags
+
+    from wandb_read import find_wandb_files, read_offline_run
+
+    run_id = (run_dir / "wandb" / "run_id").read_text().strip()
+    starts = [read_offline_run(f) for f in find_wandb_files(run_dir / "wandb")]
+    assert [(w["run"]["id"], w["run"]["resume"], w["exit_code"]) for w in starts] == [(run_id, True, 0)] * 2
+    logged = [{row["_step"]: row["train/loss"] for row in w["history"] if "train/loss" in row} for w in starts]
+    assert sorted(logged[0]) == list(range(1, step + 1)) and sorted(logged[1]) == list(range(step + 1, REAL_STEPS + 1))
+    assert {**logged[0], **logged[1]} == got
+    assert f"W&B offline run {run_id} in " in first[0] and f"W&B offline run {run_id} in " in second

@@ -1,6 +1,7 @@
 """Expert-load tracking: what `Tracker` logs is checked against wandb's own offline run log (`.wandb`, parsed by
 `wandb_read`), against `metrics.jsonl`, and against the heatmap's pixels decoded through matplotlib's colormap.
-Also: the W&B environment variables a user sets apply unless a flag is given; the collapse warning."""
+Also: the W&B environment variables a user sets apply unless a flag is given; the collapse warning; a resumed run
+dir continues the same W&B run; the run's files grow with the number of heatmaps only."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from PIL import Image
 
 from upcycle_ds.errors import UserError
 from upcycle_ds.train.tracking import LayerStats, Tracker, read_heatmap_meta
-from wandb_read import BLOCK_LEN, find_wandb_file, read_offline_run
+from wandb_read import BLOCK_LEN, find_wandb_file, find_wandb_files, read_offline_run
 
-WANDB_VARS = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE", "WANDB_SILENT")
+WANDB_VARS = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE", "WANDB_SILENT",
+              "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME", "WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_RUN_ID")
 LAYER_IDS = [1, 3]
 # per step: per MoE layer (tokens_per_expert, aux, z, entropy, dropped)
 STEPS = {
@@ -37,6 +39,7 @@ def layer_stats(step: int) -> list[LayerStats]:
 
 
 def scalars(step: int) -> dict[str, float]:
+    """What the training loop passes (no namespace: logged as train/...)."""
     return {"loss": 4.0 - 0.5 * step, "lr": 1e-4 * (step + 1), "tokens_per_s": 1000.0 + step}
 
 
@@ -59,6 +62,7 @@ def offline_run(tmp_path_factory):
         warnings = []
         tracker = Tracker(run_dir, CONFIG, name="tiny-test", heatmap_every=2, collapse_factor=2.0, collapse_steps=2,
                           warn=warnings.append)
+        where, warnings[:] = warnings[:], []
         for step in STEPS:
             tracker.log_step(step, scalars(step), layer_stats(step))
         png = tracker.log_eval(3, {"loss": 2.25, "eval/ppl": 9.49}, EVAL_LOAD, LAYER_IDS)
@@ -66,7 +70,7 @@ def offline_run(tmp_path_factory):
         tracker.finish()  # idempotent
         env_after = {var: os.environ.get(var) for var in WANDB_VARS}
     return {"run_dir": run_dir, "png": png, "home": home, "cwd": cwd, "env_after": env_after,
-            "wandb": read_offline_run(run_dir), "warnings": warnings}
+            "wandb": read_offline_run(run_dir), "warnings": warnings, "where": where}
 
 
 def shares(tokens) -> np.ndarray:
@@ -80,10 +84,11 @@ def test_history_has_a_handful_of_scalars_per_layer(offline_run):
     for step in STEPS:
         row = hist[step]
         for k, v in scalars(step).items():
-            assert row[k] == pytest.approx(v, rel=1e-12)
+            assert row[f"train/{k}"] == pytest.approx(v, rel=1e-12) and k not in row
         for L, (tokens, aux, z, ent, dropped) in zip(LAYER_IDS, STEPS[step]):
             f = shares(tokens)
-            assert not any(k.startswith(f"moe/layer{L}/expert") and k.endswith("_frac") for k in row)
+            # 2 layers x 4 experts <= expert_shares_max (256): each expert's share is a plain W&B scalar
+            assert [row[f"moe/layer{L}/expert{e}_share"] for e in range(4)] == pytest.approx(f.tolist(), rel=1e-12)
             assert row[f"moe/layer{L}/max_share"] == pytest.approx(f.max(), rel=1e-12)
             assert row[f"moe/layer{L}/min_share"] == pytest.approx(f.min(), rel=1e-12)
             assert row[f"moe/layer{L}/imbalance"] == pytest.approx(4 * f.max(), rel=1e-12)
@@ -97,32 +102,27 @@ def test_history_has_a_handful_of_scalars_per_layer(offline_run):
         assert not any(k.startswith("moe/layer2/") for k in row)  # only the MoE layers given
 
 
-def test_expert_share_chart_at_the_heatmap_interval_equals_metrics_jsonl(offline_run):
-    """heatmap_every=2: pictures at steps 0 and 2; the chart's table at step 2 holds both points, and each point is
-    the load since the previous heatmap (step 2: steps 1 + 2 together), as metrics.jsonl records it."""
+def test_load_heatmap_at_the_heatmap_interval_equals_metrics_jsonl(offline_run):
+    """heatmap_every=2: pictures at steps 0 and 2, each the load since the previous heatmap (step 2: steps 1 + 2
+    together), as metrics.jsonl records it; W&B holds them as images and nothing else (no tables)."""
     hist = {row["_step"]: row for row in offline_run["wandb"]["history"]}
     lines = {r["step"]: r for r in map(json.loads, (offline_run["run_dir"] / "metrics.jsonl").read_text().splitlines())
-             if "loss" in r}
+             if "train/loss" in r}
     assert [s for s in lines if "moe/train_load" in lines[s]] == [0, 2]
     assert [s for s in hist if "moe/load_heatmap_train" in hist[s]] == [0, 2]
     files = Path(offline_run["wandb"]["run"]["files_dir"])
+    for s in (0, 2):
+        image = hist[s]["moe/load_heatmap_train"]
+        png = offline_run["run_dir"] / f"load_heatmap_train_step{s}.png"
+        assert image["_type"] == "image-file" and (files / image["path"]).read_bytes() == png.read_bytes()
     for i, L in enumerate(LAYER_IDS):
         want0 = shares(STEPS[0][i][0])
         want2 = shares(np.asarray(STEPS[1][i][0], dtype=np.float64) + np.asarray(STEPS[2][i][0]))
         assert lines[2]["moe/train_load"]["fractions"][i] == pytest.approx(want2.tolist(), rel=1e-12)
         assert lines[0]["moe/train_load"]["fractions"][i] == pytest.approx(want0.tolist(), rel=1e-12)
-        table = hist[2][f"moe/layer{L}/expert_share_table"]
-        assert table["_type"] == "table-file"
-        data = json.loads((files / table["path"]).read_text())
-        points = {}  # (series, step) -> y
-        for row in data["data"]:
-            rec = dict(zip(data["columns"], row))
-            points[(rec["lineKey"], rec["step"])] = rec["lineVal"]
-        for e in range(4):
-            assert points[(f"expert {e}", 0)] == pytest.approx(want0[e], rel=1e-12)
-            assert points[(f"expert {e}", 2)] == pytest.approx(want2[e], rel=1e-12)
         png = offline_run["run_dir"] / "load_heatmap_train_step2.png"
         assert read_heatmap_meta(png)["load"][i] == pytest.approx(want2.tolist(), rel=1e-12)
+    assert not any(isinstance(v, dict) and v.get("_type") != "image-file" for row in hist.values() for v in row.values())
 
 
 def test_collapse_warning_once_per_layer(offline_run):
@@ -150,7 +150,7 @@ def test_config_summary_and_exit(offline_run):
     assert run["config"]["lr"] == CONFIG["lr"] and run["config"]["moe"] == CONFIG["moe"]
     assert run["config"]["note"] == CONFIG["note"]
     assert run["run"]["name"] == "tiny-test" and run["run"]["project"] == "upcycle_ds"
-    assert run["summary"]["loss"] == scalars(2)["loss"] and run["summary"]["_step"] == 3
+    assert run["summary"]["train/loss"] == scalars(2)["loss"] and run["summary"]["_step"] == 3
     assert run["exit_code"] == 0
     assert find_wandb_file(offline_run["run_dir"]).stat().st_size > BLOCK_LEN  # the multi-block path was read
 
@@ -159,12 +159,13 @@ def test_metrics_jsonl_matches_wandb_history(offline_run):
     lines = [json.loads(l) for l in (offline_run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in lines] == [0, 1, 2, 3]
     hist = {row["_step"]: row for row in offline_run["wandb"]["history"]}
-    for rec in lines[:3]:
+    for rec in lines[:3]:  # the same names and values in both
         logged = {k: v for k, v in hist[rec["step"]].items() if not k.startswith("_") and not isinstance(v, dict)}
-        ours = {k: v for k, v in rec.items() if k in logged}
+        ours = {k: v for k, v in rec.items() if k != "step" and not isinstance(v, dict)}
         assert ours == pytest.approx(logged, rel=1e-12) and len(ours) == len(logged)
-        for i, L in enumerate(LAYER_IDS):  # each expert's share of the step: metrics.jsonl only
-            got = [rec[f"moe/layer{L}/expert{e}_frac"] for e in range(4)]
+        assert all(k.startswith(("train/", "moe/")) for k in ours)
+        for i, L in enumerate(LAYER_IDS):
+            got = [rec[f"moe/layer{L}/expert{e}_share"] for e in range(4)]
             assert got == pytest.approx(shares(STEPS[rec["step"]][i][0]).tolist(), rel=1e-12)
     ev = lines[3]
     assert ev["eval/loss"] == 2.25 and ev["moe/load_heatmap"] == offline_run["png"].name
@@ -233,8 +234,8 @@ def test_disabled_mode_writes_metrics_jsonl_and_no_wandb_dir(tmp_path, monkeypat
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in lines] == [0, 1, 2, 3]
     rec = lines[1]
-    assert rec["loss"] == 3.5
-    assert [rec[f"moe/layer3/expert{e}_frac"] for e in range(4)] == pytest.approx([0, 7 / 120, 13 / 120, 100 / 120])
+    assert rec["train/loss"] == 3.5
+    assert [rec[f"moe/layer3/expert{e}_share"] for e in range(4)] == pytest.approx([0, 7 / 120, 13 / 120, 100 / 120])
     assert rec["moe/layer3/dropped_frac"] == 0.25
     assert not any(var in os.environ for var in WANDB_VARS)
 
@@ -268,8 +269,8 @@ def test_context_manager_records_a_failed_run(tmp_path, monkeypatch):
             raise RuntimeError("loss diverged")
     run = read_offline_run(run_dir)
     assert run["exit_code"] == 1
-    assert np.isnan(run["history"][0]["loss"])
-    assert np.isnan(json.loads((run_dir / "metrics.jsonl").read_text())["loss"])
+    assert np.isnan(run["history"][0]["train/loss"])
+    assert np.isnan(json.loads((run_dir / "metrics.jsonl").read_text())["train/loss"])
 
 
 @pytest.mark.parametrize("var,value,key,want", [
@@ -277,15 +278,16 @@ def test_context_manager_records_a_failed_run(tmp_path, monkeypatch):
     ("WANDB_ENTITY", "myteam", "entity", "myteam"),
     ("WANDB_RUN_GROUP", "sweep-7", "group", "sweep-7"),
     ("WANDB_TAGS", "moe, upcycled", "tags", ["moe", "upcycled"]),
+    ("WANDB_NAME", "job-7", "name", "job-7"),
 ])
 def test_wandb_environment_applies_unless_a_flag_is_given(tmp_path, monkeypatch, var, value, key, want):
-    for v in WANDB_VARS + ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_TAGS"):
+    for v in WANDB_VARS:
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv(var, value)
     with Tracker(tmp_path / "env", {}) as tracker:  # offline: the run record says what wandb was given
         tracker.log_step(0, {"loss": 1.0}, [])
     assert read_offline_run(tmp_path / "env")["run"][key] == want
-    flag = {"project": "flagproj", "entity": "flagteam", "group": "flaggroup", "tags": ["flag"]}[key]
+    flag = {"project": "flagproj", "entity": "flagteam", "group": "flaggroup", "tags": ["flag"], "name": "flagname"}[key]
     with Tracker(tmp_path / "flag", {}, **{key: flag}) as tracker:
         tracker.log_step(0, {"loss": 1.0}, [])
     assert read_offline_run(tmp_path / "flag")["run"][key] == flag
@@ -308,3 +310,62 @@ def test_wandb_mode_from_the_environment(tmp_path, monkeypatch):
     with Tracker(tmp_path / "default", {}) as tracker:  # nothing set: offline, project upcycle_ds
         tracker.log_step(0, {"loss": 1.0}, [])
     assert read_offline_run(tmp_path / "default")["run"]["project"] == "upcycle_ds"
+
+
+def test_where_the_run_went_is_printed_once(offline_run):
+    run_id = offline_run["wandb"]["run"]["id"]
+    folder = Path(offline_run["wandb"]["run"]["files_dir"]).parent
+    assert offline_run["where"] == [
+        f"W&B offline run {run_id} in {folder} (upload: wandb sync {folder.parent}/offline-run-*-{run_id}*); "
+        f"metrics in {offline_run['run_dir'] / 'metrics.jsonl'}"]
+
+
+def test_resumed_run_dir_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    """Two starts of one run dir (a crash after step 3, a resume from the checkpoint of step 1) are one W&B run:
+    the id kept in run_dir/wandb/run_id (WANDB_RUN_ID of the first start; the file wins later), name and group
+    from WANDB_NAME / WANDB_RUN_GROUP, two offline folders that `wandb sync` of the printed glob uploads in order.
+    A heatmap at every step: each start's files are its images and nothing else (O(heatmaps); the per-layer
+    tables W&B's line_series re-logged at every heatmap grew with the square). The second start logs expert shares
+    only within expert_shares_max (2 layers x 4 experts = 8 > 7: per-layer scalars only)."""
+    for var in WANDB_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_NAME", "job-7")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "sweep-3")
+    monkeypatch.setenv("WANDB_RUN_ID", "first-id")
+    run_dir = tmp_path / "run"
+    printed = []
+    segments = {0: [0, 1, 2, 3], 1: [2, 3, 4, 5]}
+    for seg, steps in segments.items():
+        with Tracker(run_dir, CONFIG, heatmap_every=1, expert_shares_max=8 - seg, warn=printed.append) as tracker:
+            for step in steps:
+                tracker.log_step(step, scalars(step % 3), layer_stats(step % 3))
+        monkeypatch.setenv("WANDB_RUN_ID", "other-id")  # the kept id wins on every later start
+    assert (run_dir / "wandb" / "run_id").read_text() == "first-id\n"
+    folders = [p.parent for p in find_wandb_files(run_dir)]  # oldest first
+    assert ["-first-id" in f.name for f in folders] == [True, True]  # (two starts in one second: `-first-id-1`)
+    glob = f"{run_dir / 'wandb'}/offline-run-*-first-id*"
+    assert printed == [f"W&B offline run first-id in {f} (upload: wandb sync {glob}); metrics in "
+                       f"{run_dir / 'metrics.jsonl'}" for f in folders]
+    assert sorted(run_dir.glob("wandb/offline-run-*-first-id*")) == sorted(folders)
+    for seg, folder in enumerate(folders):
+        run = read_offline_run(folder)
+        assert {k: run["run"][k] for k in ("id", "name", "group", "resume")} == {
+            "id": "first-id", "name": "job-7", "group": "sweep-3", "resume": True}
+        assert [row["_step"] for row in run["history"]] == segments[seg] and run["exit_code"] == 0
+        media = sorted(p.relative_to(folder / "files") for p in (folder / "files" / "media").rglob("*") if p.is_file())
+        assert len(media) == len(segments[seg]) and all(p.parts[1] == "images" for p in media), media
+        share_keys = {k for row in run["history"] for k in row if k.endswith("_share") and "/expert" in k}
+        assert len(share_keys) == (8 if seg == 0 else 0)
+        assert all("moe/layer3/max_share" in row for row in run["history"])
+    jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("moe/layer3/expert3_share" in rec for rec in jsonl) and len(jsonl) == 8
+
+
+def test_bad_kept_run_id(tmp_path, monkeypatch):
+    for var in WANDB_VARS:
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "run" / "wandb").mkdir(parents=True)
+    (tmp_path / "run" / "wandb" / "run_id").write_text("../../etc\n")
+    with pytest.raises(UserError, match=r"run_id: '\.\./\.\./etc' is not a W&B run id"):
+        Tracker(tmp_path / "run", {})
+    assert not any(var in os.environ for var in WANDB_VARS)

@@ -64,7 +64,7 @@ def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:
 def steps(run_dir: Path) -> list[dict]:
     """The per-step training records of metrics.jsonl (eval records left out), in file order."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
+    return [r for r in rows if "train/loss" in r]
 
 
 def _n_steps(run_dir: Path) -> int:
@@ -73,7 +73,7 @@ def _n_steps(run_dir: Path) -> int:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return 0
-    return sum(1 for line in lines if line.endswith("}") and '"loss"' in line)
+    return sum(1 for line in lines if line.endswith("}") and '"train/loss"' in line)
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -84,7 +84,7 @@ def _alive(p: psutil.Process) -> bool:
 
 
 def assert_loss_goes_down(recs: list[dict]) -> None:
-    losses = [r["loss"] for r in recs]
+    losses = [r["train/loss"] for r in recs]
     assert all(map(torch.isfinite, torch.tensor(losses)))
     # tiny model on "a+b=c" rows, lr 1e-3: ~5.1 at step 1, ~3.5 after 6 steps
     assert losses[-1] < losses[0] - 0.5, losses
@@ -235,7 +235,7 @@ def test_config_yaml_with_flag_overrides(straight):
     assert (resolved["zero_stage"], resolved["dtype"], resolved["max_steps"]) == (2, "fp32", 6)
     assert resolved["save_every"] == 3 and resolved["debug_dump_logits"] is True  # only in the YAML
     recs = steps(straight["out"])
-    assert recs[0]["lr"] == 1e-3 and len(recs) == 6
+    assert recs[0]["train/lr"] == 1e-3 and len(recs) == 6
 
 
 def test_direct_launcher_zero1_bf16(direct):
@@ -261,7 +261,7 @@ def test_resume_is_bit_exact(direct, resumed):
     got, want = steps(resumed["out"]), steps(direct["out"])
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
     for g, w in zip(got, want):
-        keys = [k for k in w if k in ("loss", "lr") or k.startswith("moe/")]
+        keys = [k for k in w if k in ("train/loss", "train/lr") or k.startswith("moe/")]
         assert len(keys) > 2 + E * len(MOE_LAYERS)
         assert {k: g[k] for k in keys} == {k: w[k] for k in keys}, f"step {w['step']}"  # bit-identical
     assert (resumed["out"] / "checkpoints" / "latest").read_text() == "global_step6"
@@ -270,7 +270,7 @@ def test_resume_is_bit_exact(direct, resumed):
 def test_resume_continues_lr_schedule(resumed):
     from upcycle_ds.train.optim import lr_lambda
 
-    lrs = [r["lr"] for r in steps(resumed["out"])]
+    lrs = [r["train/lr"] for r in steps(resumed["out"])]
     f = lr_lambda(0, 6, 0.1)
     assert lrs == pytest.approx([1e-3 * f(s) for s in range(6)], rel=1e-12)
     assert lrs[3] < lrs[2] < lrs[0]  # step 4 continues the cosine; it does not restart at the peak
@@ -322,7 +322,7 @@ def _wandb_steps(out: Path) -> dict[int, dict]:
 
     run = read_offline_run(out / "wandb")
     assert run["exit_code"] == 0
-    return {row["_step"]: row for row in run["history"] if "loss" in row}
+    return {row["_step"]: row for row in run["history"] if "train/loss" in row}
 
 
 def test_wandb_load_scalars_match_metrics_and_shares_sum_to_one(straight):
@@ -330,11 +330,11 @@ def test_wandb_load_scalars_match_metrics_and_shares_sum_to_one(straight):
     assert sorted(hist) == [1, 2, 3, 4, 5, 6]
     for rec in steps(straight["out"]):
         row = hist[rec["step"]]
-        assert row["loss"] == rec["loss"] and row["lr"] == rec["lr"]
+        assert row["train/loss"] == rec["train/loss"] and row["train/lr"] == rec["train/lr"]
         for L in MOE_LAYERS:
-            fr = [rec[f"moe/layer{L}/expert{e}_frac"] for e in range(E)]  # each expert's share: metrics.jsonl
-            assert f"moe/layer{L}/expert0_frac" not in row  # W&B gets the handful of scalars, not E per layer
-            assert f"moe/layer{L}/expert{E}_frac" not in rec
+            fr = [rec[f"moe/layer{L}/expert{e}_share"] for e in range(E)]  # each expert's share, the same in both
+            assert [row[f"moe/layer{L}/expert{e}_share"] for e in range(E)] == fr
+            assert f"moe/layer{L}/expert{E}_share" not in rec
             assert sum(fr) == pytest.approx(1.0, abs=1e-12)
             assert row[f"moe/layer{L}/max_share"] == max(fr) and row[f"moe/layer{L}/min_share"] == min(fr)
             # fraction x (2 ranks x 2 rows x 128 tokens x k) is a whole number of token-slots
@@ -343,11 +343,11 @@ def test_wandb_load_scalars_match_metrics_and_shares_sum_to_one(straight):
     assert f"moe/layer{MOE_LAYERS[-1] + 1}/max_share" not in hist[1]
 
 
-def test_expert_share_chart_every_heatmap_interval(straight):
-    """--heatmap-every 2: the layer x expert heatmap and each layer's expert-share chart at steps 2, 4 and 6."""
+def test_load_heatmap_every_heatmap_interval(straight):
+    """--heatmap-every 2: the layer x expert heatmap at steps 2, 4 and 6, an image each (no tables)."""
     hist = _wandb_steps(straight["out"])
     assert [s for s in sorted(hist) if "moe/load_heatmap_train" in hist[s]] == [2, 4, 6]
-    assert all(f"moe/layer{L}/expert_share_table" in hist[6] for L in MOE_LAYERS)
+    assert not any(k.endswith("_table") for row in hist.values() for k in row)
     assert (straight["out"] / "load_heatmap_train_step4.png").is_file()
 
 
@@ -378,7 +378,7 @@ def test_step1_expert_shares_equal_transformers_router_counts(straight, tiny):
     assert (counts.sum(dim=1) == total).all()
     row = steps(straight["out"])[0]
     assert row["step"] == 1
-    logged = torch.tensor([[row[f"moe/layer{L}/expert{e}_frac"] * total for e in range(E)] for L in MOE_LAYERS],
+    logged = torch.tensor([[row[f"moe/layer{L}/expert{e}_share"] * total for e in range(E)] for L in MOE_LAYERS],
                           dtype=torch.float64)
     assert torch.equal(logged.round().long(), counts), (logged, counts)
     assert (counts.max(dim=1).values < total).all()  # not trivially "everything on one expert"

@@ -100,8 +100,8 @@ def test_router_init_bce_learns_assignment_and_touches_only_routers(granular_moe
     changed = sorted(k for k in a if not torch.equal(a[k], b[k]))
     assert changed == [f"model.layers.{l}.block_sparse_moe.gate.weight" for l in range(4)]
     log = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in log if "bce" in m]
-    assert steps[-1]["bce"] < steps[0]["bce"] and steps[-1]["top1_match"] > 0.8
+    steps = [m for m in log if "train/bce" in m]
+    assert steps[-1]["train/bce"] < steps[0]["train/bce"] and steps[-1]["train/top1_match"] > 0.8
 
 
 def test_router_bce_targets(tmp_path):

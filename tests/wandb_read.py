@@ -17,6 +17,7 @@ and config updates carry items with `key` (or `nested_key`, a path) and a JSON v
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -34,8 +35,12 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 def find_wandb_files(run_dir: Path | str) -> list[Path]:
     """All `.wandb` logs under `run_dir` (a run dir can hold several, e.g. after a restart), oldest first."""
     files = {p.resolve() for p in Path(run_dir).rglob("*.wandb") if p.is_file()}  # wandb/latest-run is a symlink
-    # run folders are named (offline-)run-YYYYMMDD_HHMMSS-<id>: sort on the timestamp, then mtime
-    return sorted(files, key=lambda p: (p.parent.name.split("-")[-2:], p.stat().st_mtime))
+    # run folders are named (offline-)run-YYYYMMDD_HHMMSS-<id>[-N]: sort on the timestamp, then mtime
+    def started(p: Path):
+        stamp = re.search(r"run-(\d{8}_\d{6})-", p.parent.name)
+        return stamp.group(1) if stamp else "", p.stat().st_mtime
+
+    return sorted(files, key=started)
 
 
 def find_wandb_file(run_dir: Path | str) -> Path:
@@ -125,9 +130,9 @@ def _item_value(item) -> Any:
 def read_offline_run(path: Path | str, *, check_crc: bool = True) -> dict[str, Any]:
     """Parse an offline run: `path` is a `.wandb` file or a directory holding one (the newest is used).
 
-    Returns {"history": [row, ...], "summary": {...}, "config": {...},
-    "run": {"id", "project", "name", "entity", "group", "tags", "files_dir"}, "exit_code": int | None}. Each history row maps the logged
-    keys (as logged, e.g. "moe/layer3/aux_loss") to their values and has "_step", "_runtime", "_timestamp"; a
+    Returns {"history": [row, ...], "summary": {...}, "config": {...}, "exit_code": int | None,
+    "run": {"id", "project", "name", "entity", "group", "tags", "resume", "files_dir"}}. Each history row maps the
+    logged keys (as logged, e.g. "moe/layer3/aux_loss") to their values and has "_step", "_runtime", "_timestamp"; a
     logged dict comes back as a nested dict, so a media value is wandb's descriptor ({"_type": "image-file",
     "path": ..., "sha256": ...}, path relative to the run's `files/` dir, `run["files_dir"]`)."""
     p = Path(path)
@@ -161,7 +166,7 @@ def read_offline_run(path: Path | str, *, check_crc: bool = True) -> dict[str, A
         elif kind == "run":
             r = rec.run
             run.update(id=r.run_id, project=r.project, name=r.display_name, entity=r.entity, group=r.run_group,
-                       tags=list(r.tags))
+                       tags=list(r.tags), resume=r.resume)
             for it in r.config.update:
                 _set_item(config, it)
         elif kind == "exit":

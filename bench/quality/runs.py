@@ -93,5 +93,5 @@ def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 def train_seconds(run_dir: Path) -> float:
     """Sum of the logged optimizer-step times of a run (no start-up, eval or export)."""
-    return sum(float(json.loads(l).get("step_time_s", 0.0)) for l in (run_dir / "metrics.jsonl").read_text()
+    return sum(float(json.loads(l).get("train/step_time_s", 0.0)) for l in (run_dir / "metrics.jsonl").read_text()
                .splitlines())

@@ -134,13 +134,20 @@ class TrainArgs:
     """W&B project (default: $WANDB_PROJECT, else upcycle_ds)."""
     wandb_entity: str | None = None
     """W&B entity, a user or team (default: $WANDB_ENTITY, else your W&B default)."""
+    wandb_name: str | None = None
+    """W&B run name (default: $WANDB_NAME, else W&B's generated one). Every start of the same OUT logs to the same
+    W&B run (its id is kept in OUT/wandb/run_id), however often it is resumed or requeued."""
     wandb_group: str | None = None
     """W&B run group (default: $WANDB_RUN_GROUP)."""
     wandb_tags: list[str] = field(default_factory=list)
     """W&B tags (default: $WANDB_TAGS, comma-separated)."""
+    wandb_expert_shares_max: int = 256
+    """Log each expert's share of each MoE layer as a W&B scalar (moe/layerL/expertE_share) while MoE layers x
+    experts is at most this (0 = never); above it W&B gets the per-layer max/min share and the heatmaps, and
+    metrics.jsonl still has every share."""
     heatmap_every: int = 100
-    """Every N steps: an expert-load heatmap (layers x experts) and a per-layer expert-share-over-steps chart in W&B
-    and OUT/load_heatmap_train_step{N}.png (0 = only at eval)."""
+    """Every N steps: an expert-load heatmap (layers x experts, the load since the previous one) in W&B and
+    OUT/load_heatmap_train_step{N}.png (0 = only at eval)."""
     collapse_factor: float = 4.0
     """Warn (once per layer) when one expert gets more than this many times its fair share 1/E ..."""
     collapse_steps: int = 10
@@ -233,6 +240,8 @@ class TrainArgs:
                     re.compile(pat)
                 except re.error as e:
                     raise UserError(f"{flag} {pat!r} is not a valid regular expression ({e})") from None
+        if self.wandb_expert_shares_max < 0:
+            raise UserError(f"--wandb-expert-shares-max must be >= 0 (got {self.wandb_expert_shares_max})")
         if self.heatmap_every < 0 or self.collapse_steps < 1 or not self.collapse_factor > 1:
             raise UserError("--heatmap-every must be >= 0, --collapse-steps >= 1 and --collapse-factor > 1")
         if self.log_every < 1:

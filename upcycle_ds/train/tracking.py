@@ -2,31 +2,42 @@
 
 Only rank 0 builds an enabled `Tracker`; the other ranks build `Tracker(..., enabled=False)`, whose methods do
 nothing, so the training loop calls them unconditionally. Per logging step the loop passes one `LayerStats` per
-MoE layer (summed over the window's micro-batches and ranks). "Is my router collapsing?" is answered by:
+MoE layer (summed over the window's micro-batches and ranks).
 
-- a handful of scalars per MoE layer L (W&B and metrics.jsonl), whatever the number of experts E:
+Every metric has a namespace, and metrics.jsonl and W&B use the same names: `train/...` (loss, lr, tokens_per_s,
+...; a name the loop passes without a namespace is a training metric), `eval/...` (held-out loss, perplexity) and
+`moe/...` (the router). "Is my router collapsing?" is answered by:
+
+- a handful of scalars per MoE layer L, whatever the number of experts E:
       moe/layer{L}/max_share, min_share  share of the layer's routed token-slots on its busiest / idlest expert
       moe/layer{L}/imbalance              max_share * E (1 = balanced, E = everything on one expert)
       moe/layer{L}/load_entropy           entropy of the shares / log E (1 = balanced, 0 = one expert)
       moe/layer{L}/starved_frac           fraction of experts below a quarter of their fair share, 1 / (4E)
       moe/layer{L}/aux_loss, z_loss, entropy (router entropy, nats), dropped_frac
+- each expert's share of every logged step, `moe/layer{L}/expert{e}_share`: always in metrics.jsonl; in W&B as plain
+  scalars (charted natively, one line per expert) while MoE layers x E <= `expert_shares_max` (default 256: 32
+  layers x 8 experts), above that only the per-layer scalars above;
 - every `heatmap_every` steps: a [MoE layers x experts] heatmap of the load since the previous one
-  (`moe/load_heatmap_train`, `load_heatmap_train_step{N}.png`), and per layer a line chart of every expert's share
-  over the run (`moe/layer{L}/expert_share`, a W&B `line_series` whose table holds one point per heatmap); the
-  same points go to metrics.jsonl as `moe/train_load`;
+  (`moe/load_heatmap_train`, `load_heatmap_train_step{N}.png`; one image per heatmap, so the run's files grow with
+  the number of heatmaps, not with its square); the same matrix goes to metrics.jsonl as `moe/train_load`;
 - a warning line in the log, once per layer, when one expert holds more than `collapse_factor` x its fair share for
   `collapse_steps` logged steps in a row.
-metrics.jsonl also keeps each expert's share of every logged step (`moe/layer{L}/expert{e}_frac`); W&B does not
-get those E x layers keys (416 at Llama-3-8B x 8 experts), only the pictures above.
 
 `log_eval` draws the eval load heatmap to `run_dir/load_heatmap_step{N}.png`; every heatmap PNG's text chunk
 `upcycle_ds.load` holds the matrix, the colour scale and the heatmap's pixel box (to check a picture against numbers).
 
 W&B settings: a flag wins; otherwise the environment a W&B user sets applies (WANDB_MODE, WANDB_PROJECT,
-WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_DIR); with neither, the run is offline in project `upcycle_ds`.
-W&B files stay inside the run: unless already set, WANDB_DIR = run_dir and WANDB_CACHE_DIR / WANDB_DATA_DIR (and
-WANDB_CONFIG_DIR, except in "online" mode, which uses the user's own wandb login/settings) point under
-`run_dir/wandb/`. Offline runs can be uploaded later with `wandb sync run_dir/wandb/offline-run-*`.
+WANDB_ENTITY, WANDB_NAME, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_DIR); with neither, the run is offline in project
+`upcycle_ds`. W&B files stay inside the run: unless already set, WANDB_DIR = run_dir and WANDB_CACHE_DIR /
+WANDB_DATA_DIR (and WANDB_CONFIG_DIR, except in "online" mode, which uses the user's own wandb login/settings) point
+under `run_dir/wandb/`.
+
+One training run is one W&B run, however often it is resumed or requeued: the first start keeps the W&B run id in
+`run_dir/wandb/run_id` (WANDB_RUN_ID if set, else a new one) and every later start of the same run dir continues
+that W&B run (`resume="allow"`). Online, steps the resumed W&B run already holds are not sent again (a resume
+repeats the steps after its checkpoint with the same values). Offline, each start writes its own
+`run_dir/wandb/offline-run-*-<id>*` folder with the same id; `wandb sync run_dir/wandb/offline-run-*-<id>*` uploads
+them into one run, in order. The tracker prints where the run goes (URL, or folder and sync command) once at start.
 """
 
 from __future__ import annotations
@@ -102,8 +113,16 @@ def layer_metrics(layers: Sequence[LayerStats]) -> dict[str, float]:
 
 
 def expert_shares(layers: Sequence[LayerStats]) -> dict[str, float]:
-    """`moe/layer{L}/expert{e}_frac` of one logged step (metrics.jsonl only)."""
-    return {f"moe/layer{st.layer}/expert{e}_frac": float(f) for st in layers for e, f in enumerate(st.fractions())}
+    """`moe/layer{L}/expert{e}_share` of one logged step: each expert's share of the layer's routed token-slots."""
+    return {f"moe/layer{st.layer}/expert{e}_share": float(f) for st in layers for e, f in enumerate(st.fractions())}
+
+
+NAMESPACES = ("train/", "eval/", "moe/")
+
+
+def namespaced(name: str) -> str:
+    """A metric name under its namespace: `train/` unless it already has one of `NAMESPACES`."""
+    return name if name.startswith(NAMESPACES) else f"train/{name}"
 
 
 def _scalar(v: Any) -> float | int | bool:
@@ -116,9 +135,10 @@ def _scalar(v: Any) -> float | int | bool:
 
 
 def resolve_wandb(mode: str | None = None, project: str | None = None, entity: str | None = None,
-                  group: str | None = None, tags: Sequence[str] | None = None, environ=None) -> dict[str, Any]:
+                  group: str | None = None, tags: Sequence[str] | None = None, name: str | None = None,
+                  environ=None) -> dict[str, Any]:
     """W&B settings: each flag given wins, else the W&B user's environment variable, else our default (offline,
-    project upcycle_ds)."""
+    project upcycle_ds, W&B's own generated run name)."""
     env = os.environ if environ is None else environ
     mode = mode or env.get("WANDB_MODE") or "offline"
     mode = _WANDB_MODE_ALIASES.get(mode, mode)
@@ -127,7 +147,32 @@ def resolve_wandb(mode: str | None = None, project: str | None = None, entity: s
     env_tags = [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
     return {"mode": mode, "project": project or env.get("WANDB_PROJECT") or "upcycle_ds",
             "entity": entity or env.get("WANDB_ENTITY") or None, "group": group or env.get("WANDB_RUN_GROUP") or None,
-            "tags": list(tags) if tags else env_tags or None}
+            "name": name or env.get("WANDB_NAME") or None, "tags": list(tags) if tags else env_tags or None}
+
+
+RUN_ID_FILE = Path("wandb") / "run_id"
+"""Under the run dir: the W&B run id every start of this run dir logs to."""
+_RUN_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def run_id(run_dir: Path, environ=None) -> str:
+    """The W&B run id of `run_dir`: the one kept in RUN_ID_FILE, else WANDB_RUN_ID, else a new one; kept in the
+    file (written atomically) before wandb starts, so a crash at any later point resumes the same W&B run."""
+    from ..io.atomic import write_text_atomic
+
+    env = os.environ if environ is None else environ
+    path = run_dir / RUN_ID_FILE
+    rid = path.read_text().strip() if path.is_file() else (env.get("WANDB_RUN_ID") or "").strip()
+    if not rid:
+        import secrets
+
+        rid = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+    if not (0 < len(rid) <= 64 and set(rid) <= _RUN_ID_OK):
+        where = path if path.is_file() else "WANDB_RUN_ID"
+        raise UserError(f"{where}: {rid[:70]!r} is not a W&B run id (letters, digits, - _ . and at most 64 of them)")
+    if not path.is_file():
+        write_text_atomic(path, rid + "\n")
+    return rid
 
 
 class Tracker:
@@ -136,18 +181,19 @@ class Tracker:
     def __init__(self, run_dir: Path | str, config: dict, *, enabled: bool = True, mode: str | None = None,
                  project: str | None = None, entity: str | None = None, group: str | None = None,
                  tags: Sequence[str] | None = None, name: str | None = None, heatmap_every: int = 100,
-                 collapse_factor: float = 4.0, collapse_steps: int = 10, warn=None):
-        self.wandb = resolve_wandb(mode, project, entity, group, tags)
+                 expert_shares_max: int = 256, collapse_factor: float = 4.0, collapse_steps: int = 10, warn=None):
+        self.wandb = resolve_wandb(mode, project, entity, group, tags, name)
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.mode = self.wandb["mode"]
         self.run = None
         self.heatmap_every, self.collapse_factor, self.collapse_steps = heatmap_every, collapse_factor, collapse_steps
+        self.expert_shares_max = expert_shares_max
         self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        """Prints a line to the run's log (the collapse warning, where the W&B run goes)."""
+        self._wandb_from_step = 0  # a resumed online run already holds the steps before this one
         self._saved_env: dict[str, str | None] = {}
         self._window: dict[int, np.ndarray] = {}  # layer -> token-slot counts since the last heatmap
-        self._history: dict[int, list[list[float]]] = {}  # layer -> share of every expert at each heatmap
-        self._history_steps: list[int] = []
         self._hot: dict[int, int] = {}  # layer -> logged steps in a row with one expert over collapse_factor x fair
         self._warned: set[int] = set()
         self._prev_step: int | None = None
@@ -156,7 +202,28 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if self.mode != "disabled":
-            self.run = self._init_wandb(config, name)
+            self.run = self._init_wandb(config)
+        self.warn(self.where())
+
+    @classmethod
+    def for_run(cls, args, *, enabled: bool, warn=None) -> Tracker:
+        """The tracker of a training run from its settings (`TrainArgs`: out, wandb_*, heatmap_every, collapse_*)."""
+        return cls(args.out, args.to_dict(), enabled=enabled, mode=args.wandb_mode, project=args.wandb_project,
+                   entity=args.wandb_entity, group=args.wandb_group, tags=args.wandb_tags, name=args.wandb_name,
+                   heatmap_every=args.heatmap_every, expert_shares_max=args.wandb_expert_shares_max,
+                   collapse_factor=args.collapse_factor, collapse_steps=args.collapse_steps, warn=warn)
+
+    def where(self) -> str:
+        """One line: where this run's metrics go."""
+        jsonl = f"metrics in {self.metrics_path}"
+        if self.run is None:
+            return f"W&B disabled; {jsonl}"
+        if self.mode == "online":
+            return f"W&B run {self.run.url}; {jsonl}"
+        # every start of the run dir has a folder of its own (`-1`, `-2`, ... appended when two start in one second)
+        folders = Path(self.run.dir).parent.parent / f"offline-run-*-{self.run.id}*"
+        return (f"W&B offline run {self.run.id} in {Path(self.run.dir).parent} (upload: wandb sync {folders}); "
+                f"{jsonl}")
 
     # -- W&B ---------------------------------------------------------------------------------------------------
     def _wandb_env(self) -> dict[str, str]:
@@ -167,7 +234,7 @@ class Tracker:
             env["WANDB_CONFIG_DIR"] = str(wb / ".config")
         return env
 
-    def _init_wandb(self, config: dict, name: str | None):
+    def _init_wandb(self, config: dict):
         # Set before importing/initialising wandb: its service process inherits this environment.
         for key, value in self._wandb_env().items():
             if os.environ.get(key):
@@ -178,13 +245,20 @@ class Tracker:
 
         w = self.wandb
         try:
-            return wandb.init(project=w["project"], entity=w["entity"], group=w["group"], tags=w["tags"], name=name,
-                              config=config, mode=self.mode, dir=os.environ["WANDB_DIR"],
-                              settings=wandb.Settings(silent=True))
+            rid = run_id(self.run_dir)
+            run = wandb.init(project=w["project"], entity=w["entity"], group=w["group"], tags=w["tags"],
+                             name=w["name"], config=config, mode=self.mode, dir=os.environ["WANDB_DIR"], id=rid,
+                             resume="allow", settings=wandb.Settings(silent=True))
+        except UserError:
+            self._restore_env()
+            raise
         except Exception as exc:  # wandb raises its own error types for login / network problems
             self._restore_env()
             hint = " (run `wandb login`, or use --wandb-mode offline)" if self.mode == "online" else ""
             raise UserError(f"wandb init failed in mode {self.mode}: {exc}{hint}".replace("\n", " ")) from exc
+        if run.resumed:
+            self._wandb_from_step = run.step
+        return run
 
     def _restore_env(self) -> None:
         for key, old in self._saved_env.items():
@@ -200,13 +274,17 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
 
     def log_step(self, step: int, scalars: dict[str, float], layers: Sequence[LayerStats]) -> None:
-        """Log one logging step: `scalars` (loss, lr, tokens_per_s, ...) as given, the per-layer load scalars, and
-        every `heatmap_every` steps the load pictures; warn once per collapsing layer."""
+        """Log one logging step: `scalars` (loss, lr, tokens_per_s, ...; `train/` unless namespaced), the per-layer
+        load scalars and each expert's share, and every `heatmap_every` steps the load heatmap; warn once per
+        collapsing layer."""
         if not self.enabled:
             return
-        metrics = {k: _scalar(v) for k, v in scalars.items()}
+        metrics = {namespaced(k): _scalar(v) for k, v in scalars.items()}
         metrics.update(layer_metrics(layers))
-        record = {"step": int(step), **metrics, **expert_shares(layers)}
+        shares = expert_shares(layers)
+        record = {"step": int(step), **metrics, **shares}
+        if len(shares) <= self.expert_shares_max:
+            metrics.update(shares)
         wandb_extra: dict[str, Any] = {}
         for st in layers:
             counts = np.asarray(st.tokens_per_expert, dtype=np.float64)
@@ -217,8 +295,11 @@ class Tracker:
         if layers and N and step // N > (step - 1 if prev is None else prev) // N:  # reached or crossed a multiple
             record["moe/train_load"], wandb_extra = self._heatmap(int(step), layers)
         self._append_jsonl(record)
-        if self.run is not None:
-            self.run.log({**metrics, **wandb_extra}, step=int(step))
+        self._log_wandb({**metrics, **wandb_extra}, int(step))
+
+    def _log_wandb(self, values: dict[str, Any], step: int) -> None:
+        if self.run is not None and step >= self._wandb_from_step:
+            self.run.log(values, step=step)
 
     def _check_collapse(self, st: LayerStats) -> None:
         frac = st.fractions()
@@ -235,26 +316,18 @@ class Tracker:
                       f"logged steps in a row (raise --aux-loss-coef, or lower the learning rate)")
 
     def _heatmap(self, step: int, layers: Sequence[LayerStats]) -> tuple[dict, dict]:
-        """The load since the previous heatmap: a PNG and, per layer, the share-over-steps chart."""
+        """The load since the previous heatmap: a PNG (and its W&B image)."""
         ids = [st.layer for st in layers]
         load = np.stack([LayerStats(layer=L, tokens_per_expert=self._window[L], aux_loss=0, z_loss=0,
                                     entropy=0).fractions() for L in ids])
         self._window = {}
         path = render_load_heatmap(load, ids, self.run_dir / f"load_heatmap_train_step{step}.png",
                                    title=f"expert load up to step {step}")
-        self._history_steps.append(step)
-        for L, row in zip(ids, load):
-            self._history.setdefault(L, []).append(row.tolist())
         extra: dict[str, Any] = {}
         if self.run is not None:
             import wandb
 
             extra["moe/load_heatmap_train"] = wandb.Image(str(path))
-            for L in ids:
-                hist = np.asarray(self._history[L])
-                extra[f"moe/layer{L}/expert_share"] = wandb.plot.line_series(
-                    xs=list(self._history_steps), ys=hist.T.tolist(), keys=[f"expert {e}" for e in range(hist.shape[1])],
-                    title=f"MoE layer {L}: share of token-slots per expert", xname="step")
         return {"layer_ids": ids, "fractions": load.tolist(), "heatmap": path.name}, extra
 
     def log_eval(self, step: int, scalars: dict[str, float], load: np.ndarray,
@@ -273,7 +346,7 @@ class Tracker:
         if self.run is not None:
             import wandb
 
-            self.run.log({**metrics, "moe/load_heatmap": wandb.Image(str(path))}, step=int(step))
+            self._log_wandb({**metrics, "moe/load_heatmap": wandb.Image(str(path))}, int(step))
         return path
 
     def finish(self, exit_code: int | None = None) -> None:

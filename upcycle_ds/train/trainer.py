@@ -139,11 +139,7 @@ class Trainer:
             self._resume()
         if self.rank == 0:
             checkpoint.write_model_files(self.ckpt_dir, self.source.config, self.source.tokenizer_dir)
-        self.tracker = Tracker(self.run_dir, args.to_dict(), enabled=self.rank == 0, mode=args.wandb_mode,
-                               project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group,
-                               tags=args.wandb_tags, heatmap_every=args.heatmap_every,
-                               collapse_factor=args.collapse_factor, collapse_steps=args.collapse_steps,
-                               warn=self.log)
+        self.tracker = Tracker.for_run(args, enabled=self.rank == 0, warn=self.log)
         self.saved_at = self.state.step if self.resume_tag is not None else -1
 
     # ------------------------------------------------------------------------------------------------------- build
