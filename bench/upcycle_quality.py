@@ -166,7 +166,7 @@ def run_all(size: Size, work: Path, a: argparse.Namespace, runner: Runner, info:
                             "--eval-every", max(1, size.pretrain_steps // 10), "--seed", 1000, *sft_only, *common],
                done=pre / "hf" / "config.json", clean=pre)
     runner.cli("eval_pretrained", ["eval", "--model", f"pretrained={pre / 'hf'}", "--data", heldout,
-                                   "--max-length", size.seq, "--batch-size", size.eval_batch,
+                                   "--max-length", size.seq, "--micro-batch-size", size.eval_batch,
                                    "--out", pre / "eval.json"], done=pre / "eval.json")
     c = flops_mod.counts(**shape(size), seq=size.seq)
     m = flops_mod.counts(**shape(size), seq=size.seq, experts=size.experts, top_k=size.top_k)
@@ -203,7 +203,7 @@ def run_all(size: Size, work: Path, a: argparse.Namespace, runner: Runner, info:
         inits = [f"{arm}_init={sd / f'{arm}_init'}" for arm in arms if not arm.startswith("dense")]
         return lambda: runner.cli(f"s{seed}_eval", ["eval", "--model", *[f"{arm}={sd / arm / 'hf'}" for arm in arms],
                                                     *inits, "--data", heldout, "--max-length", size.seq,
-                                                    "--batch-size", size.eval_batch, "--out", sd / "eval.json"],
+                                                    "--micro-batch-size", size.eval_batch, "--out", sd / "eval.json"],
                                   done=sd / "eval.json")
 
     # one seed after another on CPU (parallel 1); on a GPU all runs share the device at once (--parallel)

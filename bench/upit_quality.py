@@ -157,11 +157,11 @@ def cmd_run(a) -> None:
     models = {"base": base, "dense_sft": work / "upit" / "sft" / "hf", "vanilla": work / "vanilla" / "hf",
               "upit": work / "upit" / "train" / "hf"}
     runner.cli("eval", ["eval", "--model", *[f"{k}={v}" for k, v in models.items()], "--data", work / "test.jsonl",
-                        "--max-length", size.eval_max_length, "--batch-size", size.eval_batch,
+                        "--max-length", size.eval_max_length, "--micro-batch-size", size.eval_batch,
                         "--max-new-tokens", size.max_new_tokens, "--out", work / "eval.json"],
                done=work / "eval.json")
     runner.cli("eval_control", ["eval", "--model", f"dense_long={work / 'dense_long' / 'hf'}", "--data",
-                                work / "test.jsonl", "--max-length", size.eval_max_length, "--batch-size",
+                                work / "test.jsonl", "--max-length", size.eval_max_length, "--micro-batch-size",
                                 size.eval_batch, "--max-new-tokens", size.max_new_tokens,
                                 "--out", work / "eval_control.json"], done=work / "eval_control.json")
     ev = json.loads((work / "eval.json").read_text())

@@ -70,7 +70,7 @@ def test_loss_and_choices_match_unpacked_transformers(capsys, models, data, tmp_
     path, rows = data
     out = tmp_path / "r.json"
     rc, stdout, err = run_eval(capsys, "--model", f"m={models[which]}", "--data", path, "--out", out,
-                               "--max-length", 128, "--batch-size", 2)
+                               "--max-length", 128, "--micro-batch-size", 2)
     assert rc == 0, err
     res = json.loads(out.read_text())["models"]["m"]
     ex = res["examples"]
@@ -121,7 +121,7 @@ def test_generation_matches_transformers_generate_and_paired_tests(capsys, model
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "g.json"
     rc, stdout, err = run_eval(capsys, "--model", f"dense={models['dense']}", f"moe={models['moe']}", "--data", path,
-                               "--out", out, "--max-new-tokens", 6, "--batch-size", 3)
+                               "--out", out, "--max-new-tokens", 6, "--micro-batch-size", 3)
     assert rc == 0, err
     res = json.loads(out.read_text())
     ex = res["models"]["dense"]["examples"]

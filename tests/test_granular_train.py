@@ -80,7 +80,7 @@ def test_trained_checkpoint_round_trips_at_another_ep_size(run, tmp_path):
 def test_router_weighted_merge_loads_and_reports_losses(run, tmp_path, capsys):
     out = tmp_path / "merged"
     assert main(["convert", "--input", str(run["out"] / "checkpoints"), "--output", str(out), "--to", "hf-dense",
-                 "--merge", "router-weighted", "--calib-data", str(run["data"]), "--calib-samples", "32",
+                 "--merge", "router-weighted", "--calib-data", str(run["data"]), "--calib-max-rows", "32",
                  "--calib-baseline", str(run["dense"])]) == 0
     line = [l for l in capsys.readouterr().err.splitlines() if l.startswith("calibration loss")]
     print("\n" + line[0])

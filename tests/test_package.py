@@ -50,6 +50,9 @@ def test_wheel_installs_and_runs_the_quickstart_outside_the_repo(tmp_path):
     where = run(str(venv / "bin" / "python"), "-c", "import upcycle_ds.train.config as c; print(c.DS_CONFIGS)")
     assert str(venv) in where and str(REPO) not in where, where
     cli = str(venv / "bin" / "upcycle-ds")
+    from upcycle_ds import __version__
+
+    assert run(cli, "--version").startswith(f"upcycle-ds {__version__} (torch ")  # the wheel's version is the package's
     run(cli, "demo", "--out", "demo", "--rows", "60")
     run(cli, "upcycle", "--model", "demo/dense", "--out", "demo/moe", "--num-experts", "4", "--top-k", "2")
     log = run(cli, "train", "--model", "demo/moe", "--data", "demo/train.jsonl", "--out", "demo/run",

@@ -101,7 +101,7 @@ def read_jsonl(p: Path) -> list[dict]:
 def test_every_sample_lands_on_its_expert(experts, tmp_path):
     out = tmp_path / "seed"
     assert main(["seed-data", "--experts", str(experts["A"]), str(experts["B"]), "--data", str(experts["data"]),
-                 "--out", str(out), "--fraction", "1.0", "--batch-size", "5"]) == 0
+                 "--out", str(out), "--fraction", "1.0", "--micro-batch-size", "5"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["seed.jsonl", "seed_report.json"]
     got = read_jsonl(out / "seed.jsonl")
     rows = experts["rows"]

@@ -42,7 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: upcycle-ds SUBCOMMAND [flags]   (upcycle-ds SUBCOMMAND --help for its flags)", "",
+    lines = ["usage: upcycle-ds SUBCOMMAND [flags]   (upcycle-ds SUBCOMMAND --help for its flags; --version)", "",
              "Turn dense HuggingFace LLMs into DeepSpeed Mixture-of-Experts models.", "", "subcommands:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
     return "\n".join(lines)
@@ -81,11 +81,31 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, old)
 
 
+def version_line() -> str:
+    """`upcycle-ds X.Y.Z (torch ..., deepspeed ..., transformers ..., python ...)`: what a bug report needs, read from
+    the installed packages' metadata (nothing imported: instant)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    def installed(pkg: str) -> str:
+        try:
+            return f"{pkg} {metadata.version(pkg)}"
+        except metadata.PackageNotFoundError:
+            return f"{pkg} not installed"
+
+    deps = [installed(p) for p in ("torch", "deepspeed", "transformers")]
+    return f"upcycle-ds {__version__} ({', '.join(deps)}, python {sys.version.split()[0]})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version_line())
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"upcycle-ds: error: unknown subcommand {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)

@@ -1,8 +1,11 @@
 """argparse from kw_only dataclasses: one flag per field (`--num-experts`), the field's docstring is its --help.
 
-A field without a default is a required flag. `X | None` takes an X (default None); `bool` becomes
-`--flag/--no-flag`; `list[X]` takes one or more values; `Literal[...]` gives choices. Every default is shown in
---help. A field's `metadata={"aliases": [...]}` adds old spellings, accepted but not shown. Every parser also takes
+A field without a default is a required flag. `X | None` takes an X (default None: the flag's text says what not
+giving it means); `bool` becomes `--flag/--no-flag`; `list[X]` takes one or more values; `Literal[...]` gives
+choices. --help shows the subcommand's description as written (line breaks, examples) and each default once: as
+`(default: X)` unless the field's text already states it. A field's `metadata={"aliases": [...]}` adds old flag
+spellings and `metadata={"value_aliases": {old: new}}` old values, both accepted (flags, --config) but not shown.
+Every parser also takes
 `--config FILE.yaml`, whose keys (field names) become defaults that flags override; its values are type-checked
 against the fields (one error line naming the field); `--print-config` prints the resolved settings as such a YAML
 and exits. `--config env:UPCYCLE_DS_...` reads the YAML from
@@ -18,6 +21,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import textwrap
 import types
 import typing
@@ -52,27 +56,44 @@ def _unwrap_optional(tp):
     return tp, False
 
 
+_STATES_DEFAULT = re.compile(r"\(default|\bdefault:|\(None\b|\bby default\b", re.IGNORECASE)
+"""A field text that already says what its default is: `(default: ...)`, `default: ...`, `(None = ...)`, `off by
+default`; --help then adds no `(default: X)` of its own."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def cli_fields(cls) -> list[dataclasses.Field]:
+    """The fields of `cls` that are flags (init fields not starting with `_`), the required ones first (so the usage
+    line starts with what must be given)."""
+    fields = [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+    return sorted(fields, key=lambda f: f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+
+
+def default_shown(doc: str, default, is_bool: bool) -> str:
+    """` (default: X)` for --help, or "" when `doc` already states the default or there is none to show (None, an
+    empty list: not given)."""
+    if _STATES_DEFAULT.search(doc) or default is None or default in ([], {}, ()):
+        return ""
+    return f" (default: {('on' if default else 'off') if is_bool else default})"
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name.startswith("_"):
-            continue
+    for f in cli_fields(cls):
         tp, optional = _unwrap_optional(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_ = docs.get(f.name, "")
         if not required:
-            shown = ("on" if default else "off") if tp is bool else default
-            help_ += f" (default: {shown})"
+            help_ += default_shown(help_, default, tp is bool)
         kw: dict = {"dest": f.name, "help": help_.replace("%", "%%") or None}
-        aliases = f.metadata.get("aliases", ())
-        if required and aliases:  # given under an old spelling counts too: checked after parsing (`parse_into`)
-            kw["default"] = None
-            parser._required_with_aliases = getattr(parser, "_required_with_aliases", []) + [(f.name, flag)]
-        elif required:
-            kw["required"] = True
+        if required:
+            kw["required"] = True  # old spellings are rewritten to this flag before parsing (`_canonical_argv`)
         else:
             kw["default"] = default
         origin = typing.get_origin(tp)
@@ -80,7 +101,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is typing.Literal:
             kw["choices"] = list(typing.get_args(tp))
-            kw["type"] = type(kw["choices"][0])
+            old = f.metadata.get("value_aliases", {})
+            kw["type"] = _with_value_aliases(type(kw["choices"][0]), old)
         elif origin in (list, tuple):
             inner = typing.get_args(tp)
             fixed = origin is tuple and len(inner) > 1 and inner[-1] is not Ellipsis
@@ -90,10 +112,47 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
             kw["type"] = _scalar(tp)
             kw["metavar"] = f.name.upper()
         parser.add_argument(flag, **kw)
-        for alias in aliases:  # old spellings: accepted, not shown in --help
-            hidden = {**kw, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS, "required": False}
-            hidden.pop("metavar", None)
-            parser.add_argument("--" + alias.replace("_", "-"), **hidden)
+
+
+def _with_value_aliases(convert, old: dict):
+    """argparse `type` of a choices flag: an old value becomes its new spelling before the choices are checked."""
+    if not old:
+        return convert
+
+    def parse(text: str):
+        return convert(old.get(text, text))
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its error messages
+    return parse
+
+
+def _canonical_argv(cls, argv: list[str]) -> list[str]:
+    """argv with each old flag spelling (a field's `aliases`) replaced by the field's flag, so argparse sees one
+    flag (a required one stays required and shows as such in the usage line)."""
+    renames: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in cli_fields(cls):
+        for alias in f.metadata.get("aliases", ()):
+            renames[_flag(alias)] = _flag(f.name)
+            if _unwrap_optional(hints[f.name])[0] is bool:
+                renames["--no-" + _flag(alias)[2:]] = "--no-" + _flag(f.name)[2:]
+    out = []
+    for a in argv:
+        name, eq, value = a.partition("=")
+        out.append(renames[name] + eq + value if name in renames else a)
+    return out
+
+
+def canonical_settings(values: dict, cls) -> dict:
+    """A field: value mapping (a YAML section, a recorded config) with old spellings of field names and values
+    (`aliases`, `value_aliases`) replaced by the current ones; anything else unchanged."""
+    by_alias = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
+    old_values = {f.name: f.metadata.get("value_aliases", {}) for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in values.items():
+        k = by_alias.get(k, k)
+        out[k] = old_values.get(k, {}).get(v, v) if isinstance(v, str) else v
+    return out
 
 
 def finite_float(text: str) -> float:
@@ -125,7 +184,8 @@ class _OneLineErrors(argparse.ArgumentParser):
 def parse_into(cls, argv: list[str], prog: str, description: str, yaml_config: bool = True):
     """Parse argv into an instance of dataclass `cls` (exits 2 with a one-line error on bad flags). With
     `--print-config`, print the resolved settings as YAML (a valid `--config` file) and exit 0."""
-    parser = _OneLineErrors(prog=prog, description=description)
+    parser = _OneLineErrors(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = _canonical_argv(cls, argv)
     if yaml_config:
         parser.add_argument("--config", default=None, metavar="FILE.yaml",
                             help="YAML file of field values (snake_case keys); flags given here override it")
@@ -144,9 +204,6 @@ def parse_into(cls, argv: list[str], prog: str, description: str, yaml_config: b
                 action.required = False
     ns = vars(parser.parse_args(argv))
     ns.pop("config", None)
-    missing = [flag for dest, flag in getattr(parser, "_required_with_aliases", []) if ns.get(dest) is None]
-    if missing and not ns.get("print_config"):
-        parser.error(f"the following arguments are required: {', '.join(missing)}")
     if ns.pop("print_config", False):
         import sys
 
@@ -206,12 +263,15 @@ def _load_yaml(path: str, cls) -> dict:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
+    old_values = {f.name: f.metadata.get("value_aliases", {}) for f in dataclasses.fields(cls)}
     out = {}
     for k, v in data.items():
         key = str(k).replace("-", "_")
         key = aliases.get(key, key)
         if key not in names:
             raise UserError(f"--config {path}: unknown field {k!r}")
+        if isinstance(v, str) and v in old_values.get(key, {}):
+            v = old_values[key][v]
         if isinstance(v, str) and typing.get_origin(_unwrap_optional(hints[key])[0]) is list:
             v = [v]  # `data: x.jsonl` for a list field, as `--data x.jsonl` gives
         out[key] = coerce(v, hints[key], f"--config {path}: field {key!r}")

@@ -197,7 +197,7 @@ def calibration_rows(data: str, tokenizer, opts: MergeOptions) -> list[dict[str,
     from .data import DataConfig, batches, build_datasets
 
     cfg = DataConfig(data=data, max_length=opts.calib_max_length, eval_fraction=0.0, pack=False,
-                     max_samples=opts.calib_samples)
+                     max_samples=opts.calib_max_rows)
     ds, _ = build_datasets(cfg, tokenizer)
     rows = []
     for b in batches(ds, micro_batch_size=1, rank=0, world_size=1, seed=0, epoch=0, shuffle=False):
@@ -224,7 +224,9 @@ def _device(opts: MergeOptions) -> torch.device:
 
 
 def _dtype(opts: MergeOptions) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[opts.calib_dtype]
+    from .dtypes import torch_dtype
+
+    return torch_dtype(opts.calib_dtype, _device(opts))
 
 
 @torch.no_grad()

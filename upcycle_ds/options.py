@@ -7,7 +7,7 @@ exists. No torch here, so that every subcommand's `--help` and argument errors a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from .errors import UserError
@@ -181,8 +181,8 @@ class MergeOptions:
     calib_data: str | None = None
     """--to hf-dense: calibration data (the formats of `train --data`) for --merge router-weighted; with any merge it
     also reports the calibration loss of the MoE and of the merged dense model."""
-    calib_samples: int = 256
-    """Calibration samples used (the first N after a seeded shuffle)."""
+    calib_max_rows: int = field(default=256, metadata={"aliases": ["calib_samples"]})
+    """Calibration rows used (the first N after a seeded shuffle)."""
     calib_max_length: int = 512
     """Calibration samples are truncated to this many tokens."""
     calib_baseline: str | None = None
@@ -190,8 +190,8 @@ class MergeOptions:
     and the merged model's."""
     calib_device: str | None = None
     """Device for the calibration passes (default: cuda if available, else cpu)."""
-    calib_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Precision of the calibration passes."""
+    calib_dtype: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Precision of the calibration passes (auto: bf16 on a GPU, fp32 on a CPU)."""
 
     def validate_merge(self, *, to: str, expert: int | None) -> None:
         if self.merge not in MERGES:
@@ -208,8 +208,8 @@ class MergeOptions:
             raise UserError("--expert takes one expert as it is; it does not combine with --merge router-weighted")
         if self.calib_baseline is not None and self.calib_data is None:
             raise UserError("--calib-baseline needs --calib-data")
-        if self.calib_samples < 1 or self.calib_max_length < 2:
-            raise UserError(f"--calib-samples must be >= 1 and --calib-max-length >= 2 (got {self.calib_samples}, "
+        if self.calib_max_rows < 1 or self.calib_max_length < 2:
+            raise UserError(f"--calib-max-rows must be >= 1 and --calib-max-length >= 2 (got {self.calib_max_rows}, "
                             f"{self.calib_max_length})")
         if self.calib_device is not None:
             import torch

@@ -49,7 +49,7 @@ fi
 stamp "eval"
 U=$(get "['out']")
 # greedy answers, exact match per task with standard errors, paired tests against the base (docs/eval.md)
-$CLI eval --data "$(dirname "$DATA")/test.jsonl" --out "$OUT/results.json" --max-new-tokens 40 --batch-size 16 \
+$CLI eval --data "$(dirname "$DATA")/test.jsonl" --out "$OUT/results.json" --max-new-tokens 40 --micro-batch-size 16 \
   ${EVAL_ARGS:-} --model "base (no training)=$DENSE" "(a) dense SFT=$U/sft/hf" \
   "(b) vanilla upcycling=$OUT/vanilla/hf" "(c) UpIT=$U/train/hf"
 stamp "done"

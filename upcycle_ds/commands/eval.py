@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -36,15 +36,15 @@ class Args:
     max_length: int = 2048
     """Tokens per packed scoring sequence; a loss row longer than this is truncated as in training, a choice or
     answer that does not fit is an error."""
-    batch_size: int = 8
+    micro_batch_size: int = field(default=8, metadata={"aliases": ["batch_size"]})
     """Sequences per forward pass (packed rows for log-likelihoods, prompts for generation)."""
     max_new_tokens: int = 32
     """Greedy decoding length for `ideal` rows."""
-    max_rows_per_task: int | None = None
-    """Only the first N rows of each task (quick checks)."""
+    max_rows: int | None = field(default=None, metadata={"aliases": ["max_rows_per_task"]})
+    """Only the first N rows of each task (quick checks; all rows without a `task` are one task)."""
     device: str = "auto"
     """cuda, cpu, cuda:1, ... (auto: cuda if available)."""
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     """Weights and compute dtype (auto: bf16 on GPU, fp32 on CPU). Log-probs are always computed in fp32."""
     trust_remote_code: bool = False
     """Allow the checkpoint's own code (off unless you ask)."""
@@ -83,15 +83,15 @@ def run(args: Args) -> int:
     from ..eval.evaluate import EvalOptions, compare, comparison_lines, evaluate_model, table
     from ..eval.rows import load_rows
 
-    if args.max_length < 2 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise UserError("--max-length must be >= 2, --batch-size and --max-new-tokens >= 1")
-    if args.max_rows_per_task is not None and args.max_rows_per_task < 1:
-        raise UserError("--max-rows-per-task must be >= 1")
+    if args.max_length < 2 or args.micro_batch_size < 1 or args.max_new_tokens < 1:
+        raise UserError("--max-length must be >= 2, --micro-batch-size and --max-new-tokens >= 1")
+    if args.max_rows is not None and args.max_rows < 1:
+        raise UserError("--max-rows must be >= 1")
     models = parse_models(args.model)
-    rows = load_rows(args.data, args.mode, args.max_rows_per_task)
+    rows = load_rows(args.data, args.mode, args.max_rows)
     if args.out is not None and not Path(args.out).parent.is_dir():
         raise UserError(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
-    opts = EvalOptions(max_length=args.max_length, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+    opts = EvalOptions(max_length=args.max_length, micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,
                        device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     results = {}

@@ -31,7 +31,7 @@ LOWER_IS_BETTER = {"loss", "answer_nll"}
 @dataclass(kw_only=True)
 class EvalOptions:
     max_length: int = 2048
-    batch_size: int = 8
+    micro_batch_size: int = 8
     max_new_tokens: int = 32
     device: str = "auto"
     dtype: str = "auto"
@@ -42,7 +42,7 @@ def evaluate_model(path: str, rows: list[EvalRow], opts: EvalOptions, log=lambda
     t0 = time.time()
     model, tok = load_model(path, device=opts.device, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code)
     ex = [{"row": r.index, "task": r.task} for r in rows]
-    kw = dict(max_length=opts.max_length, batch_size=opts.batch_size)
+    kw = dict(max_length=opts.max_length, batch_size=opts.micro_batch_size)
 
     loss = [(i, r) for i, r in enumerate(rows) if "loss" in r.kinds]
     if loss:
@@ -70,7 +70,7 @@ def evaluate_model(path: str, rows: list[EvalRow], opts: EvalOptions, log=lambda
         lp, n, _ = sequence_logprobs(model, tok, [rows[i].completion_row(rows[i].ideals[0]) for i in gen],
                                      allow_truncation=False, what="ideal answer", **kw)
         prompts = [prompt_ids(tok, rows[i].prompt_messages, rows[i].prompt) for i in gen]
-        outs = greedy(model, tok, prompts, batch_size=opts.batch_size, max_new_tokens=opts.max_new_tokens)
+        outs = greedy(model, tok, prompts, batch_size=opts.micro_batch_size, max_new_tokens=opts.max_new_tokens)
         for i, s, k, o in zip(gen, lp, n, outs):
             ideals = {normalise(x) for x in rows[i].ideals}
             ex[i].update(generation=o, ideal=rows[i].ideals, exact_match=normalise(o) in ideals,

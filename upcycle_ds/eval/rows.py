@@ -103,14 +103,15 @@ def parse_row(row: dict, index: int, mode: Mode, source: str) -> EvalRow:
 _NEEDS = {"loss": "a training row without 'choices'/'ideal'", "choice": "'choices' + 'answer'", "generate": "'ideal'"}
 
 
-def load_rows(path: str, mode: Mode = "auto", max_rows_per_task: int | None = None) -> list[EvalRow]:
-    """Every row of `path` (any format `upcycle-ds train` reads), checked; the first N per task if asked."""
+def load_rows(path: str, mode: Mode = "auto", max_rows: int | None = None) -> list[EvalRow]:
+    """Every row of `path` (any format `upcycle-ds train` reads), checked; the first `max_rows` of each task if
+    asked."""
     out, per_task = [], {}
     for i, row in enumerate(read_any(path)):
         r = parse_row(row, i, mode, path)
-        if max_rows_per_task is not None:
+        if max_rows is not None:
             per_task[r.task] = per_task.get(r.task, 0) + 1
-            if per_task[r.task] > max_rows_per_task:
+            if per_task[r.task] > max_rows:
                 continue
         out.append(r)
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..dtypes import torch_dtype
 from ..errors import UserError
 from ..data import IGNORE, DataConfig, batches, build_datasets
 
@@ -28,12 +29,6 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-
-
 def load_model(path: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
     """(model in eval mode on the device, tokenizer) of an HF checkpoint dir, dense or MoE."""
     import transformers
@@ -43,7 +38,7 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto", trust_re
         raise UserError(f"{path}: not an HF checkpoint dir (no config.json)")
     dev = pick_device(device)
     tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev),
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, dev),
                                                               trust_remote_code=trust_remote_code)
     return model.to(dev).eval(), tok
 

@@ -5,9 +5,10 @@ stage's work is in its module (`assemble`, `seed_data`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from ..dtypes import OLD_SPELLINGS
 from ..errors import UserError
 from ..options import UpcycleOptions, check_shard_size
 
@@ -94,11 +95,11 @@ class SeedDataConfig:
     prompt_format: Literal["auto", "chat", "plain"] = "auto"
     """How prompt/response rows are rendered; keep training's (auto: chat template if the tokenizer has one)."""
     data_cache: str | None = None
-    """Data cache root (datasets' copies of the sources); default as for training."""
-    batch_size: int = 8
+    """Data cache root (datasets' copies of the sources); default: as for training."""
+    micro_batch_size: int = field(default=8, metadata={"aliases": ["batch_size"]})
     """Samples per forward pass."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the expert models are scored in."""
+    dtype: Literal["fp32", "bf16", "fp16", "auto"] = field(default="fp32", metadata={"value_aliases": OLD_SPELLINGS})
+    """Precision the expert models are scored in (auto: bf16 on a GPU, fp32 on a CPU)."""
     device: str = "auto"
     """torch device for scoring; auto = cuda if available, else cpu."""
     overwrite: bool = False

@@ -29,12 +29,15 @@ from pathlib import Path
 
 import yaml
 
+from ..cli_args import canonical_settings
 from ..errors import UserError
 from ..io.atomic import write_text_atomic
 
 STAGES = ("sft", "assemble", "seed_data", "router_init", "train")
 DONE, FAILED = "DONE", "FAILED"
-IGNORED_IN_COMPARISON = {"nproc", "resume", "exit_after_steps", "wandb_mode", "overwrite", "device", "batch_size"}
+IGNORED_IN_COMPARISON = {"nproc", "resume", "exit_after_steps", "wandb_mode", "overwrite", "device"}
+SCORING_ONLY = {"seed_data": {"micro_batch_size"}}
+"""Per stage: fields that change how fast it runs, not what it writes (not compared with a DONE stage)."""
 TRAIN_DEFAULTS = {"lr": 2e-5, "epochs": 2.0}
 """Post-training defaults (UpIT FFN setting): lr 2e-5, 2 epochs; LM loss + load balancing (aux_loss_coef 0.01)."""
 
@@ -47,6 +50,7 @@ def _checked(section: str, values: dict | None, cls, fixed: set[str]) -> dict:
     values = dict(values or {})
     if not isinstance(values, dict):
         raise UserError(f"recipe `{section}` must be a mapping of field: value")
+    values = canonical_settings(values, cls)  # old spellings (`batch_size`, `float32`) as today's
     unknown = sorted(set(values) - _fields(cls))
     if unknown:
         raise UserError(f"recipe `{section}`: unknown field {unknown[0]!r} (see `upcycle-ds "
@@ -89,6 +93,8 @@ class Recipe:
         from .assemble import AssembleOptions
 
         self.args = args
+        self.classes = {"sft": SFTArgs, "assemble": AssembleOptions, "seed_data": SeedDataArgs,
+                        "router_init": RouterInitArgs, "train": TrainArgs}
         out = Path(args.out)
         self.dirs = {s: out / s for s in STAGES}
         wiring = {"model", "data", "out", "eval_data", "seed", "nproc", "resume", "seed_data", "export_hf"}
@@ -142,7 +148,7 @@ def _compare(stage: str, old: dict, new: dict) -> None:
     """A DONE stage must have run with the recipe's current values. Fields only one side knows (added to or removed
     from upcycle_ds after the stage finished) are not compared, so upgrading never invalidates a finished stage."""
     for k in sorted(set(old) & set(new)):
-        if k in IGNORED_IN_COMPARISON:
+        if k in IGNORED_IN_COMPARISON or k in SCORING_ONLY.get(stage, ()):
             continue
         if _plain(old.get(k)) != _plain(new.get(k)):
             raise UserError(f"stage {stage} is DONE with {k}={old.get(k)!r}, the recipe now says {new.get(k)!r}: "
@@ -223,7 +229,8 @@ def run_recipe(args) -> int:
             if ran and not fresh:
                 raise UserError(f"stage {stage} is DONE but earlier stage(s) {ran} ran again now: delete {d} (its "
                                 f"inputs changed)")
-            _compare(stage, done.get("config", {}), cfg)
+            # (a stage DONE before a field or value was renamed recorded the old spelling)
+            _compare(stage, canonical_settings(done.get("config", {}), recipe.classes[stage]), cfg)
             print(f"[upcycle-ds upit] {stage}: done, skipped ({d / DONE})", file=sys.stderr, flush=True)
             continue
         if stage == "router_init" and recipe.router_init.mode == "hidden":

@@ -27,6 +27,7 @@ import torch
 
 from ..data import IGNORE, TokenizeSpec, encode_dataset, parse_sources, read_source
 from ..data.cache import cache_root
+from ..dtypes import torch_dtype
 from ..errors import UserError
 from ..progress import Progress
 from ..io.text import check_utf8
@@ -273,8 +274,8 @@ def run_seed_data(args: SeedDataConfig) -> SeedDataResult:
         raise UserError(f"--min-samples must be >= 0 (got {args.min_samples})")
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length must be >= 2 (got {args.max_length})")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.micro_batch_size < 1:
+        raise UserError(f"--micro-batch-size must be >= 1 (got {args.micro_batch_size})")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     for d in local:
         check_utf8(d, "--data")
@@ -288,8 +289,8 @@ def run_seed_data(args: SeedDataConfig) -> SeedDataResult:
     except (OSError, ValueError) as e:
         raise UserError(f"--experts {args.experts[0]}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     sel = select(rows, models, tokenizer, fraction=args.fraction, min_samples=args.min_samples, seed=args.seed,
-                 max_length=args.max_length, prompt_format=args.prompt_format, batch_size=args.batch_size,
-                 dtype=getattr(torch, args.dtype), device=device)
+                 max_length=args.max_length, prompt_format=args.prompt_format, batch_size=args.micro_batch_size,
+                 dtype=torch_dtype(args.dtype, device), device=device)
     E = models.num_experts
     counts = sel.counts(E)
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in output_rows(rows, sel)]

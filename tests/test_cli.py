@@ -1,0 +1,161 @@
+"""What a user sees of the CLI itself: one vocabulary across subcommands (dtype spellings, the micro-batch flag, the
+row-limit flag, `--data`), old spellings still accepted but not shown, `--help` that keeps the description as
+written and prints each default once, required flags shown as required, `--version`. All in-process: parsing only."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import io
+import re
+import typing
+
+import pytest
+
+from upcycle_ds.cli import COMMANDS, main
+from upcycle_ds.cli_args import cli_fields, field_docs, parse_into
+
+DTYPES = {"auto", "bf16", "fp32", "fp16"}
+OLD_SPELLINGS = ("--batch-size", "--max-samples", "--max-rows-per-task", "--calib-samples", "--input", "--output",
+                 "--seq-len", "--gradient-checkpointing")
+
+
+def args_class(name: str):
+    return importlib.import_module(COMMANDS[name][0]).Args
+
+
+def help_text(name: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([name, "--help"]) == 0
+    return out.getvalue()
+
+
+def option_blocks(text: str) -> dict[str, str]:
+    """--help's options section: flag -> its help text (whitespace squashed)."""
+    blocks, flag = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        m = re.match(r"  (--[a-z0-9-]+)", line)
+        if m:
+            flag = m.group(1)
+            blocks[flag] = line
+        elif flag:
+            blocks[flag] += " " + line.strip()
+    return {k: " ".join(v.split()) for k, v in blocks.items()}
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_help_keeps_the_description_and_prints_each_default_once(name):
+    old_spellings = OLD_SPELLINGS if name not in ("train", "sft", "router-init") else ("--batch-size",)
+    text = help_text(name)
+    described = importlib.import_module(COMMANDS[name][0]).__doc__ or COMMANDS[name][1]
+    for line in described.strip().splitlines():  # line breaks, indented examples: as written
+        assert line.rstrip() in text.splitlines(), (name, line)
+    blocks = option_blocks(text)
+    docs = field_docs(args_class(name))
+    for f in cli_fields(args_class(name)):
+        block = blocks["--" + f.name.replace("_", "-")]
+        assert "(default: None)" not in block and block.count("(default:") <= 1, (name, block)
+        if re.search(r"\(default|\bdefault:", docs.get(f.name, ""), re.IGNORECASE):
+            assert block.lower().count("default:") == docs[f.name].lower().count("default:"), (name, block)
+    for old in old_spellings:  # accepted (below), never shown
+        assert old + " " not in text and old + "\n" not in text, (name, old)
+
+
+def test_named_defaults_are_printed_once():
+    blocks = option_blocks(help_text("train"))
+    for flag in ("--capacity-factor", "--wandb-mode", "--max-steps", "--data-cache", "--peak-tflops"):
+        assert "(default: None)" not in blocks[flag] and blocks[flag].lower().count("default") == 1, blocks[flag]
+    assert blocks["--fused-adam"].endswith("(default: on)")  # a text that mentions a default but not its own
+
+
+def test_required_flags_show_as_required_in_the_usage_line():
+    usage = help_text("convert").split("\n\n", 1)[0]
+    assert re.search(r"\] --model\s+MODEL --out OUT --to \{hf-moe,hf-dense,ds\}", usage), usage
+    for name in COMMANDS:
+        usage = " ".join(help_text(name).split("\n\n", 1)[0].split())
+        for f in cli_fields(args_class(name)):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                assert f"[--{f.name.replace('_', '-')} " not in usage, (name, f.name)
+
+
+def test_version(capsys):
+    from upcycle_ds import __version__
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(rf"upcycle-ds {re.escape(__version__)} \(torch \S+, deepspeed \S+, transformers \S+, "
+                        rf"python 3\.\d+\.\d+\)\n", out), out
+    assert main(["-V"]) == 0 and capsys.readouterr().out == out
+
+
+@pytest.mark.parametrize("name", [n for n in COMMANDS if n not in ("train", "sft", "router-init")])
+def test_one_vocabulary(name):
+    """Every dtype flag spells bf16 | fp32 | fp16 | auto; a micro batch is `--micro-batch-size`; a row limit is
+    `--max-rows` (or `--calib-max-rows`)."""
+    cls = args_class(name)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in cli_fields(cls)}
+    for f in cli_fields(cls):
+        if f.name.endswith("dtype"):
+            assert set(typing.get_args(hints[f.name])) <= DTYPES, (name, f.name, hints[f.name])
+    assert not names & {"batch_size", "max_samples", "max_rows_per_task", "calib_samples", "seq_len"}, (name, names)
+
+
+@pytest.mark.parametrize("name,argv,field,want", [
+    ("eval", ["--model", "m", "--data", "d", "--batch-size", "3"], "micro_batch_size", 3),
+    ("eval", ["--model", "m", "--data", "d", "--max-rows-per-task=5"], "max_rows", 5),
+    ("convert", ["--input", "a", "--output", "b", "--to", "ds", "--calib-samples", "7"], "calib_max_rows", 7),
+    ("convert", ["--input=a", "--out", "b", "--to", "ds"], "model", "a"),
+    ("plan", ["--model", "m", "--seq-len", "64"], "max_length", 64),
+    ("train", ["--model", "m", "--data", "d", "--out", "o", "--gradient-checkpointing"], "activation_checkpointing",
+     True),
+    ("train", ["--model", "m", "--data", "d", "--out", "o", "--no-gradient-checkpointing"],
+     "activation_checkpointing", False),
+])
+def test_old_spellings_are_accepted(name, argv, field, want):
+    args = parse_into(args_class(name), argv, prog=f"upcycle-ds {name}", description="")
+    assert getattr(args, field) == want
+
+
+def test_old_spellings_in_a_config_file(tmp_path):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("model: [m]\ndata: d\nbatch_size: 4\nmax_rows_per_task: 2\n")
+    args = parse_into(args_class("eval"), ["--config", str(cfg)], prog="upcycle-ds eval", description="")
+    assert (args.micro_batch_size, args.max_rows) == (4, 2)
+
+
+@pytest.mark.parametrize("name,argv,field,want", [
+    ("seed-data", ["--experts", "e", "--data", "d", "--out", "o", "--dtype", "bfloat16"], "dtype", "bf16"),
+    ("seed-data", ["--experts", "e", "--data", "d", "--out", "o", "--dtype=float16"], "dtype", "fp16"),
+])
+def test_old_values_are_accepted(name, argv, field, want, capsys):
+    assert getattr(parse_into(args_class(name), argv, prog=name, description=""), field) == want
+    with pytest.raises(SystemExit):
+        parse_into(args_class(name), argv[:6] + ["--dtype", "float64"], prog=name, description="")
+    assert "invalid choice: 'float64' (choose from 'fp32', 'bf16', 'fp16', 'auto')" in capsys.readouterr().err
+
+
+def test_old_spellings_in_an_upit_recipe_and_its_done_stages(tmp_path):
+    """A recipe section may use old spellings; a stage DONE with old spellings is not redone for them (only for a
+    real change of value)."""
+    from upcycle_ds.errors import UserError
+    from upcycle_ds.upit.recipe import Recipe, _compare, canonical_settings
+
+    recipe = Recipe(args_class("upit")(model="m", data="d", out=str(tmp_path / "r"),
+                                       seed_data={"batch_size": 4, "dtype": "float32"}))
+    now = recipe.config("seed_data")
+    assert (now["micro_batch_size"], now["dtype"]) == (4, "fp32") and "batch_size" not in now
+    done = {"data": "d", "seed": 0, "batch_size": 16, "dtype": "float32"}  # recorded before the renames
+    _compare("seed_data", canonical_settings(done, recipe.classes["seed_data"]), now)  # batch size: speed only
+    with pytest.raises(UserError, match="DONE with dtype='bf16', the recipe now says 'fp32'"):
+        _compare("seed_data", canonical_settings({**done, "dtype": "bfloat16"}, recipe.classes["seed_data"]), now)
+
+
+def test_a_required_flag_given_nowhere_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_into(args_class("convert"), ["--input", "a", "--to", "ds"], prog="upcycle-ds convert", description="")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("upcycle-ds convert: error: the following arguments are required: --out "
+                                       "(see upcycle-ds convert --help)\n")
