@@ -24,6 +24,15 @@ Model states per rank (`model_states`):
   when activations are already freed, so the peak takes max(activations, fp32 step gradients).
 - gradient reduce bucket: `reduce_bucket_size` elements (DeepSpeed default 5e8) of model dtype, allocated in full.
 For stage 2 + bf16 this is DeepSpeed's own `estimate_zero2_model_states_mem_needs`: 2*P + 18*P/W (tested).
+
+Optimizer offloaded (`--offload-optimizer`, DeepSpeed ZeRO-Offload, stage 1/2; `offload_states`): with q this rank's
+partition elements (N/W + X_r/W_e) and L the largest parameter's elements, the GPU keeps the parameters, stage 1's full
+gradients (stage 2 reduces them in buckets straight into host memory: no gradient partition on the GPU), the bucket
+and a gradient staging buffer p*L (`temp_grad_buffer_for_gpu_offload`); no optimizer state, no fp32 step gradients.
+The host holds per rank the fp32 master + Adam moments 12*q, the fp32 gradient partition 4*q, a model-dtype weight
+buffer p*q (the updated partition on its way back to the GPU), a staging buffer p*L, and with gradient accumulation
+a model-dtype gradient accumulator of about p*q (whole parameters). `offload_cost` estimates the time this adds per
+optimizer step on a GPU node.
 """
 
 from __future__ import annotations
@@ -39,6 +48,22 @@ from .options import UpcycleOptions, check_shared_target, parse_layers, split_si
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed zero_optimization.reduce_bucket_size default (elements)
+DEFAULT_HOST_MEMORY_GB = 2048.0
+"""Host RAM of a typical 8-GPU node, GiB: DGX H100 / H200 and AWS p5.48xlarge have 2 TiB (others less: GCP
+a3-highgpu-8g 1872 GB, DGX A100 1 TiB; pass `--host-memory-gb`)."""
+CPU_ADAM_NS_PER_PARAM = 0.6
+"""torch's fused AdamW on one CPU core, fp32 master + moments, ns per parameter: measured by bench/offload_step.py
+(0.57-0.61 ns on a 2-core AMD EPYC with AVX-512; DeepSpeed's DeepSpeedCPUAdam 0.65-0.73 ns). An estimate for a GPU
+node's host, where each rank steps its own partition on its own cores."""
+HOST_MEMORY_BANDWIDTH_GBS = 300.0
+"""Host memory bandwidth of a GPU node assumed by the offload estimate, GB/s (two sockets of 8-channel DDR5-4800
+give 614 GB/s in theory; 300 is a conservative sustained figure). The CPU AdamW step of all ranks of a node streams
+32 + p bytes per parameter (reads master, gradient, moments; writes them back; casts the master to the weight
+buffer), so on a GPU node it is bound by this, not by the cores."""
+PCIE_GBS = {True: 50.0, False: 25.0}
+"""Host<->device copy bandwidth per GPU assumed by the offload estimate, GB/s, with pinned (True) or pageable (False)
+host buffers: PCIe Gen5 x16 peaks at 64 GB/s per direction; pinned copies reach ~50, copies from or into pageable
+memory about half (`--pcie-gbps` overrides)."""
 
 
 # ---------------------------------------------------------------------------------------------------------- shapes
@@ -270,6 +295,11 @@ class Setup:
     seq_len: int = 4096
     activation_checkpointing: bool = True
     reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET
+    grad_accum: int = 1
+    offload_optimizer: bool = False
+    """ZeRO-Offload: fp32 masters, Adam moments and the fp32 gradient partition in host memory (stage 1/2)."""
+    offload_pin_memory: bool = False
+    """Pinned host buffers (same bytes; faster copies in `offload_cost`)."""
 
     @property
     def world(self) -> int:
@@ -290,13 +320,16 @@ def valid_ep_sizes(num_experts: int, world: int) -> list[int]:
 
 
 def check_setup(shape: ModelShape, setup: Setup) -> None:
-    for name in ("nodes", "gpus_per_node", "ep_size", "micro_batch_size", "seq_len"):
+    for name in ("nodes", "gpus_per_node", "ep_size", "micro_batch_size", "seq_len", "grad_accum"):
         if getattr(setup, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(setup, name)})")
     if setup.zero_stage == 3:
         raise UserError("--zero-stage 3: native DeepSpeed-MoE is not supported with ZeRO stage 3; use 0, 1 or 2")
     if setup.zero_stage not in (0, 1, 2):
         raise UserError(f"--zero-stage must be 0, 1 or 2 (got {setup.zero_stage})")
+    if setup.offload_optimizer and setup.zero_stage == 0:
+        raise UserError("--offload-optimizer needs --zero-stage 1 or 2 (ZeRO-Offload moves ZeRO's optimizer partition "
+                        "to the host; ZeRO-0 has none)")
     if setup.dtype not in DTYPE_BYTES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPE_BYTES)} (got {setup.dtype!r})")
     E = shape.num_experts
@@ -322,16 +355,48 @@ class Row:
 
 
 @dataclass(frozen=True)
+class OffloadCost:
+    """What ZeRO-Offload adds to one optimizer step on a GPU node: an *estimate* (the copies and the CPU step are
+    taken as not overlapping anything; the GPU AdamW step they replace is not subtracted)."""
+
+    d2h_bytes: float
+    """device -> host bytes per rank: gradients (fp32 at the accumulation boundary; model dtype per micro-step when
+    accumulating)."""
+    h2d_bytes: float
+    """host -> device bytes per rank: the updated weight partition (and accumulated gradients when accumulating)."""
+    pcie_gbs: float
+    node_params: float
+    """parameters the CPU AdamW steps per node per optimizer step (every rank's partition)."""
+    copy_s: float
+    adam_cpu_s: float
+    """a rank's partition x CPU_ADAM_NS_PER_PARAM (one core per rank)."""
+    adam_memory_s: float
+    """the node's parameters x (32 + p) bytes / host memory bandwidth."""
+
+    @property
+    def adam_s(self) -> float:
+        return max(self.adam_cpu_s, self.adam_memory_s)
+
+    @property
+    def total_s(self) -> float:
+        return self.copy_s + self.adam_s
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Bytes per rank, one row per component; `peak` = persistent rows + max(activations, fp32 step gradients)."""
+    """Bytes per rank, one row per component; `peak` = persistent rows + max(activations, fp32 step gradients).
+
+    With the optimizer offloaded, `host` holds the host-memory rows per rank and `offload` the step-time estimate."""
 
     setup: Setup
     params: ParamCount
     rows: dict[str, Row] = field(default_factory=dict)
+    host: dict[str, Row] = field(default_factory=dict)
+    offload: OffloadCost | None = None
 
     @property
     def persistent(self) -> float:
-        return sum(self.rows[k].total for k in ("params", "grads", "optim", "bucket"))
+        return sum(self.rows[k].total for k in PERSISTENT if k in self.rows)
 
     @property
     def activations(self) -> float:
@@ -341,37 +406,121 @@ class Plan:
     def peak(self) -> float:
         return self.persistent + max(self.activations, self.rows["step_grads"].total)
 
-    def fits(self, gpu_memory_gb: float, margin: float) -> bool:
+    @property
+    def host_per_rank(self) -> float:
+        return sum(r.total for r in self.host.values())
+
+    @property
+    def host_per_node(self) -> float:
+        """Offloaded bytes of the node's ranks (gpus_per_node ranks per node)."""
+        return self.setup.gpus_per_node * self.host_per_rank
+
+    def fits_gpu(self, gpu_memory_gb: float, margin: float) -> bool:
         return self.peak <= usable_bytes(gpu_memory_gb, margin)
+
+    def fits_host(self, host_memory_gb: float | None, margin: float) -> bool:
+        return host_memory_gb is None or self.host_per_node <= usable_bytes(host_memory_gb, margin)
+
+    def fits(self, gpu_memory_gb: float, margin: float, host_memory_gb: float | None = None) -> bool:
+        """The GPU's peak fits, and with the optimizer offloaded so does the node's host memory (when given)."""
+        return self.fits_gpu(gpu_memory_gb, margin) and self.fits_host(host_memory_gb, margin)
 
 
 def usable_bytes(gpu_memory_gb: float, margin: float) -> float:
     return gpu_memory_gb * GIB * (1 - margin)
 
 
-def model_states(n: int, x: int, setup: Setup) -> dict[str, tuple[float, float]]:
-    """(non-expert, expert) bytes per rank of parameters, gradients, optimizer states, fp32 step gradients, bucket.
+def largest_param(shape: ModelShape) -> int:
+    """Elements of the model's largest single parameter (DeepSpeed sizes ZeRO-Offload's gradient staging buffers by
+    it): the embedding / lm_head, an attention projection, a dense MLP or shared expert matrix, or one expert's."""
+    h, a, g = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    sizes = [shape.vocab * h, h * a, h * g]
+    for m in shape.mlps:
+        sizes += [h * m.intermediate, h * m.expert_intermediate, h * (m.shared_intermediate or 0)]
+    return max(sizes)
 
-    n: non-expert parameters; x: expert parameters of the whole model (this rank holds x / ep_size).
+
+def partition(n: int, x: int, setup: Setup) -> tuple[float, float]:
+    """(non-expert, expert) elements of this rank's ZeRO partition (stage 1/2), or of everything it holds (stage 0):
+    ZeRO partitions the non-expert parameters over all W ranks and the experts over the W_e = W / ep ranks that hold
+    the same experts (DeepSpeed's `_configure_moe_settings`: each expert group's `real_dp_process_group` is the
+    expert-data-parallel group)."""
+    local = (n, x / setup.ep_size)
+    if setup.zero_stage == 0:
+        return local
+    return local[0] / setup.world, local[1] / (setup.world // setup.ep_size)
+
+
+def model_states(n: int, x: int, setup: Setup, largest: int = 0) -> dict[str, tuple[float, float]]:
+    """(non-expert, expert) GPU bytes per rank of parameters, gradients, optimizer states, fp32 step gradients, the
+    reduce bucket and, with the optimizer offloaded, the gradient staging buffer.
+
+    n: non-expert parameters; x: expert parameters of the whole model (this rank holds x / ep_size); largest: elements
+    of the largest parameter (`largest_param`; only the offload staging buffer needs it).
     """
-    p, stage = setup.bytes, setup.zero_stage
-    x_r = x / setup.ep_size
-    dp = (setup.world, setup.world // setup.ep_size)  # ZeRO partitions over DP (non-expert) / expert-DP (experts)
-    local = (n, x_r)
-    part = tuple(c / d for c, d in zip(local, dp)) if stage >= 1 else local
+    p, stage, off = setup.bytes, setup.zero_stage, setup.offload_optimizer
+    local = (n, x / setup.ep_size)
+    part = partition(n, x, setup)
     rows = {"params": tuple(p * c for c in local)}
-    if stage == 0:
+    if stage == 0 or (stage == 1 and off):  # offloaded, stage 1 copies its partition to the host, not the GPU
         rows["grads"] = tuple(p * c for c in local)
     elif stage == 1:
         rows["grads"] = tuple(p * (c + q) for c, q in zip(local, part))
     else:
-        rows["grads"] = tuple(p * q for q in part)
+        rows["grads"] = (0.0, 0.0) if off else tuple(p * q for q in part)
     master = 4 if (stage >= 1 or setup.dtype != "fp32") else 0
-    rows["optim"] = tuple((master + 8) * q for q in part)
-    rows["step_grads"] = tuple(4 * q for q in part) if (stage >= 1 or setup.dtype != "fp32") else (0.0, 0.0)
-    bucket = p * min(setup.reduce_bucket_size, n + x_r)
+    rows["optim"] = (0.0, 0.0) if off else tuple((master + 8) * q for q in part)
+    has_step_grads = (stage >= 1 or setup.dtype != "fp32") and not off
+    rows["step_grads"] = tuple(4 * q for q in part) if has_step_grads else (0.0, 0.0)
+    bucket = p * min(setup.reduce_bucket_size, local[0] + local[1])
     rows["bucket"] = (float(bucket), 0.0)
+    if off:
+        rows["offload_buf"] = (float(p * largest), 0.0)
     return rows
+
+
+def host_states(n: int, x: int, setup: Setup, largest: int) -> dict[str, tuple[float, float]]:
+    """(non-expert, expert) host bytes per rank with the optimizer offloaded (empty otherwise): fp32 master + Adam
+    moments, the fp32 gradient partition, the model-dtype weight buffer, the gradient staging buffer and, with
+    gradient accumulation, the gradient accumulator (DeepSpeed 0.19 `stage_1_and_2.py`: `single_partition_of_fp32_groups`
+    and its `.grad`, `param_buffer_of_bit16_for_cpu_offload_groups`, `temp_grad_buffer_for_cpu_offload`,
+    `accumulated_grads_in_cpu`; the moments are the wrapped torch AdamW's state)."""
+    if not setup.offload_optimizer:
+        return {}
+    p = setup.bytes
+    part = partition(n, x, setup)
+    rows = {"host_optim": tuple(12 * q for q in part), "host_grads": tuple(4 * q for q in part),
+            "host_weights": tuple(p * q for q in part), "host_staging": (float(p * largest), 0.0)}
+    if setup.grad_accum > 1:
+        rows["host_accum"] = tuple(p * q for q in part)
+    return rows
+
+
+def offload_cost(n: int, x: int, setup: Setup, *, pcie_gbs: float | None = None,
+                 host_memory_bandwidth_gbs: float = HOST_MEMORY_BANDWIDTH_GBS,
+                 cpu_adam_ns_per_param: float = CPU_ADAM_NS_PER_PARAM) -> OffloadCost | None:
+    """Estimated extra time per optimizer step of ZeRO-Offload on a GPU node (None without offload).
+
+    Copies per rank (DeepSpeed 0.19): at the accumulation boundary the gradient partition goes to the host in fp32
+    (4q) and the updated partition comes back in the model dtype (pq). Accumulating gradients (grad_accum G > 1)
+    routes them through the host: ZeRO-2 copies each micro-step's partition gradients out (pq) and, from the second
+    micro-step on, the accumulated ones back in (pq); ZeRO-1 reduces only at the boundary but still makes one such
+    round trip. The CPU AdamW step: every rank of the node steps its own partition at once.
+    """
+    if not setup.offload_optimizer:
+        return None
+    p, G = setup.bytes, setup.grad_accum
+    q = sum(partition(n, x, setup))
+    d2h, h2d = 4 * q, p * q
+    if G > 1:
+        rounds = G if setup.zero_stage == 2 else 1
+        d2h += rounds * p * q
+        h2d += (G - 1 if setup.zero_stage == 2 else 1) * p * q
+    gbs = pcie_gbs or PCIE_GBS[setup.offload_pin_memory]
+    node = setup.gpus_per_node * q
+    return OffloadCost(d2h_bytes=d2h, h2d_bytes=h2d, pcie_gbs=gbs, node_params=node,
+                       copy_s=(d2h + h2d) / (gbs * 1e9), adam_cpu_s=q * cpu_adam_ns_per_param * 1e-9,
+                       adam_memory_s=node * (32 + p) / (host_memory_bandwidth_gbs * 1e9))
 
 
 def layer_activation_bytes(shape: ModelShape, layer: int, p: int) -> tuple[float, float]:
@@ -428,47 +577,85 @@ ROW_NAMES = {
     "optim": "optimizer states",
     "step_grads": "fp32 grads at step",
     "bucket": "reduce bucket",
+    "offload_buf": "offload staging",
     "act_layers": "activations: layers",
     "act_logits": "activations: logits+loss",
 }
+PERSISTENT = ("params", "grads", "optim", "bucket", "offload_buf")
+"""GPU rows held through the whole step (the others are transient: `Plan.peak`)."""
+HOST_ROW_NAMES = {
+    "host_optim": "optimizer states",
+    "host_grads": "fp32 gradients",
+    "host_weights": "weight buffer",
+    "host_staging": "gradient staging",
+    "host_accum": "gradient accumulator",
+}
+
+Layout = tuple[int, int, bool, bool]
+"""(ep size, ZeRO stage, activation checkpointing, optimizer offloaded): one cell of the layout search."""
 
 
-def make_plan(shape: ModelShape, setup: Setup) -> Plan:
+def make_plan(shape: ModelShape, setup: Setup, *, pcie_gbs: float | None = None,
+              host_memory_bandwidth_gbs: float = HOST_MEMORY_BANDWIDTH_GBS) -> Plan:
     check_setup(shape, setup)
     counts = count_params(shape)
-    parts = {**model_states(counts.non_expert, counts.expert, setup), **activations(shape, setup)}
+    n, x, big = counts.non_expert, counts.expert, largest_param(shape)
+    parts = {**model_states(n, x, setup, big), **activations(shape, setup)}
+    off = setup.offload_optimizer
     master = "fp32 master + Adam m, v" if (setup.zero_stage or setup.dtype != "fp32") else "Adam m, v"
+    grads = {0: "full", 1: "full + partition, end of backward", 2: "own partition"}[setup.zero_stage]
+    if off:
+        grads = {1: "full, end of backward", 2: "reduced in buckets into host memory"}[setup.zero_stage]
     notes = {
         "params": f"{setup.dtype}, not partitioned",
-        "grads": {0: "full", 1: "full + partition, end of backward", 2: "own partition"}[setup.zero_stage],
-        "optim": master + (", partitioned" if setup.zero_stage else ""),
-        "step_grads": "transient, during step()",
+        "grads": grads,
+        "optim": "in host memory (offloaded)" if off else master + (", partitioned" if setup.zero_stage else ""),
+        "step_grads": "in host memory (offloaded)" if off else "transient, during step()",
         "bucket": "reduce_bucket_size x dtype",
+        "offload_buf": "dtype x largest parameter",
         "act_layers": "estimate" + (", checkpointed" if setup.activation_checkpointing else ""),
         "act_logits": "estimate",
     }
-    rows = {k: Row(ROW_NAMES[k], *parts[k], notes[k]) for k in ROW_NAMES}
-    return Plan(setup, counts, rows)
+    rows = {k: Row(ROW_NAMES[k], *parts[k], notes[k]) for k in ROW_NAMES if k in parts}
+    host_notes = {"host_optim": "fp32 master + Adam m, v, partitioned", "host_grads": "partition, fp32",
+                  "host_weights": f"partition, {setup.dtype} (updated weights on their way back)",
+                  "host_staging": f"{setup.dtype} x largest parameter",
+                  "host_accum": f"~partition, {setup.dtype}, --grad-accum > 1"}
+    host = {k: Row(HOST_ROW_NAMES[k], *v, host_notes[k]) for k, v in host_states(n, x, setup, big).items()}
+    cost = offload_cost(n, x, setup, pcie_gbs=pcie_gbs, host_memory_bandwidth_gbs=host_memory_bandwidth_gbs)
+    return Plan(setup, counts, rows, host, cost)
 
 
-def suggestions(shape: ModelShape, setup: Setup, gpu_memory_gb: float, margin: float
-                ) -> dict[tuple[int, int, bool], Plan]:
-    """Plans for every valid ep size x ZeRO stage 0/1/2, with and without activation checkpointing."""
+def search_order(activation_checkpointing: bool, offload_optimizer: bool) -> list[tuple[bool, bool]]:
+    """(activation checkpointing, offload) settings tried in turn, cheapest first: the requested ones, then
+    checkpointing on (~30% more compute), then the optimizer offloaded (host copies and a CPU step, usually seconds
+    per step: `offload_cost`), then both. A setting that is asked for stays on."""
+    return list(dict.fromkeys((activation_checkpointing or ac, offload_optimizer or off)
+                              for ac, off in ((False, False), (True, False), (False, True), (True, True))))
+
+
+def suggestions(shape: ModelShape, setup: Setup, gpu_memory_gb: float, margin: float, **estimate
+                ) -> dict[Layout, Plan]:
+    """Plans for every valid ep size x ZeRO stage 0/1/2, with and without activation checkpointing, and for ZeRO 1/2
+    also with the optimizer offloaded. `estimate`: `make_plan`'s keyword arguments."""
     out = {}
-    for ac in (False, True):
-        for ep in valid_ep_sizes(shape.num_experts, setup.world):
-            for stage in (0, 1, 2):
-                out[(ep, stage, ac)] = make_plan(shape, replace(setup, ep_size=ep, zero_stage=stage,
-                                                                activation_checkpointing=ac))
+    for off in (False, True):
+        for ac in (False, True):
+            for ep in valid_ep_sizes(shape.num_experts, setup.world):
+                for stage in ((1, 2) if off else (0, 1, 2)):
+                    out[(ep, stage, ac, off)] = make_plan(shape, replace(
+                        setup, ep_size=ep, zero_stage=stage, activation_checkpointing=ac, offload_optimizer=off),
+                        **estimate)
     return out
 
 
-def smallest_fit(plans: dict[tuple[int, int, bool], Plan], gpu_memory_gb: float, margin: float,
-                 activation_checkpointing: bool) -> tuple[int, int, bool] | None:
-    """Smallest ep size, then smallest ZeRO stage, that fits; with the requested checkpointing setting first, then
-    (if nothing fits) with checkpointing on."""
-    for ac in dict.fromkeys((activation_checkpointing, True)):
-        fitting = sorted((ep, st) for (ep, st, a), pl in plans.items() if a == ac and pl.fits(gpu_memory_gb, margin))
+def smallest_fit(plans: dict[Layout, Plan], gpu_memory_gb: float, margin: float, activation_checkpointing: bool,
+                 offload_optimizer: bool = False, host_memory_gb: float | None = None) -> Layout | None:
+    """Smallest ep size, then smallest ZeRO stage, that fits (GPU, and host memory where offloaded), trying the
+    (checkpointing, offload) settings in `search_order`."""
+    for ac, off in search_order(activation_checkpointing, offload_optimizer):
+        fitting = sorted((ep, st) for (ep, st, a, o), pl in plans.items()
+                         if (a, o) == (ac, off) and pl.fits(gpu_memory_gb, margin, host_memory_gb))
         if fitting:
-            return (*fitting[0], ac)
+            return (*fitting[0], ac, off)
     return None

@@ -1,8 +1,10 @@
 """Per-rank GPU memory plan for training an MoE model (or a dense one upcycled to MoE) with native DeepSpeed-MoE:
 parameters, gradients, optimizer states (exact, as DeepSpeed allocates them) and activations (an estimate), split into
 the non-expert part (replicated) and the expert part (1/ep per rank); whether it fits the GPU, and the smallest
-expert-parallel size / ZeRO stage that fits; forward FLOPs per token (active parameters; vs the dense model when
-upcycling one, also fine-grained: --granularity, --shared-fraction). Reads config.json only. See docs/planning.md.
+expert-parallel size / ZeRO stage that fits (also with the optimizer offloaded to host memory: ZeRO-Offload, with the
+node's host memory it needs and an estimate of the time it adds per step); forward FLOPs per token (active parameters;
+vs the dense model when upcycling one, also fine-grained: --granularity, --shared-fraction). Reads config.json only.
+See docs/planning.md.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Literal
 
 from ..errors import UserError
 from ..families import family_for
-from ..plan import (GIB, Flops, Plan, Setup, forward_flops, load_config, make_plan, shape_from_config, smallest_fit,
-                    suggestions, upcycled_shape, usable_bytes, valid_ep_sizes)
+from ..plan import (CPU_ADAM_NS_PER_PARAM, DEFAULT_HOST_MEMORY_GB, GIB, HOST_MEMORY_BANDWIDTH_GBS, Flops, Plan, Setup,
+                    forward_flops, load_config, make_plan, shape_from_config, smallest_fit, suggestions, upcycled_shape,
+                    usable_bytes, valid_ep_sizes)
 
 
 @dataclass(kw_only=True)
@@ -57,13 +60,35 @@ class Args:
     """DeepSpeed zero_optimization.reduce_bucket_size (elements); the bucket is allocated in full."""
     json: bool = False
     """Print the plan as JSON instead of tables."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step; as `upcycle-ds train --grad-accum` (with the optimizer offloaded, accumulation
+    adds a host gradient buffer and host<->device copies per micro-step)."""
+    offload_optimizer: bool = False
+    """Plan with the optimizer offloaded to host memory (ZeRO-Offload, ZeRO 1/2); as `upcycle-ds train
+    --offload-optimizer`. Without it the layout search still tries offloading when nothing else fits."""
+    offload_pin_memory: bool = False
+    """Pinned host buffers for the offloaded optimizer; as `upcycle-ds train --offload-pin-memory` (faster copies in the
+    step-time estimate)."""
+    host_memory_gb: float = DEFAULT_HOST_MEMORY_GB
+    """Host RAM of one node in GiB, which the offloaded optimizer state of its ranks must fit (less --margin); default
+    2048: DGX H100/H200 and AWS p5 nodes (GCP a3-highgpu-8g has 1743 GiB, DGX A100 1024)."""
+    pcie_gbps: float | None = None
+    """Host<->device copy bandwidth per GPU in GB/s for the offload step-time estimate (default: 50 with pinned
+    buffers, 25 without: PCIe Gen5 x16)."""
+    host_memory_bandwidth_gbs: float = HOST_MEMORY_BANDWIDTH_GBS
+    """Sustained host memory bandwidth of one node in GB/s for the offload step-time estimate (the CPU AdamW step of all
+    ranks streams through it)."""
 
 
 def run(args: Args) -> int:
     if not 0 <= args.margin < 1:
         raise UserError(f"--margin must be in [0, 1) (got {args.margin})")
-    if args.gpu_memory_gb <= 0:
-        raise UserError(f"--gpu-memory-gb must be > 0 (got {args.gpu_memory_gb})")
+    for flag, v in (("--gpu-memory-gb", args.gpu_memory_gb), ("--host-memory-gb", args.host_memory_gb),
+                    ("--host-memory-bandwidth-gbs", args.host_memory_bandwidth_gbs), ("--pcie-gbps", args.pcie_gbps)):
+        if v is not None and not v > 0:
+            raise UserError(f"{flag} must be > 0 (got {v})")
+    if args.offload_pin_memory and not args.offload_optimizer:
+        raise UserError("--offload-pin-memory applies to --offload-optimizer; add that flag or drop this one")
     config = load_config(args.model)
     family, is_moe = family_for(config)
     family.check_config(config, f"{args.model} config.json")
@@ -88,12 +113,15 @@ def run(args: Args) -> int:
     setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, ep_size=args.ep_size,
                   zero_stage=args.zero_stage, dtype=args.dtype, micro_batch_size=args.micro_batch_size,
                   seq_len=args.max_length, activation_checkpointing=args.activation_checkpointing,
-                  reduce_bucket_size=args.reduce_bucket_size)
-    plan = make_plan(shape, setup)
-    grid = suggestions(shape, setup, args.gpu_memory_gb, args.margin)
-    best = smallest_fit(grid, args.gpu_memory_gb, args.margin, args.activation_checkpointing)
-    layout = (args.ep_size, args.zero_stage, args.activation_checkpointing)
-    if best is not None and not plan.fits(args.gpu_memory_gb, args.margin):
+                  reduce_bucket_size=args.reduce_bucket_size, grad_accum=args.grad_accum,
+                  offload_optimizer=args.offload_optimizer, offload_pin_memory=args.offload_pin_memory)
+    estimate = {"pcie_gbs": args.pcie_gbps, "host_memory_bandwidth_gbs": args.host_memory_bandwidth_gbs}
+    plan = make_plan(shape, setup, **estimate)
+    grid = suggestions(shape, setup, args.gpu_memory_gb, args.margin, **estimate)
+    best = smallest_fit(grid, args.gpu_memory_gb, args.margin, args.activation_checkpointing, args.offload_optimizer,
+                        args.host_memory_gb)
+    layout = (args.ep_size, args.zero_stage, args.activation_checkpointing, args.offload_optimizer)
+    if best is not None and not plan.fits(args.gpu_memory_gb, args.margin, args.host_memory_gb):
         layout = best  # the command runs the suggested layout when the asked one does not fit
     flops = forward_flops(shape, args.max_length)
     dense_flops = forward_flops(dense_shape, args.max_length) if dense_shape is not None else None
@@ -107,16 +135,23 @@ def run(args: Args) -> int:
     return 0
 
 
-def train_command(args: Args, layout: tuple[int, int, bool], prefix: str = "the planned run: ") -> str:
-    """The `upcycle-ds train` command of this plan with `layout` = (ep size, ZeRO stage, activation checkpointing)."""
+def train_command(args: Args, layout: tuple[int, int, bool, bool], prefix: str = "the planned run: ") -> str:
+    """The `upcycle-ds train` command of this plan with `layout` = (ep size, ZeRO stage, activation checkpointing,
+    optimizer offloaded)."""
     import shlex
 
-    ep, st, ac = layout
+    ep, st, ac, off = layout
     cmd = ["upcycle-ds", "train", "--nproc", str(args.gpus_per_node), "--model", args.model, "--data", "DATA",
            "--out", "OUT", "--ep-size", str(ep), "--zero-stage", str(st), "--dtype", args.dtype,
            "--micro-batch-size", str(args.micro_batch_size), "--max-length", str(args.max_length)]
+    if args.grad_accum != 1:
+        cmd += ["--grad-accum", str(args.grad_accum)]
     if ac:
         cmd.append("--activation-checkpointing")
+    if off:
+        cmd.append("--offload-optimizer")
+        if args.offload_pin_memory:
+            cmd.append("--offload-pin-memory")
     if args.num_experts is not None and not family_for(load_config(args.model))[1]:
         if args.granularity != 1 or args.shared_fraction:
             cmd[5] = "MOE_DIR"  # granular upcycling happens in `upcycle-ds upcycle`, not on the fly
@@ -164,6 +199,8 @@ def _gib(b: float) -> str:
 def render(plan: Plan, shape, grid, best, args: Args) -> str:
     s, c = plan.setup, plan.params
     usable = usable_bytes(args.gpu_memory_gb, args.margin)
+    offload = ("; optimizer offloaded to host memory" + (" (pinned)" if s.offload_pin_memory else "")
+               if s.offload_optimizer else "")
     lines = [
         f"model: {shape.model_type}, {shape.num_layers} layers ({len(shape.moe_layers)} MoE), "
         f"{shape.num_experts} experts top-{shape.top_k}, hidden {shape.hidden}, vocab {shape.vocab}",
@@ -171,46 +208,79 @@ def render(plan: Plan, shape, grid, best, args: Args) -> str:
         f"{c.expert / 1e9:.3f} B expert ({c.expert / s.ep_size / 1e9:.3f} B per rank at ep_size {s.ep_size})",
         f"layout: world {s.world} = {s.nodes} nodes x {s.gpus_per_node} GPUs; ep_size {s.ep_size}, expert-DP "
         f"{s.world // s.ep_size}; ZeRO-{s.zero_stage}; {s.dtype}; micro batch {s.micro_batch_size} x seq "
-        f"{s.seq_len}; activation checkpointing {'on' if s.activation_checkpointing else 'off'}",
+        f"{s.seq_len}" + (f" x grad accum {s.grad_accum}" if s.grad_accum != 1 else "")
+        + f"; activation checkpointing {'on' if s.activation_checkpointing else 'off'}{offload}",
         "",
     ]
     head = ("component", "non-expert GiB", "expert GiB", "total GiB", "")
     body = [(r.name, _gib(r.non_expert), _gib(r.expert), _gib(r.total), r.note) for r in plan.rows.values()]
-    peak_ne = sum(plan.rows[k].non_expert for k in ("params", "grads", "optim", "bucket"))
-    peak_ex = sum(plan.rows[k].expert for k in ("params", "grads", "optim", "bucket"))
+    held = [k for k in ("params", "grads", "optim", "bucket", "offload_buf") if k in plan.rows]
     trans = ["act_layers", "act_logits"] if plan.activations >= plan.rows["step_grads"].total else ["step_grads"]
-    peak_ne += sum(plan.rows[k].non_expert for k in trans)
-    peak_ex += sum(plan.rows[k].expert for k in trans)
+    peak_ne = sum(plan.rows[k].non_expert for k in held + trans)
+    peak_ex = sum(plan.rows[k].expert for k in held + trans)
     body.append(("peak per rank", _gib(peak_ne), _gib(peak_ex), _gib(plan.peak),
                  "states + max(activations, fp32 step grads)"))
     lines += _table(head, body, rule_before=len(body) - 1, left=(0, 4))
-    fits = plan.fits(args.gpu_memory_gb, args.margin)
+    fits = plan.fits_gpu(args.gpu_memory_gb, args.margin)
     lines += ["", f"usable per GPU: {_gib(usable)} GiB ({args.gpu_memory_gb:g} GiB - {args.margin:.0%} margin) -> "
                   f"{'FITS' if fits else 'DOES NOT FIT'} ({_gib(plan.peak)} GiB peak)", ""]
+    if plan.host:
+        lines += render_host(plan, args) + [""]
     eps = valid_ep_sizes(shape.num_experts, s.world)
-    lines.append("peak GiB per rank for every valid layout (* = fits):")
-    ghead = ("ep_size",) + tuple(f"ZeRO-{st}" + (" +AC" if ac else "") for ac in (False, True) for st in (0, 1, 2))
+    lines.append("peak GPU GiB per rank for every valid layout (* = fits" + (", host memory included" if any(
+        k[3] for k in grid) else "") + "):")
+    cols = [(st, ac, off) for off in (False, True) for ac in (False, True) for st in ((1, 2) if off else (0, 1, 2))]
+    ghead = ("ep_size",) + tuple(f"Z{st}" + ("+AC" if ac else "") + ("+off" if off else "") for st, ac, off in cols)
     gbody = []
     for ep in eps:
         row = [str(ep)]
-        for ac in (False, True):
-            for st in (0, 1, 2):
-                p = grid[(ep, st, ac)]
-                row.append(_gib(p.peak) + ("*" if p.fits(args.gpu_memory_gb, args.margin) else " "))
+        for st, ac, off in cols:
+            p = grid[(ep, st, ac, off)]
+            row.append(_gib(p.peak) + ("*" if p.fits(args.gpu_memory_gb, args.margin, args.host_memory_gb) else " "))
         gbody.append(tuple(row))
     lines += _table(ghead, gbody)
-    lines.append("(AC = activation checkpointing)")
+    lines.append(f"(Z = ZeRO stage; AC = activation checkpointing; off = optimizer offloaded, {args.host_memory_gb:g} "
+                 f"GiB of host memory per node)")
     lines.append("")
     if best is None:
-        lines.append("suggestion: nothing fits; lower --micro-batch-size / --max-length, add GPUs, or offload")
+        lines.append("suggestion: nothing fits, even with the optimizer offloaded; lower --micro-batch-size / "
+                     "--max-length, or add GPUs")
     else:
-        ep, st, ac = best
-        extra = "" if ac == s.activation_checkpointing else " with --activation-checkpointing"
-        same = (ep, st, ac) == (s.ep_size, s.zero_stage, s.activation_checkpointing)
+        ep, st, ac, off = best
+        extra = "".join(flag for flag, on, asked in (
+            (" with --activation-checkpointing", ac, s.activation_checkpointing),
+            (" --offload-optimizer", off, s.offload_optimizer)) if on and not asked)
+        same = best == (s.ep_size, s.zero_stage, s.activation_checkpointing, s.offload_optimizer)
+        pick = grid[best]
+        host = (f", {_gib(pick.host_per_node)} GiB host memory per node, ~+{pick.offload.total_s:.1f} s per optimizer "
+                f"step (estimate)" if off else "")
         lines.append(f"suggestion: --ep-size {ep} --zero-stage {st}{extra} (smallest ep_size, then ZeRO stage, that "
-                     f"fits: {_gib(grid[best].peak)} GiB){' = this plan' if same else ''}")
+                     f"fits: {_gib(pick.peak)} GiB{host}){' = this plan' if same else ''}")
     lines.append("Model states follow DeepSpeed 0.19's allocations; activations are an estimate (docs/planning.md).")
     return "\n".join(lines)
+
+
+def render_host(plan: Plan, args: Args) -> list[str]:
+    """The offloaded optimizer: host bytes per rank and node against the node's RAM, and the step-time estimate."""
+    s, cost = plan.setup, plan.offload
+    head = ("host memory per rank", "non-expert GiB", "expert GiB", "total GiB", "")
+    body = [(r.name, _gib(r.non_expert), _gib(r.expert), _gib(r.total), r.note) for r in plan.host.values()]
+    body.append(("per rank", _gib(sum(r.non_expert for r in plan.host.values())),
+                 _gib(sum(r.expert for r in plan.host.values())), _gib(plan.host_per_rank),
+                 "pinned (page-locked)" if s.offload_pin_memory else "pageable"))
+    lines = _table(head, body, rule_before=len(body) - 1, left=(0, 4))
+    usable = usable_bytes(args.host_memory_gb, args.margin)
+    fits = plan.fits_host(args.host_memory_gb, args.margin)
+    lines += ["", f"host memory per node: {s.gpus_per_node} ranks x {_gib(plan.host_per_rank)} = "
+                  f"{_gib(plan.host_per_node)} GiB; usable {_gib(usable)} GiB ({args.host_memory_gb:g} GiB - "
+                  f"{args.margin:.0%} margin) -> {'FITS' if fits else 'DOES NOT FIT'}"]
+    bound = "host memory bandwidth" if cost.adam_memory_s >= cost.adam_cpu_s else "one core per rank"
+    lines.append(
+        f"offload step time (estimate for a GPU node): +{cost.total_s:.2f} s per optimizer step = copies "
+        f"{cost.copy_s:.2f} s ({(cost.d2h_bytes + cost.h2d_bytes) / 1e9:.2f} GB per GPU at {cost.pcie_gbs:g} GB/s) + "
+        f"CPU AdamW {cost.adam_s:.2f} s ({cost.node_params / 1e9:.2f} B parameters per node, bound by {bound}: "
+        f"{args.host_memory_bandwidth_gbs:g} GB/s, {CPU_ADAM_NS_PER_PARAM} ns per parameter per core)")
+    return lines
 
 
 def _table(head, body, rule_before: int | None = None, left: tuple[int, ...] = (0,)) -> list[str]:
@@ -239,9 +309,21 @@ def _as_json(plan: Plan, shape, grid, best, args: Args) -> dict:
                        for k, r in plan.rows.items()},
         "peak_bytes": plan.peak,
         "usable_bytes": usable_bytes(args.gpu_memory_gb, args.margin),
-        "fits": plan.fits(args.gpu_memory_gb, args.margin),
-        "grid": [{"ep_size": ep, "zero_stage": st, "activation_checkpointing": ac, "peak_bytes": p.peak,
-                  "fits": p.fits(args.gpu_memory_gb, args.margin)} for (ep, st, ac), p in grid.items()],
+        "fits": plan.fits(args.gpu_memory_gb, args.margin, args.host_memory_gb),
+        "fits_gpu": plan.fits_gpu(args.gpu_memory_gb, args.margin),
+        "host": None if not plan.host else {
+            "rows_bytes": {k: {"non_expert": r.non_expert, "expert": r.expert, "total": r.total}
+                           for k, r in plan.host.items()},
+            "per_rank_bytes": plan.host_per_rank, "per_node_bytes": plan.host_per_node,
+            "usable_bytes": usable_bytes(args.host_memory_gb, args.margin),
+            "fits": plan.fits_host(args.host_memory_gb, args.margin),
+            "offload_estimate_s": {"copies": plan.offload.copy_s, "cpu_adam": plan.offload.adam_s,
+                                   "total": plan.offload.total_s},
+            "offload_bytes_per_rank": {"d2h": plan.offload.d2h_bytes, "h2d": plan.offload.h2d_bytes}},
+        "grid": [{"ep_size": ep, "zero_stage": st, "activation_checkpointing": ac, "offload_optimizer": off,
+                  "peak_bytes": p.peak, "host_per_node_bytes": p.host_per_node,
+                  "fits": p.fits(args.gpu_memory_gb, args.margin, args.host_memory_gb)}
+                 for (ep, st, ac, off), p in grid.items()],
         "suggestion": None if best is None else {"ep_size": best[0], "zero_stage": best[1],
-                                                 "activation_checkpointing": best[2]},
+                                                 "activation_checkpointing": best[2], "offload_optimizer": best[3]},
     }

@@ -164,6 +164,17 @@ class TrainArgs:
     """Tokens the load-balancing loss counts expert frequencies f_i over: each micro-batch of each rank (micro, the
     Switch / HF loss), or every rank's micro-batches of the optimizer step so far (global: global-batch balancing,
     Megatron-Core's global_aux_loss; one small all_reduce per micro-step). docs/training.md defines it exactly."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload (ZeRO 1/2): keep the fp32 master weights and AdamW moments in host memory and run the AdamW step
+    on the CPU (torch's fused AdamW); the GPU keeps the bf16 weights, gradients and activations. Frees 12 bytes per
+    parameter of this rank's ZeRO partition of GPU memory (and ZeRO-2's gradient partition) for host<->device copies
+    and a CPU step each optimizer step; `upcycle-ds plan --offload-optimizer` gives both (docs/training.md)."""
+    offload_pin_memory: bool = False
+    """With --offload-optimizer: page-locked (pinned) host buffers, for faster host<->device copies; pinned memory
+    cannot be swapped out or used by other processes."""
+    host_memory_gb: float | None = None
+    """With --offload-optimizer: host RAM of one node in GiB (default: this machine's); `--nproc N` checks before
+    starting the ranks that the offloaded state of N ranks fits in it (`upcycle-ds plan`'s figure, 10% kept free)."""
 
     # ------------------------------------------------------------------------------------------------ validation
     def validate(self, world_size: int, num_experts: int) -> None:
@@ -172,6 +183,9 @@ class TrainArgs:
             raise UserError("--zero-stage 3 is not supported with DeepSpeed-MoE (native MoE supports ZeRO 0/1/2)")
         if self.zero_stage not in (0, 1, 2):
             raise UserError(f"--zero-stage must be 0, 1 or 2 (got {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise UserError("--offload-optimizer needs --zero-stage 1 or 2 (ZeRO-Offload moves ZeRO's optimizer "
+                            "partition to the host; ZeRO-0 has none)")
         if self.dtype == "fp16":
             raise UserError("fp16 is not supported; use --dtype bf16 or fp32")
         if self.dtype not in ("bf16", "fp32"):  # a --config YAML value bypasses argparse's choices
@@ -258,6 +272,10 @@ class TrainArgs:
             raise UserError(f"--expert-impl must be grouped or loop (got {self.expert_impl!r})")
         if self.aux_loss_scope not in ("micro", "global"):
             raise UserError(f"--aux-loss-scope must be micro or global (got {self.aux_loss_scope!r})")
+        if self.offload_pin_memory and not self.offload_optimizer:
+            raise UserError("--offload-pin-memory applies to --offload-optimizer; add that flag or drop this one")
+        if self.host_memory_gb is not None and not self.host_memory_gb > 0:
+            raise UserError(f"--host-memory-gb must be > 0 (got {self.host_memory_gb})")
 
     def torch_dtype(self) -> "torch.dtype":
         import torch  # not at import: `upcycle-ds train --help` needs no torch
@@ -292,6 +310,9 @@ def deepspeed_config(args: TrainArgs, world_size: int, on_gpu: bool) -> dict:
     cfg["bf16"] = {"enabled": args.dtype == "bf16"}
     cfg.pop("fp16", None)
     cfg["zero_allow_untested_optimizer"] = True
+    if args.offload_optimizer:  # fp32 masters + AdamW state on the host, stepped by our torch AdamW there
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": args.offload_pin_memory}
+    cfg["zero_force_ds_cpu_optimizer"] = False  # ZeRO-Offload may step the client's (fused) torch AdamW
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg

@@ -1,5 +1,6 @@
 """What the optimizer sees: trainable parameters (freeze / train-only regexes), AdamW groups split into DeepSpeed's
-MoE / non-MoE groups, and the LR schedule (linear warmup, cosine decay to lr * min_lr_ratio)."""
+MoE / non-MoE groups, the AdamW itself (`build_optimizer`, also what ZeRO-Offload steps on the host), and the LR
+schedule (linear warmup, cosine decay to lr * min_lr_ratio)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,17 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             groups += [g for g in split_params_into_different_moe_groups_for_optimizer(extra)
                        if g["params"] and g.get("moe")]
     return groups
+
+
+def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    """torch's AdamW over `optimizer_groups` (fused by default: `--fused-adam`), handed to `deepspeed.initialize`.
+
+    The same optimizer serves `--offload-optimizer`: DeepSpeed's ZeRO-Offload then replaces each param group's
+    parameters by this rank's fp32 master partition in host memory and calls `step()` there, so the update runs in
+    torch's fused CPU AdamW kernel. We do not use DeepSpeed's `DeepSpeedCPUAdam`: measured on the same CPU it is no
+    faster (bench/offload_step.py), it JIT-compiles a C++ extension on every node, and keeping torch's kernel makes
+    an offloaded run take the same AdamW steps as a run without offload and keeps one checkpoint format for both
+    (docs/training.md, "Optimizer state in host memory"). `train.config.deepspeed_config` tells DeepSpeed that a
+    client torch optimizer is intended (`zero_force_ds_cpu_optimizer: false`)."""
+    return torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.adam_betas),
+                             eps=1e-8, fused=args.fused_adam)

@@ -66,6 +66,9 @@ def preflight(args, world_size: int, *, dense: bool = False, command: str = "tra
         source = open_source(args)
         family, _ = family_for(source.config)
         args.validate(world_size, family.num_experts(source.config))
+        from .offload import check_host_memory
+
+        check_host_memory(args, source.config, world_size)  # --offload-optimizer: the node's RAM holds it
     check_trainable(args, source.config, dense=dense)
     from ..train.config import deepspeed_config
 

@@ -45,7 +45,7 @@ from . import checkpoint, elastic
 from .config import TrainArgs, deepspeed_config
 from ..data import IGNORE, DataConfig, batches, num_batches, open_cache, prepare_cache
 from .metrics import StepMeter, step_line
-from .optim import apply_freeze, lr_lambda, optimizer_groups
+from .optim import apply_freeze, build_optimizer, lr_lambda
 from .sources import open_dense_source, open_source
 from .tracking import Tracker
 
@@ -242,8 +242,7 @@ class Trainer:
         if args.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         apply_freeze(model, args.freeze, args.train_only)
-        optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.lr,
-                                      betas=tuple(args.adam_betas), eps=1e-8, fused=args.fused_adam)
+        optimizer = build_optimizer(model, args)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, self.max_steps,
                                                                            args.min_lr_ratio))
         from types import SimpleNamespace
