@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from upcycle_ds.io.ds import load_pt
 import transformers
@@ -136,7 +137,8 @@ def test_cli_worked_example(capsys):
     res = json.loads(out)
     assert res["params"]["total"] == 47_491_321_856
     assert not res["fits"]
-    assert res["suggestion"] == {"ep_size": 8, "zero_stage": 2, "activation_checkpointing": True}
+    assert res["suggestion"] == {"ep_size": 8, "zero_stage": 2, "activation_checkpointing": True,
+                                 "offload_optimizer": False}
     rc, text, _ = run_cli(capsys, "--model", EXAMPLE.parent, "--num-experts", 8, "--top-k", 2, "--ep-size", 8,
                           "--nodes", 2, "--gpus-per-node", 8, "--zero-stage", 2, "--micro-batch-size", 1,
                           "--max-length", 4096, "--activation-checkpointing")
@@ -318,7 +320,8 @@ def test_plan_matches_deepspeed_checkpoint(ds_checkpoints, ep, stage):
 
 @pytest.mark.slow
 def test_planned_train_command_runs_with_the_planned_settings(tmp_path, capsys):
-    """`plan` prints the exact `upcycle-ds train` command it planned; run for 2 steps, it trains with that layout."""
+    """`plan` prints the exact `upcycle-ds train` command it planned; run for 2 steps, it trains with that layout
+    (here with the optimizer offloaded to host memory: `--offload-optimizer` through the launcher)."""
     import shlex
     import subprocess
     import sys
@@ -328,7 +331,7 @@ def test_planned_train_command_runs_with_the_planned_settings(tmp_path, capsys):
     data = tiny.make_jsonl(tmp_path / "train.jsonl", 60)
     rc, out, _ = run_cli(capsys, "--model", dense, "--num-experts", 4, "--top-k", 2, "--gpus-per-node", 2,
                          "--ep-size", 2, "--zero-stage", 2, "--dtype", "fp32", "--max-length", 64,
-                         "--activation-checkpointing", "--json")
+                         "--activation-checkpointing", "--offload-optimizer", "--json")
     assert rc == 0
     cmd = shlex.split(json.loads(out)["train_command"])
     assert cmd[:2] == ["upcycle-ds", "train"]
@@ -341,3 +344,4 @@ def test_planned_train_command_runs_with_the_planned_settings(tmp_path, capsys):
     assert "2 ranks on cpu, ep_size 2, ZeRO-2, fp32" in start and "activation checkpointing on" in start, start
     assert "rows x 64 tokens" in start, start
     assert "step 2/2" in r.stderr
+    assert yaml.safe_load((tmp_path / "run" / "train_args.yaml").read_text())["offload_optimizer"] is True
