@@ -65,6 +65,8 @@ run_part() {  # name, timeout seconds, command...
 [[ ,$PARTS, == *,tests,* ]] && run_part tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
 [[ ,$PARTS, == *,step,* ]] && run_part step 150 "$PY" bench/step_time.py --device cuda --preset gpu \
     --json "$OUT/step_time.json"
+[[ ,$PARTS, == *,offload,* ]] && run_part offload 150 "$PY" bench/offload_step.py --device cuda --preset gpu --zero 2 \
+    --no-deepspeed-adam --json "$OUT/offload_step.json"
 [[ ,$PARTS, == *,quality,* ]] && run_part quality 300 "$PY" bench/upcycle_quality.py --size gpu --out "$OUT/quality"
 [[ ,$PARTS, == *,upit,* ]] && run_part upit 330 "$PY" bench/upit_quality.py run --size gpu --out "$OUT/upit"
 
