@@ -234,7 +234,8 @@ def main() -> int:
         objs = [str(root)]
         torch.distributed.broadcast_object_list(objs, src=0)
         root = Path(objs[0])
-        arms = [arm(z, off, root / "dense", root / "data.jsonl", root, args) for z in args.zero for off in (False, True)]
+        arms = [arm(z, off, root / "dense", root / "data.jsonl", root, args)
+                for z in args.zero for off in (False, True)]
         for i in range(args.warmup + args.steps):
             for a in arms:
                 one_step(a, args, record=i >= args.warmup)

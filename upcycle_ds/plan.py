@@ -482,9 +482,10 @@ def model_states(n: int, x: int, setup: Setup, largest: int = 0) -> dict[str, tu
 def host_states(n: int, x: int, setup: Setup, largest: int) -> dict[str, tuple[float, float]]:
     """(non-expert, expert) host bytes per rank with the optimizer offloaded (empty otherwise): fp32 master + Adam
     moments, the fp32 gradient partition, the model-dtype weight buffer, the gradient staging buffer and, with
-    gradient accumulation, the gradient accumulator (DeepSpeed 0.19 `stage_1_and_2.py`: `single_partition_of_fp32_groups`
-    and its `.grad`, `param_buffer_of_bit16_for_cpu_offload_groups`, `temp_grad_buffer_for_cpu_offload`,
-    `accumulated_grads_in_cpu`; the moments are the wrapped torch AdamW's state)."""
+    gradient accumulation, the gradient accumulator (DeepSpeed 0.19 `stage_1_and_2.py`:
+    `single_partition_of_fp32_groups` and its `.grad`, `param_buffer_of_bit16_for_cpu_offload_groups`,
+    `temp_grad_buffer_for_cpu_offload`, `accumulated_grads_in_cpu`; the moments are the wrapped torch AdamW's
+    state)."""
     if not setup.offload_optimizer:
         return {}
     p = setup.bytes
