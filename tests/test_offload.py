@@ -181,11 +181,12 @@ def test_offloaded_resume_is_exact(probe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run,src", [("z2_off_to_z1", "z2_off"), ("z1_to_z2_off", "z1")])
+@pytest.mark.parametrize("run,src", [("z2_off_to_z2", "z2_off"), ("z2_off_to_z1", "z2_off"), ("z1_to_z2_off", "z1")])
 def test_resume_between_offloaded_and_not(probe, run, src):
-    """An offloaded ZeRO-2 checkpoint resumed as ZeRO-1 on the GPU, and a ZeRO-1 one resumed offloaded as ZeRO-2
-    (`train.elastic`): right after loading, the optimizer holds the checkpoint's AdamW moments (their sums over all
-    ranks equal those of the saved files), and the losses continue the run the checkpoint came from."""
+    """An offloaded ZeRO-2 checkpoint resumed on the GPU as ZeRO-2 (DeepSpeed's own load) and as ZeRO-1, and a ZeRO-1
+    one resumed offloaded as ZeRO-2 (those two: `train.elastic`): right after loading, the optimizer holds the
+    checkpoint's AdamW moments (their sums over all ranks equal those of the saved files), and the losses continue
+    the run the checkpoint came from."""
     from upcycle_ds.io.ds_optim import open_saved_optimizer
 
     saved = open_saved_optimizer(probe["root"] / src / "checkpoints" / "global_step3")

@@ -8,8 +8,9 @@ usage: offload_probe.py MODEL DATA OUT_DIR
    weight buffer, the gradient staging buffer) and its device staging buffer, and the gradient bytes the model holds
    between backward and the optimizer step -> OUT_DIR/memory_rank{r}.json.
 2. training (fp32, ep 2, 6 steps, a checkpoint at step 3): ZeRO-2 and ZeRO-1, each without and with offload; then
-   resumes of the step-3 checkpoints: offloaded -> offloaded (same layout), offloaded ZeRO-2 -> ZeRO-1 without
-   offload, ZeRO-1 without offload -> offloaded ZeRO-2 (other layouts). Each resume records the sums of |exp_avg|
+   resumes of the step-3 checkpoints: offloaded ZeRO-2 -> offloaded and -> not offloaded (same layout: DeepSpeed's
+   own load), offloaded ZeRO-2 -> ZeRO-1 without offload, ZeRO-1 without offload -> offloaded ZeRO-2 (other
+   layouts: train.elastic). Each resume records the sums of |exp_avg|
    and exp_avg_sq over the whole optimizer (all ranks) right after loading -> OUT_DIR/resume.json; losses are in each
    run's OUT_DIR/<run>/metrics.jsonl.
 Instrumentation lives here, never in the product.
@@ -129,6 +130,7 @@ for stage in (2, 1):
     fit(f"z{stage}", zero_stage=stage)
     fit(f"z{stage}_off", zero_stage=stage, offload_optimizer=True)
 sums = {"z2_off_same": resume("z2_off", "z2_off_same", zero_stage=2, offload_optimizer=True),
+        "z2_off_to_z2": resume("z2_off", "z2_off_to_z2", zero_stage=2),
         "z2_off_to_z1": resume("z2_off", "z2_off_to_z1", zero_stage=1),
         "z1_to_z2_off": resume("z1", "z1_to_z2_off", zero_stage=2, offload_optimizer=True)}
 if dist.get_rank() == 0:
