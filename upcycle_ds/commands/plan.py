@@ -70,8 +70,8 @@ class Args:
     """Pinned host buffers for the offloaded optimizer; as `upcycle-ds train --offload-pin-memory` (faster copies in the
     step-time estimate)."""
     host_memory_gb: float = DEFAULT_HOST_MEMORY_GB
-    """Host RAM of one node in GiB, which the offloaded optimizer state of its ranks must fit (less --margin); default
-    2048: DGX H100/H200 and AWS p5 nodes (GCP a3-highgpu-8g has 1743 GiB, DGX A100 1024)."""
+    """Host RAM of one node in GiB, which the offloaded optimizer state of its ranks must fit (less --margin); the
+    default is that of DGX H100/H200 and AWS p5 nodes (GCP a3-highgpu-8g has 1743 GiB, a DGX A100 1024)."""
     pcie_gbps: float | None = None
     """Host<->device copy bandwidth per GPU in GB/s for the offload step-time estimate (default: 50 with pinned
     buffers, 25 without: PCIe Gen5 x16)."""

@@ -165,10 +165,11 @@ class TrainArgs:
     Switch / HF loss), or every rank's micro-batches of the optimizer step so far (global: global-batch balancing,
     Megatron-Core's global_aux_loss; one small all_reduce per micro-step). docs/training.md defines it exactly."""
     offload_optimizer: bool = False
-    """ZeRO-Offload (ZeRO 1/2): keep the fp32 master weights and AdamW moments in host memory and run the AdamW step
-    on the CPU (torch's fused AdamW); the GPU keeps the bf16 weights, gradients and activations. Frees 12 bytes per
-    parameter of this rank's ZeRO partition of GPU memory (and ZeRO-2's gradient partition) for host<->device copies
-    and a CPU step each optimizer step; `upcycle-ds plan --offload-optimizer` gives both (docs/training.md)."""
+    """ZeRO-Offload (ZeRO 1/2): the fp32 master weights, AdamW moments and fp32 gradients of this rank's ZeRO
+    partition live in host memory and AdamW steps there (torch's fused AdamW); the GPU keeps the weights, the
+    gradients being reduced and the activations. Saves 16 bytes of GPU memory per partition element (and ZeRO-2's
+    gradient partition) for host<->device copies and a CPU AdamW step per optimizer step: `upcycle-ds plan
+    --offload-optimizer` shows both (docs/training.md)."""
     offload_pin_memory: bool = False
     """With --offload-optimizer: page-locked (pinned) host buffers, for faster host<->device copies; pinned memory
     cannot be swapped out or used by other processes."""
