@@ -1,10 +1,11 @@
 """`--offload-optimizer` (DeepSpeed ZeRO-Offload, stepped by our torch AdamW on the host) and what `upcycle-ds plan`
 says about it: GPU and host bytes against DeepSpeed's own estimator and against the optimizer's tensors of real runs,
-losses against the same runs without offload, exact and elastic resumes (docs/training.md, docs/planning.md).
+losses against the same runs without offload, exact and elastic resumes, the HF export (docs/training.md,
+docs/planning.md).
 
 Every multi-rank figure comes from one 2-rank launch (`dist_scripts/offload_probe.py`): per-rank optimizer-state
-bytes for ep 1/2 x ZeRO 1/2 x offload off/on (bf16), four 6-step fp32 runs (ZeRO-1/2, offload off/on) and three
-resumes of their step-3 checkpoints. Bad input (ZeRO-0, too little host memory) is in tests/test_bad_input.py.
+bytes for ep 1/2 x ZeRO 1/2 x offload off/on (bf16), four 6-step fp32 runs (ZeRO-1/2, offload off/on; the offloaded
+ZeRO-2 one exported) and four resumes of their step-3 checkpoints. Bad input (ZeRO-0, too little host memory) is in tests/test_bad_input.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from tiny import make_jsonl, make_moe, make_tokenizer
 
@@ -201,3 +203,19 @@ def test_resume_between_offloaded_and_not(probe, run, src):
     diffs = {s: rel(ours[s], ref[s]) for s in range(4, 7)}
     print(f"{run} vs {src}, relative loss differences after the resume: {diffs}")
     assert diffs[4] <= 1e-6 and max(diffs.values()) <= TOL, diffs
+
+
+@pytest.mark.slow
+def test_offloaded_run_exports_the_trained_model(probe):
+    """OUT/hf of the offloaded ZeRO-2 run, in transformers, computes the logits the trained engine computed
+    (--debug-dump-logits), and they are not the initial model's."""
+    run = probe["root"] / "z2_off"
+    model = transformers.AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32).eval()
+    initial = transformers.AutoModelForCausalLM.from_pretrained(probe["root"] / "moe", dtype=torch.float32).eval()
+    for rank in range(2):
+        dump = torch.load(run / "debug" / f"final_logits_rank{rank}.pt", weights_only=True)
+        with torch.no_grad():
+            got = model(input_ids=dump["input_ids"], position_ids=dump["position_ids"], use_cache=False).logits
+            before = initial(input_ids=dump["input_ids"], position_ids=dump["position_ids"], use_cache=False).logits
+        assert (got - dump["logits"]).abs().max() <= 1e-5
+        assert (before - dump["logits"]).abs().max() > 1e-2

@@ -12,7 +12,8 @@ usage: offload_probe.py MODEL DATA OUT_DIR
    own load), offloaded ZeRO-2 -> ZeRO-1 without offload, ZeRO-1 without offload -> offloaded ZeRO-2 (other
    layouts: train.elastic). Each resume records the sums of |exp_avg|
    and exp_avg_sq over the whole optimizer (all ranks) right after loading -> OUT_DIR/resume.json; losses are in each
-   run's OUT_DIR/<run>/metrics.jsonl.
+   run's OUT_DIR/<run>/metrics.jsonl. The offloaded ZeRO-2 run also exports OUT_DIR/z2_off/hf and dumps the trained
+   engine's logits (--debug-dump-logits).
 Instrumentation lives here, never in the product.
 """
 
@@ -90,7 +91,8 @@ def memory() -> None:
 
 
 def fit(name: str, **kw) -> Trainer:
-    args = TrainArgs(**COMMON, out=str(out / name), ep_size=2, dtype="fp32", max_steps=6, save_every=3, **kw)
+    args = TrainArgs(**{**COMMON, "out": str(out / name), "ep_size": 2, "dtype": "fp32", "max_steps": 6,
+                        "save_every": 3, **kw})
     trainer = Trainer(args)
     trainer.fit()
     return trainer
@@ -128,7 +130,7 @@ def resume(src: str, name: str, **kw) -> list[float]:
 memory()
 for stage in (2, 1):
     fit(f"z{stage}", zero_stage=stage)
-    fit(f"z{stage}_off", zero_stage=stage, offload_optimizer=True)
+    fit(f"z{stage}_off", zero_stage=stage, offload_optimizer=True, export_hf=stage == 2, debug_dump_logits=stage == 2)
 sums = {"z2_off_same": resume("z2_off", "z2_off_same", zero_stage=2, offload_optimizer=True),
         "z2_off_to_z2": resume("z2_off", "z2_off_to_z2", zero_stage=2),
         "z2_off_to_z1": resume("z2_off", "z2_off_to_z1", zero_stage=1),
