@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import importlib
 import io
+import os
 import re
 import typing
 
@@ -71,8 +72,8 @@ def test_named_defaults_are_printed_once():
 
 
 def test_required_flags_show_as_required_in_the_usage_line():
-    usage = help_text("convert").split("\n\n", 1)[0]
-    assert re.search(r"\] --model\s+MODEL --out OUT --to \{hf-moe,hf-dense,ds\}", usage), usage
+    usage = " ".join(help_text("convert").split("\n\n", 1)[0].split())
+    assert "[--verbose] --model MODEL --out OUT --to {hf-moe,hf-dense,ds} [--" in usage, usage
     for name in COMMANDS:
         usage = " ".join(help_text(name).split("\n\n", 1)[0].split())
         for f in cli_fields(args_class(name)):
@@ -159,3 +160,15 @@ def test_a_required_flag_given_nowhere_is_one_line(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err == ("upcycle-ds convert: error: the following arguments are required: --out "
                                        "(see upcycle-ds convert --help)\n")
+
+
+def test_verbose_reaches_the_processes_a_command_starts(monkeypatch):
+    """--verbose (any subcommand) is handed on in the environment: the launcher then runs without --quiet, and the
+    ranks it starts let the libraries' messages through (shown end to end by tests/test_train.py's logs test)."""
+    from upcycle_ds.library_logs import VERBOSE_ENV, launcher_flags
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    assert launcher_flags() == ["--quiet"]
+    parse_into(args_class("eval"), ["--model", "m", "--data", "d", "--verbose"], prog="upcycle-ds eval",
+               description="")
+    assert os.environ[VERBOSE_ENV] == "1" and launcher_flags() == []

@@ -1,6 +1,6 @@
 """The package a cluster installs: a wheel built from this checkout, installed into a fresh virtual environment, run
 from a directory outside the repository — the README quickstart (demo -> upcycle -> train -> load the HF export)
-works, the trainer uses the DeepSpeed configs shipped inside the package (not the repository's files), and
+works (and its logs hold only our own lines), the trainer uses the DeepSpeed configs shipped inside the package (not the repository's files), and
 `upcycle-ds scripts` copies out the Slurm / launch scripts shipped with it."""
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def test_wheel_installs_and_runs_the_quickstart_outside_the_repo(tmp_path):
     r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                         str(wheel)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                            "UPCYCLE_DS_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS",
+                                                            "HF_DATASETS_DISABLE_PROGRESS_BARS")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
 
     def run(*argv: str) -> str:
@@ -61,6 +63,11 @@ def test_wheel_installs_and_runs_the_quickstart_outside_the_repo(tmp_path):
     assert "ZeRO-2" in log and "step 2/2" in log, log[-2000:]
     run(str(venv / "bin" / "python"), "-c",
         "import transformers; transformers.AutoModelForCausalLM.from_pretrained('demo/run/hf')")
+    log += run(cli, "eval", "--model", "upcycled=demo/moe", "trained=demo/run/hf", "--data", "demo/heldout.jsonl")
+    assert "| loss | all | 100 |" in log and "trained - upcycled  loss" in log, log[-2000:]
+    # into a pipe: our own lines only (no library progress bars, no DeepSpeed / torch notices)
+    for noise in ("\r", "Loading weights", "Generating train split", "it/s]", "[INFO]", "[WARNING]", "Warning"):
+        assert noise not in log, (noise, log[-3000:])
     run(cli, "scripts", "--out", "scripts")  # the cluster scripts ship in the wheel
     for rel in ("slurm/train.sbatch", "slurm/upit.sbatch", "launchers/train_single_node.sh"):
         assert (work / "scripts" / rel).read_text() == (REPO / rel).read_text()

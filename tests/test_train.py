@@ -5,7 +5,8 @@ Five launches shared by all tests (each ~15-25 s on an idle 2-core machine):
     straight  `upcycle-ds train --config run.yaml` + flag overrides: ep 2, ZeRO-2, fp32, 6 steps, save every 3,
               W&B offline, --debug-dump-logits, HF export
     direct    launchers/deepspeed_direct.sh: ep 2, ZeRO-1, bf16, 6 steps, save every 3, on a copy of the model with
-              attention dropout 0.1 (so training draws random numbers and resume must restore the RNG)
+              attention dropout 0.1 (so training draws random numbers and resume must restore the RNG);
+              UPCYCLE_DS_VERBOSE=1 (the libraries' own messages)
     half/rest launchers/train_single_node.sh twice on one OUT, same settings as `direct`: 3 steps
               (--exit-after-steps 3), then the script adds --resume by itself and the run does steps 4-6; compared
               bit for bit with `direct`
@@ -49,7 +50,8 @@ def _env(**extra) -> dict:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
            "TOKENIZERS_PARALLELISM": "false", **extra}
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE",
-                "RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_STEP_ID"):
+                "RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_STEP_ID", "UPCYCLE_DS_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS",
+                "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         env.pop(var, None)
     env.update(extra)
     return env
@@ -163,10 +165,10 @@ def direct(tiny):
     from upcycle_ds.launch.dist_env import free_port
 
     env = dict(NPROC="2", MODEL=str(tiny["moe_dropout"]), DATA=str(tiny["data"]), OUT=str(out), EP="2", ZERO="1",
-               DTYPE="bf16", MASTER_PORT=str(free_port()),
+               DTYPE="bf16", MASTER_PORT=str(free_port()), UPCYCLE_DS_VERBOSE="1",
                EXTRA_ARGS=" ".join(COMMON[2:] + ["--save-every", "3", "--wandb-mode", "disabled", "--no-export-hf"]))
     r = _run([str(REPO / "launchers" / "deepspeed_direct.sh")], **env)
-    return {"out": out, "stderr": r.stderr}
+    return {"out": out, "stderr": r.stderr, "stdout": r.stdout}
 
 
 def _rank_processes(root: psutil.Process, config: Path) -> dict[int, psutil.Process]:
@@ -213,6 +215,19 @@ def killed(tiny):
         if proc.poll() is None:  # only on failure: end the process group this fixture started
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------- logs
+
+def test_log_holds_our_lines_only_unless_verbose(straight, direct):
+    """`upcycle-ds train --nproc 2` (ep 2, ZeRO-2) into a pipe: every line is ours (no launcher INFO lines, hostfile
+    warning, DeepSpeed process-group print, torch FutureWarning, progress bars); with UPCYCLE_DS_VERBOSE=1 they are
+    there."""
+    lines = [line for line in straight["stderr"].splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith("[upcycle-ds train] ")] == []
+    assert "\r" not in straight["stderr"] and "--quiet" in lines[0]
+    for notice in ("[INFO] [launch.py", "No existing process group found", "all_gather_into_tensor` is deprecated"):
+        assert notice in direct["stderr"] or notice in direct["stdout"], notice
 
 
 # ---------------------------------------------------------------------------------------------- loss + files

@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 args = parse_into(module.Args, rest, prog=f"upcycle-ds {name}", description=module.__doc__ or desc)
             except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its one line already printed)
                 return e.code if isinstance(e.code, int) else 2
+            from .library_logs import quiet_libraries
+
+            quiet_libraries()
             rc = module.run(args)
     except UserError as e:
         if not isinstance(e, ReportedByAnotherRank):

@@ -5,12 +5,12 @@ giving it means); `bool` becomes `--flag/--no-flag`; `list[X]` takes one or more
 choices. --help shows the subcommand's description as written (line breaks, examples) and each default once: as
 `(default: X)` unless the field's text already states it. A field's `metadata={"aliases": [...]}` adds old flag
 spellings and `metadata={"value_aliases": {old: new}}` old values, both accepted (flags, --config) but not shown.
-Every parser also takes
-`--config FILE.yaml`, whose keys (field names) become defaults that flags override; its values are type-checked
-against the fields (one error line naming the field); `--print-config` prints the resolved settings as such a YAML
-and exits. `--config env:UPCYCLE_DS_...` reads the YAML from
-that environment variable instead (how `upcycle-ds train --nproc N` hands the run's settings to its ranks: no shared
-file another launch could overwrite). Every float, from a flag or the YAML file, must be finite.
+Every parser also takes `--config FILE.yaml`, whose keys (field names) become defaults that flags override; its
+values are type-checked against the fields (one error line naming the field); `--print-config` prints the resolved
+settings as such a YAML and exits; `--verbose` lets the libraries' own messages through (`library_logs`).
+`--config env:UPCYCLE_DS_...` reads the YAML from that environment variable instead (how `upcycle-ds train --nproc
+N` hands the run's settings to its ranks: no shared file another launch could overwrite). Every float, from a flag
+or the YAML file, must be finite.
 """
 
 from __future__ import annotations
@@ -191,6 +191,9 @@ def parse_into(cls, argv: list[str], prog: str, description: str, yaml_config: b
                             help="YAML file of field values (snake_case keys); flags given here override it")
         parser.add_argument("--print-config", action="store_true",
                             help="print the resolved settings (defaults, --config, flags) as YAML and exit")
+        parser.add_argument("--verbose", action="store_true",
+                            help="also show the libraries' own messages (progress bars without a TTY, the deepspeed "
+                                 "launcher's INFO lines, DeepSpeed and torch notices); also UPCYCLE_DS_VERBOSE=1")
     add_dataclass_args(parser, cls)
     if yaml_config:
         cfg_path = _find_config(argv)
@@ -204,6 +207,10 @@ def parse_into(cls, argv: list[str], prog: str, description: str, yaml_config: b
                 action.required = False
     ns = vars(parser.parse_args(argv))
     ns.pop("config", None)
+    if ns.pop("verbose", False):
+        from .library_logs import set_verbose
+
+        set_verbose()
     if ns.pop("print_config", False):
         import sys
 

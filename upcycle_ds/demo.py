@@ -71,10 +71,24 @@ def make_jsonl(path: Path, n: int, kind: str = "prompt_response", seed: int = 0)
     return Path(path)
 
 
+HELDOUT_ROWS = 100
+
+
+def write_sum_rows(path: Path, pairs: list[tuple[int, int]]) -> Path:
+    """One prompt/response row "a+b=" -> "a+b" per pair."""
+    import json
+
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"prompt": f"{a}+{b}=", "response": str(a + b)}) + "\n" for a, b in pairs)
+    return Path(path)
+
+
 def make_demo(out: Path, family: str = "llama", rows: int = 400, seed: int = 0, overwrite: bool = False
-              ) -> tuple[Path, Path]:
-    """OUT/dense (tiny random dense model + tokenizer) and OUT/train.jsonl (prompt/response rows), written into a
-    temp dir renamed to OUT at the end (OUT must not exist unless `overwrite`)."""
+              ) -> tuple[Path, Path, Path]:
+    """OUT/dense (tiny random dense model + tokenizer), OUT/train.jsonl (`rows` prompt/response rows "a+b=" ->
+    "a+b", a and b in 0..99) and OUT/heldout.jsonl (HELDOUT_ROWS rows of sums that never occur in train.jsonl),
+    written into a temp dir renamed to OUT at the end (OUT must not exist unless `overwrite`)."""
+    import random
     from .io.hf import atomic_output_dir
 
     out = Path(out)
@@ -83,11 +97,17 @@ def make_demo(out: Path, family: str = "llama", rows: int = 400, seed: int = 0, 
     config = getattr(transformers, CONFIGS[family])(**TINY, **extra)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with atomic_output_dir(out, overwrite) as tmp:
+        bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()
         try:
             model.save_pretrained(tmp / "dense")
         finally:
-            transformers.utils.logging.enable_progress_bar()
+            if bars_were_on:
+                transformers.utils.logging.enable_progress_bar()
         make_tokenizer(tmp / "dense")
-        make_jsonl(tmp / "train.jsonl", rows, seed=seed)
-    return out / "dense", out / "train.jsonl"
+        rng = random.Random(seed)
+        pairs = [divmod(i, 100) for i in rng.sample(range(100 * 100), 100 * 100)]
+        heldout, pool = pairs[:HELDOUT_ROWS], pairs[HELDOUT_ROWS:]
+        write_sum_rows(tmp / "train.jsonl", [rng.choice(pool) for _ in range(rows)])
+        write_sum_rows(tmp / "heldout.jsonl", heldout)
+    return out / "dense", out / "train.jsonl", out / "heldout.jsonl"

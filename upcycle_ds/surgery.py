@@ -12,10 +12,12 @@ checkpoint seen through `upcycle.UpcycledView` (so training can start straight f
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import transformers
 from torch import nn
 
 from .errors import UserError
+from .library_logs import library_prints
 from .families import family_for
 from .families.base import is_tied, split_gate_up, weight_key
 from .moe.layer import UpcycledMoE, moe_layers
@@ -52,8 +54,9 @@ def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None =
         # (allreduce=False, group_name): without them ZeRO sees no MoE param group and all-reduces expert grads.
         for p in moe.deepspeed_moe.experts.parameters():
             p.allreduce, p.group_name = False, moe.expert_group_name
-        if ep_size > 1:
-            moe.set_deepspeed_parallelism()
+        if ep_size > 1 or dist.is_initialized():  # (ep 1: what deepspeed.initialize would do, without its print)
+            with library_prints():
+                moe.set_deepspeed_parallelism()
     load_weights(model, source, family)
     return model
 

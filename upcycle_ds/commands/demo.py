@@ -1,5 +1,8 @@
 """Write a small built-in example: OUT/dense (a tiny random dense model with a character-level tokenizer and chat
-template) and OUT/train.jsonl (synthetic prompt/response rows) — enough to try upcycle, train and convert in seconds.
+template), OUT/train.jsonl (synthetic prompt/response rows "a+b=" -> "a+b") and OUT/heldout.jsonl (100 sums that are
+not in train.jsonl) -- enough to try upcycle, train, eval and convert in seconds. The model is random, not
+pretrained: the demo shows that the pipeline works end to end, not what upcycling gains (bench/upcycle_quality.py
+measures that; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ class Args:
     family: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"
     """Model family of the tiny dense model."""
     rows: int = 400
-    """Synthetic training rows."""
+    """Synthetic training rows (heldout.jsonl always has 100)."""
     seed: int = 0
     """Seed for weights and data."""
     overwrite: bool = False
@@ -35,6 +38,6 @@ class Args:
 def run(args: Args) -> int:
     from ..demo import make_demo
 
-    dense, data = make_demo(args.out, args.family, args.rows, args.seed, overwrite=args.overwrite)
-    print(f"wrote {dense} and {data}", file=sys.stderr)
+    dense, data, heldout = make_demo(args.out, args.family, args.rows, args.seed, overwrite=args.overwrite)
+    print(f"wrote {dense}, {data} and {heldout} (held-out rows)", file=sys.stderr)
     return 0

@@ -26,6 +26,7 @@ import yaml
 
 from ..errors import Terminated, UserError
 from ..io.atomic import write_text_atomic
+from ..library_logs import launcher_flags
 from .dist_env import free_port
 from .run_lock import RunLock
 
@@ -76,7 +77,7 @@ def launch_local(args, command: str = "train", check=None) -> int:
             env.setdefault("DS_ACCELERATOR", "cpu")
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
         launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-        cmd = [launcher, "--num_gpus", str(args.nproc), "--master_port", str(free_port()), "--no_local_rank",
+        cmd = [launcher, *launcher_flags(), "--num_gpus", str(args.nproc), "--master_port", str(free_port()), "--no_local_rank",
                "--module", "upcycle_ds.cli", command, "--config", f"env:{ARGS_ENV}"]
         print(f"[upcycle-ds {command}] launching: {' '.join(cmd)}", file=sys.stderr, flush=True)
         return run_job(cmd, env)

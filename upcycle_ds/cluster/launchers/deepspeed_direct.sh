@@ -11,6 +11,7 @@
 #   ZERO    ZeRO stage 0, 1 or 2                                                                  default: 1
 #   DTYPE   bf16 or fp32                                                                          default: bf16
 #   MASTER_PORT  rendezvous port of the ranks                                                     default: 29500
+#   UPCYCLE_DS_VERBOSE=1  also the launcher's INFO lines and the libraries' notices (as --verbose)
 #   EXTRA_ARGS  more `upcycle-ds train` flags (word-split); arguments to this script are passed on too.
 # `deepspeed` must be on PATH (activate the environment). Without GPUs set DS_ACCELERATOR=cpu (done below) and
 # OMP_NUM_THREADS (default here: cores / NPROC; the deepspeed launcher does not set it).
@@ -33,6 +34,9 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 fi
 
+QUIET=(--quiet)  # the launcher's INFO lines and hostfile warning: only with UPCYCLE_DS_VERBOSE=1
+[ "${UPCYCLE_DS_VERBOSE:-0}" = 0 ] || QUIET=()
+
 RESUME=()
 if [ -f "$OUT/checkpoints/latest" ]; then
   echo "[deepspeed_direct] $OUT/checkpoints/latest exists: resuming from $(cat "$OUT/checkpoints/latest")" >&2
@@ -40,6 +44,6 @@ if [ -f "$OUT/checkpoints/latest" ]; then
 fi
 
 # shellcheck disable=SC2086  # EXTRA_ARGS is meant to be word-split
-exec deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --no_local_rank --module upcycle_ds.cli train \
+exec deepspeed "${QUIET[@]}" --num_gpus "$NPROC" --master_port "$MASTER_PORT" --no_local_rank --module upcycle_ds.cli train \
   --model "$MODEL" --data "$DATA" --out "$OUT" --ep-size "$EP" --zero-stage "$ZERO" --dtype "$DTYPE" \
   ${EXTRA_ARGS:-} "${RESUME[@]}" "$@"
