@@ -142,12 +142,37 @@ def test_cli_worked_example(capsys):
     rc, text, _ = run_cli(capsys, "--model", EXAMPLE.parent, "--num-experts", 8, "--top-k", 2, "--ep-size", 8,
                           "--nodes", 2, "--gpus-per-node", 8, "--zero-stage", 2, "--micro-batch-size", 1,
                           "--max-length", 4096, "--activation-checkpointing")
-    assert rc == 0 and "FITS" in text and "suggestion: --ep-size 8 --zero-stage 2" in text
-    assert (f"the planned run: upcycle-ds train --nproc 8 --model {EXAMPLE.parent} --data DATA --out OUT --ep-size 8 "
-            "--zero-stage 2 --dtype bf16 --micro-batch-size 1 --max-length 4096 --activation-checkpointing "
-            "--num-experts 8 --top-k 2 --layers all") in text
+    assert rc == 0 and "FITS" in text
+    assert text.endswith(  # one command, at the end
+        f"\ncommand (the layout asked for fits: 65.65 GiB per GPU):\n  upcycle-ds train --nproc 8 --model "
+        f"{EXAMPLE.parent} --data DATA --out OUT --ep-size 8 --zero-stage 2 --dtype bf16 --micro-batch-size 1 "
+        "--max-length 4096 --activation-checkpointing --num-experts 8 --top-k 2 --layers all   (x 2 nodes: see "
+        "slurm/train.sbatch)\n")
+    assert text.count("upcycle-ds train") == 1 and "suggestion" not in text
     for row in ("parameters", "gradients", "optimizer states", "activations: layers", "peak per rank"):
         assert row in text
+
+
+def test_cli_prints_one_command_the_smallest_fit_or_none(capsys):
+    """The asked layout does not fit: the one command runs the smallest that fits (the JSON says the same); nothing
+    fits: no command."""
+    flags = ["--model", EXAMPLE.parent, "--num-experts", 8, "--top-k", 2, "--ep-size", 1, "--zero-stage", 2,
+             "--micro-batch-size", 1, "--max-length", 4096, "--activation-checkpointing"]
+    rc, text, _ = run_cli(capsys, *flags)
+    assert rc == 0 and text.count("upcycle-ds train") == 1 and "suggestion" not in text
+    why, command = text.rstrip("\n").split("\n")[-2:]
+    assert why.startswith("command (the layout asked for does not fit; this is the smallest ep_size, then ZeRO "
+                          "stage, that fits: 55.75 GiB per GPU, 803.96 GiB host memory per node")
+    assert command.startswith("  upcycle-ds train --nproc 8 ") and "--ep-size 2 --zero-stage 2" in command
+    assert command.endswith("--activation-checkpointing --offload-optimizer --num-experts 8 --top-k 2 --layers all")
+    rc, out, _ = run_cli(capsys, *flags, "--json")
+    assert json.loads(out)["train_command"] == command.strip()
+    rc, text, _ = run_cli(capsys, *flags, "--gpu-memory-gb", 8, "--host-memory-gb", 16)
+    assert rc == 0 and "upcycle-ds train" not in text
+    assert text.endswith("\nno command: nothing fits, even with the optimizer offloaded; lower --micro-batch-size / "
+                         "--max-length, or add GPUs\n")
+    rc, out, _ = run_cli(capsys, *flags, "--gpu-memory-gb", 8, "--host-memory-gb", 16, "--json")
+    assert json.loads(out)["train_command"] is None
 
 
 def test_cli_moe_config_uses_its_own_experts(tmp_path, capsys):

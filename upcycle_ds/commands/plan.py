@@ -120,22 +120,43 @@ def run(args: Args) -> int:
     grid = suggestions(shape, setup, args.gpu_memory_gb, args.margin, **estimate)
     best = smallest_fit(grid, args.gpu_memory_gb, args.margin, args.activation_checkpointing, args.offload_optimizer,
                         args.host_memory_gb)
-    layout = (args.ep_size, args.zero_stage, args.activation_checkpointing, args.offload_optimizer)
-    if best is not None and not plan.fits(args.gpu_memory_gb, args.margin, args.host_memory_gb):
-        layout = best  # the command runs the suggested layout when the asked one does not fit
+    layout, why = run_layout(plan, grid, best, args)
     flops = forward_flops(shape, args.max_length)
     dense_flops = forward_flops(dense_shape, args.max_length) if dense_shape is not None else None
+    command = train_command(args, layout) if layout is not None else None
     if args.json:
         print(json.dumps({**_as_json(plan, shape, grid, best, args), "flops": _flops_json(flops, dense_flops),
-                          "train_command": train_command(args, layout, prefix="")}, indent=2))
+                          "train_command": command, "why": why}, indent=2))
     else:
         print(render(plan, shape, grid, best, args))
         print(render_flops(shape, flops, dense_flops, args.max_length))
-        print(train_command(args, layout))
+        print("")
+        print(f"command ({why}):\n  {command}" if command else f"no command: {why}")
     return 0
 
 
-def train_command(args: Args, layout: tuple[int, int, bool, bool], prefix: str = "the planned run: ") -> str:
+def run_layout(plan: Plan, grid, best, args: Args) -> tuple[tuple[int, int, bool, bool] | None, str]:
+    """The one layout `plan` prints a command for, and why: the one asked for when it fits, else the smallest that
+    fits (`best`), else none."""
+    asked = (args.ep_size, args.zero_stage, args.activation_checkpointing, args.offload_optimizer)
+    if plan.fits(args.gpu_memory_gb, args.margin, args.host_memory_gb):
+        return asked, f"the layout asked for fits: {_gib(plan.peak)} GiB per GPU{_host(plan)}"
+    if best is None:
+        return None, ("nothing fits, even with the optimizer offloaded; lower --micro-batch-size / --max-length, or "
+                      "add GPUs")
+    pick = grid[best]
+    return best, (f"the layout asked for does not fit; this is the smallest ep_size, then ZeRO stage, that fits: "
+                  f"{_gib(pick.peak)} GiB per GPU{_host(pick)}")
+
+
+def _host(plan: Plan) -> str:
+    if not plan.setup.offload_optimizer:
+        return ""
+    return (f", {_gib(plan.host_per_node)} GiB host memory per node, ~+{plan.offload.total_s:.1f} s per optimizer "
+            f"step (estimate)")
+
+
+def train_command(args: Args, layout: tuple[int, int, bool, bool]) -> str:
     """The `upcycle-ds train` command of this plan with `layout` = (ep size, ZeRO stage, activation checkpointing,
     optimizer offloaded)."""
     import shlex
@@ -160,7 +181,7 @@ def train_command(args: Args, layout: tuple[int, int, bool, bool], prefix: str =
     line = " ".join(shlex.quote(c) for c in cmd)
     if args.nodes > 1:
         line += f"   (x {args.nodes} nodes: see slurm/train.sbatch)"
-    return prefix + line
+    return line
 
 
 def _flops_json(flops: Flops, dense: Flops | None) -> dict:
@@ -241,21 +262,6 @@ def render(plan: Plan, shape, grid, best, args: Args) -> str:
     lines += _table(ghead, gbody)
     lines.append(f"(Z = ZeRO stage; AC = activation checkpointing; off = optimizer offloaded, {args.host_memory_gb:g} "
                  f"GiB of host memory per node)")
-    lines.append("")
-    if best is None:
-        lines.append("suggestion: nothing fits, even with the optimizer offloaded; lower --micro-batch-size / "
-                     "--max-length, or add GPUs")
-    else:
-        ep, st, ac, off = best
-        extra = "".join(flag for flag, on, asked in (
-            (" with --activation-checkpointing", ac, s.activation_checkpointing),
-            (" --offload-optimizer", off, s.offload_optimizer)) if on and not asked)
-        same = best == (s.ep_size, s.zero_stage, s.activation_checkpointing, s.offload_optimizer)
-        pick = grid[best]
-        host = (f", {_gib(pick.host_per_node)} GiB host memory per node, ~+{pick.offload.total_s:.1f} s per optimizer "
-                f"step (estimate)" if off else "")
-        lines.append(f"suggestion: --ep-size {ep} --zero-stage {st}{extra} (smallest ep_size, then ZeRO stage, that "
-                     f"fits: {_gib(pick.peak)} GiB{host}){' = this plan' if same else ''}")
     lines.append("Model states follow DeepSpeed 0.19's allocations; activations are an estimate (docs/planning.md).")
     return "\n".join(lines)
 
