@@ -104,14 +104,16 @@ def _ds_plan(view, optimizer=None) -> Plan:
 
 
 # ------------------------------------------------------------------------------------------------------ writers
-def _write_hf(view, out: Path, overwrite: bool, side_dir: Path, desc: str, max_shard_bytes: int) -> int:
+def _write_hf(view, out: Path, overwrite: bool, side_dir: Path, desc: str, max_shard_bytes: int,
+              inputs: tuple) -> int:
     return write_hf_checkpoint(view, out, overwrite=overwrite, side_dir=side_dir, desc=desc,
-                               max_shard_bytes=max_shard_bytes, inputs=(view.path,))
+                               max_shard_bytes=max_shard_bytes, inputs=inputs)
 
 
-def _write_ds(view, out: Path, overwrite: bool, side_dir: Path, ep_size: int, tag: str, optimizer=None) -> int:
+def _write_ds(view, out: Path, overwrite: bool, side_dir: Path, ep_size: int, tag: str, inputs: tuple,
+              optimizer=None) -> int:
     n = len(_ds_plan(view, optimizer).entries)
-    with atomic_output_dir(out, overwrite, inputs=(view.path,)) as tmp:
+    with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
         with Progress(n, "upcycle-ds convert (to ds)", "tensors") as bar:
             nbytes = write_ds_checkpoint(view, tmp, ep_size=ep_size, tag=tag, progress=bar)
             if optimizer is not None:
@@ -123,10 +125,10 @@ def _write_ds(view, out: Path, overwrite: bool, side_dir: Path, ep_size: int, ta
 
 
 def _to_hf_dense(reader, out: Path, *, merge: MergeOptions, expert: int | None, side: Path, overwrite: bool,
-                 max_shard_bytes: int, dry_run: bool, desc: str) -> Plan:
+                 max_shard_bytes: int, dry_run: bool, desc: str, inputs: tuple) -> Plan:
     """MoE -> dense with the chosen merge (`merge.merge_to_dense`: calibration, write, report)."""
     view = merge_to_dense(reader, out, opts=merge, expert=expert, side_dir=side, overwrite=overwrite,
-                          max_shard_bytes=max_shard_bytes, dry_run=dry_run, desc=desc)
+                          max_shard_bytes=max_shard_bytes, dry_run=dry_run, desc=desc, inputs=inputs)
     return _hf_plan(view, "hf-dense")
 
 
@@ -138,10 +140,19 @@ def ds_to_hf_moe(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None =
                  overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """A DeepSpeed MoE checkpoint (save dir with `latest`, save dir + tag, or a tag dir) -> an HF MoE checkpoint
     (hub per-expert layout + config.json + tokenizer files) that `AutoModelForCausalLM.from_pretrained` loads."""
-    check_output_dir(out_dir, overwrite)
+    inputs = (("--model", ckpt_dir),)
+    check_output_dir(out_dir, overwrite, inputs)
     ckpt = DSCheckpoint(ckpt_dir, tag=tag, weights=weights)
-    _write_hf(ckpt, Path(out_dir), overwrite, ckpt.side_dir, "ds -> hf-moe", max_shard_bytes)
+    _write_hf(ckpt, Path(out_dir), overwrite, ckpt.side_dir, "ds -> hf-moe", max_shard_bytes, inputs)
     return Path(out_dir)
+
+
+def convert_inputs(input, merge: MergeOptions) -> tuple:
+    """(flag, path) of everything a conversion reads: the model, and for a calibrated merge its data and baseline."""
+    from .data.sources import local_paths
+
+    calib = [("--calib-data", p) for p in local_paths(merge.calib_data)] if merge.calib_data else []
+    return (("--model", input), *calib, ("--calib-baseline", merge.calib_baseline))
 
 
 def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1, tag: str | None = None,
@@ -168,10 +179,9 @@ def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1,
         raise UserError("--with-optimizer writes the module weights and the fp32 masters both; leave --weights module")
     if to == "ds" and out_tag is not None:
         check_name(out_tag, "--out-tag")
-    if Path(output).resolve() == Path(input).resolve():
-        raise UserError("--out must differ from --model")
+    inputs = convert_inputs(input, merge)
     if not dry_run:
-        check_output_dir(output, overwrite, inputs=(input,))
+        check_output_dir(output, overwrite, inputs=inputs)
     fmt, reader = open_checkpoint(input, tag=tag, weights=weights)
     optimizer = None
     if with_optimizer:
@@ -185,7 +195,8 @@ def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1,
         if fmt == "hf-dense":
             raise UserError(f"{input} is already an HF dense checkpoint")
         return _to_hf_dense(reader, out, merge=merge, expert=expert, side=side, overwrite=overwrite,
-                            max_shard_bytes=max_shard_bytes, dry_run=dry_run, desc=f"{fmt} -> hf-dense")
+                            max_shard_bytes=max_shard_bytes, dry_run=dry_run, desc=f"{fmt} -> hf-dense",
+                            inputs=inputs)
     if fmt == "hf-dense":
         if to == "hf-moe":
             raise UserError("hf-dense -> hf-moe is `upcycle-ds upcycle`")
@@ -197,7 +208,7 @@ def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1,
             raise UserError(f"{input} is already an HF MoE checkpoint")
         plan = _hf_plan(reader, to)
         if not dry_run:
-            _write_hf(reader, out, overwrite, side, f"{fmt} -> hf-moe", max_shard_bytes)
+            _write_hf(reader, out, overwrite, side, f"{fmt} -> hf-moe", max_shard_bytes, inputs)
         return plan
     # to == "ds"
     fam, _ = family_for(reader.config)
@@ -206,5 +217,5 @@ def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1,
         raise UserError(f"--ep-size {ep_size} does not divide the number of experts {E}")
     plan = _ds_plan(reader, optimizer)
     if not dry_run:
-        _write_ds(reader, out, overwrite, side, ep_size, out_tag, optimizer)
+        _write_ds(reader, out, overwrite, side, ep_size, out_tag, inputs, optimizer)
     return plan

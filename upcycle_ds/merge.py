@@ -309,7 +309,7 @@ def merge_report(view: MergedView, opts: MergeOptions, calib: Calibration | None
 
 
 def merge_to_dense(reader, out: Path, *, opts: MergeOptions, expert: int | None, side_dir: Path, overwrite: bool,
-                   max_shard_bytes: int, dry_run: bool, desc: str) -> MergedView:
+                   max_shard_bytes: int, dry_run: bool, desc: str, inputs: tuple = ()) -> MergedView:
     """Build the merged view (calibrating first when asked), write it with `merge_report.json`; with calibration
     data, the merged model is loaded back with transformers and its loss reported next to the MoE's (and the
     baseline's)."""
@@ -339,7 +339,7 @@ def merge_to_dense(reader, out: Path, *, opts: MergeOptions, expert: int | None,
         (tmp / REPORT).write_text(json.dumps(merge_report(view, opts, calib), indent=2) + "\n")
 
     write_hf_checkpoint(view, out, overwrite=overwrite, side_dir=side_dir, desc=desc,
-                        max_shard_bytes=max_shard_bytes, extra=extra)
+                        max_shard_bytes=max_shard_bytes, extra=extra, inputs=inputs)
     if calib is not None:
         line = f"calibration loss on {calib.label_tokens} tokens of {opts.calib_data}: MoE {calib.loss:.4f}, " \
                f"merged dense ({opts.merge}) {calib.losses['merged']:.4f}"

@@ -12,9 +12,7 @@ JSON. See docs/eval.md.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -67,16 +65,11 @@ def parse_models(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
+    from ..io.atomic import write_text_atomic
+
     if not path.parent.is_dir():
         raise UserError(f"--out {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def run(args: Args) -> int:
@@ -91,6 +84,10 @@ def run(args: Args) -> int:
     rows = load_rows(args.data, args.mode, args.max_rows)
     if args.out is not None and not Path(args.out).parent.is_dir():
         raise UserError(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
+    from ..data.sources import local_paths
+    from ..io.paths import check_apart
+
+    check_apart(args.out, [*(("--model", p) for _, p in models), *(("--data", p) for p in local_paths(args.data))])
     opts = EvalOptions(max_length=args.max_length, micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,
                        device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731

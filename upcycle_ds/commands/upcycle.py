@@ -32,10 +32,10 @@ def run(args: Args) -> int:
     from ..io.hf import HFCheckpoint, check_output_dir, write_hf_checkpoint
     from ..upcycle import UpcycledView
 
-    check_output_dir(args.out, args.overwrite, inputs=(args.model,))
+    check_output_dir(args.out, args.overwrite, inputs=(("--model", args.model),))
     view = UpcycledView(HFCheckpoint(args.model), args)
     nbytes = write_hf_checkpoint(view, args.out, overwrite=args.overwrite, side_dir=view.path, desc="upcycle",
-                                 max_shard_bytes=int(args.max_shard_gb * 1024**3), inputs=(args.model,))
+                                 max_shard_bytes=int(args.max_shard_gb * 1024**3), inputs=(("--model", args.model),))
     grain = ""
     if args.is_granular:
         grain = f" of intermediate size {view.expert_intermediate}"

@@ -32,6 +32,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..io.atomic import make_public
+
 log = logging.getLogger(__name__)
 
 ENV = "UPCYCLE_DS_DATA_CACHE"
@@ -93,6 +95,7 @@ def publish(final: Path, build: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             build(tmp)
+            make_public(tmp)  # a shared cache: entries get the umask's modes, like the files in them
             try:
                 os.rename(tmp, final)
             except OSError:

@@ -139,6 +139,22 @@ def data_files(spec: SourceSpec) -> list[Path]:
     return files
 
 
+def local_paths(data) -> list[Path]:
+    """The local files and directories a data spec (or list of specs) reads — for the check that no output overlaps
+    an input (`io.paths.check_apart`); hub datasets have none. Specs that do not parse are left to the readers."""
+    out: list[Path] = []
+    for item in [data] if isinstance(data, (str, os.PathLike)) else list(data or []):
+        try:
+            spec = parse_source(str(item))
+        except UserError:
+            continue
+        if spec.kind == "hub":
+            continue
+        p = Path(spec.path).expanduser()
+        out += [p] if p.exists() else [Path(f) for f in globlib.glob(spec.path, recursive=True)]
+    return out
+
+
 def fingerprint(spec: SourceSpec, files: list[Path] | None = None) -> str:
     """A stable id of the source's content: its files' resolved paths, sizes and modification times (like make);
     for hub datasets the name and split (with `dataset_fingerprint` added by the caller once loaded)."""

@@ -1,10 +1,16 @@
 """Outputs appear complete or not at all: a file or a directory is written under a temp name next to its final
 path and renamed into place at the end; on any error (or a signal turned exception) the temp is removed, and an
-OSError (disk full, read-only location, no permission, file size limit) becomes one line naming the output."""
+OSError (disk full, read-only location, no permission, file size limit) becomes one line naming the output.
+
+Without `overwrite`, the final rename never replaces anything: an OUT that appeared while the command wrote (a
+second job with the same --out) is an error and stays as it is. Temp files and dirs are private while in flight
+(mkstemp / mkdtemp: 0600 / 0700); what is renamed into place gets the modes the user's umask gives (0644 / 0755
+under umask 022), like any file the user creates."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -12,6 +18,28 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
+from .paths import check_apart
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_public(path: str | Path) -> None:
+    """Give a finished temp file or dir (private while written) the mode a plain create would: 0666 / 0777 less the
+    umask."""
+    p = Path(path)
+    os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask())
 
 
 def write_text_atomic(path: str | Path, text: str, *, fsync: bool = False) -> Path:
@@ -27,6 +55,7 @@ def write_text_atomic(path: str | Path, text: str, *, fsync: bool = False) -> Pa
                 if fsync:
                     f.flush()
                     os.fsync(f.fileno())
+            make_public(tmp)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -37,20 +66,14 @@ def write_text_atomic(path: str | Path, text: str, *, fsync: bool = False) -> Pa
 
 
 def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Path:
-    """`out` may be written: it does not exist (or `overwrite`), its parent does, and it is not (and does not
-    contain) one of `inputs`, which replacing it would destroy."""
+    """`out` may be written: it does not exist (or `overwrite`), its parent does, and it is apart from every one of
+    `inputs` (`io.paths.check_apart`: not one of them, not inside one, not holding one)."""
     out = Path(out)
-    if out.exists() and not overwrite:
+    check_apart(out, inputs)
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: parent directory does not exist")
-    real = out.resolve()
-    for src in inputs:
-        if src is None:
-            continue
-        s = Path(src).resolve()
-        if s == real or s.is_relative_to(real):
-            raise UserError(f"{out} {'is' if s == real else 'contains'} the input {src}; write the output elsewhere")
     return out
 
 
@@ -76,7 +99,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: tuple = 
         raise _write_error(e, out, None) from None
     try:
         yield tmp
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, overwrite=overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(e, out, tmp) from None
@@ -92,9 +115,14 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished dir `tmp` to `out`, replacing an existing `out` (dir, file or symlink) only once `tmp` is
-    complete; nothing of the old `out` is left behind."""
+def replace_dir(tmp: Path, out: Path, *, overwrite: bool) -> None:
+    """Move the finished dir `tmp` to `out` (with the umask's modes). `overwrite`: replace an existing `out` (dir,
+    file or symlink), nothing of the old one left behind. Else `out` must not exist: if it appeared meanwhile
+    (another job wrote it), UserError and `out` stays as it is (`tmp` is the caller's to remove)."""
+    make_public(tmp)
+    if not overwrite:
+        _rename_new(tmp, out)
+        return
     if out.exists() or out.is_symlink():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
@@ -106,3 +134,19 @@ def replace_dir(tmp: Path, out: Path) -> None:
         _remove(old)
     else:
         os.replace(tmp, out)
+
+
+def _rename_new(tmp: Path, out: Path) -> None:
+    """rename(2) that replaces nothing: `out` must not exist. A directory rename cannot replace a non-empty directory
+    or a file (ENOTEMPTY / EEXIST / ENOTDIR), so a concurrent writer's finished `out` is never lost; the only thing
+    the race could replace is an empty directory created in the instant between the check and the rename."""
+    appeared = UserError(f"{out} appeared while this command was writing it (another job with the same output?); "
+                         f"it was left as it is: pass --overwrite to replace it, or choose another output")
+    if out.exists() or out.is_symlink():
+        raise appeared
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise appeared from None
+        raise

@@ -49,3 +49,35 @@ def child(dir: str | Path, name, what: str) -> Path:
     if not _inside(p.resolve(), _roots(d)):
         raise UserError(f"{what}: {name!r} resolves outside {d} (symlink to {p.resolve()})")
     return p
+
+
+def _as_pairs(inputs) -> list[tuple[str | None, str]]:
+    out = []
+    for item in inputs:
+        flag, path = item if isinstance(item, tuple) else (None, item)
+        if path is None or str(path) == "":
+            continue
+        out.append((flag, str(path)))
+    return out
+
+
+def check_apart(out, inputs, what: str = "--out") -> None:
+    """No command writes over or inside one of its inputs: `out` (a file or directory the command creates, replaces
+    or writes into) and each of `inputs` (paths it reads; plain paths or (flag, path) pairs, None skipped) are apart —
+    neither is, nor lies inside, the other (symlinks resolved, so a link to the model counts as the model). The one
+    check every writer calls before writing anything (UserError naming both)."""
+    if out is None:
+        return
+    real = Path(out).expanduser().resolve()
+    for flag, src in _as_pairs(inputs):
+        s = Path(src).expanduser().resolve()
+        named = f"{flag} {src}" if flag else src
+        if s == real:
+            how = "is the input"
+        elif s.is_relative_to(real):
+            how = "contains the input"
+        elif real.is_relative_to(s):
+            how = "is inside the input"
+        else:
+            continue
+        raise UserError(f"{what} {out} {how} {named}; write the output elsewhere")

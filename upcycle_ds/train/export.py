@@ -65,7 +65,7 @@ def export_hf_moe(ckpt_dir: Path, out: Path, tag: str, max_shard_bytes: int = MA
         write_index(tmp, plan, layout)
         write_config(tmp, ckpt.config)
         copy_side_files(ckpt.side_dir, tmp)
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, overwrite=True)  # the run dir is this job's (locked): a resumed run exports again
     wait_for_io()
     return out
 
@@ -125,7 +125,7 @@ def export_hf_dense(engine, out: Path, tokenizer_dir: Path, which: str, meta: di
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, overwrite=True)  # the run dir is this job's (locked): a resumed run exports again
     elif gather:
         for name, _, _ in plan:
             fetch(name)  # take part in every gather; the result is rank 0's business

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..families import family_for
 from ..launch.local import _resolved, launch_local
 from ..launch.run_lock import check_free
+from .inputs import check_run_apart
 
 RESUME_MUST_MATCH = ("max_length", "seed", "data", "eval_data", "eval_fraction", "max_samples", "freeze",
                      "train_only", "num_experts", "top_k", "layers", "label_field", "mode")
@@ -51,6 +52,7 @@ def preflight(args, world_size: int, *, dense: bool = False, command: str = "tra
     will build. `dense`: the model is trained as the HF dense model it is (`upcycle-ds sft`)."""
     if world_size < 1:
         raise UserError("--nproc must be >= 1")
+    check_run_apart(args)  # OUT and the data cache never over or inside an input (train --model RUN/hf --out RUN)
     if dense:
         from ..train.sources import open_dense_source
 

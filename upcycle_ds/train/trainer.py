@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..families import family_for
 from ..io.atomic import write_text_atomic
+from .inputs import check_run_apart
 from ..launch.distributed import any_rank, init_distributed, one_error_for_all, shutdown, wait_for_io
 from ..moe import balance
 from ..moe.layer import moe_layers
@@ -148,6 +149,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         args, hooks = self.args, self.hooks
+        check_run_apart(args)  # OUT and the data cache never over or inside an input (io.paths.check_apart)
         if self.rank == 0:  # one job per run dir (inherited from `--nproc N`'s launcher, taken here under srun etc.)
             from ..launch.run_lock import RunLock
 

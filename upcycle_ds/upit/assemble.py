@@ -216,7 +216,7 @@ def run_assemble(args: AssembleConfig) -> AssembleResult:
 
     from ..io.hf import check_output_dir, write_hf_checkpoint
 
-    inputs = (*args.checkpoints, args.base)
+    inputs = (*(("--checkpoints", c) for c in args.checkpoints), ("--base", args.base))
     check_output_dir(args.out, args.overwrite, inputs=inputs)
     cks = open_checkpoints(args.checkpoints)
     base = HFCheckpoint(args.base) if args.base else None

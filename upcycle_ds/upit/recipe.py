@@ -215,6 +215,9 @@ def run_recipe(args) -> int:
     recipe = Recipe(args)
     job = job_rank()
     rank = job[0] if job else 0
+    from ..train.inputs import check_run_apart
+
+    check_run_apart(args)  # OUT holds every stage's output: never over or inside the model or the data
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if rank == 0:
         write_text_atomic(Path(args.out) / "recipe.yaml",

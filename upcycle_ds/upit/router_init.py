@@ -218,19 +218,18 @@ def run_hidden(args: RouterInitConfig) -> int:
 
     from ..families import family_for
     from ..io.hf import HFCheckpoint, check_output_dir, write_hf_checkpoint
+    from ..io.paths import check_apart
     from ..surgery import build_moe_model
 
     if args.prompts is None:
         raise UserError("--mode hidden needs --prompts prompts.yaml")
     run_dir = Path(args.out)
     out = run_dir / "hf"
+    check_apart(run_dir, (("--model", args.model), ("--prompts", args.prompts)))
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
     if not run_dir.is_dir():
         check_output_dir(run_dir, False)  # its parent must exist
-    model_dir = Path(args.model).resolve()
-    if model_dir == out.resolve() or model_dir.is_relative_to(out.resolve()):
-        raise UserError(f"{out} is the input {args.model}; write the output elsewhere")
     args.validate_values()
     src = HFCheckpoint(args.model)
     family, is_moe = family_for(src.config)
@@ -253,7 +252,7 @@ def run_hidden(args: RouterInitConfig) -> int:
     run_dir.mkdir(exist_ok=True)
     try:
         write_hf_checkpoint(src, out, overwrite=args.overwrite, side_dir=args.model, desc="router-init",
-                            inputs=(args.model,), get=lambda k: new[k].to(src.dtype(k)) if k in new else src.get(k))
+                            inputs=(("--model", args.model),), get=lambda k: new[k].to(src.dtype(k)) if k in new else src.get(k))
     except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -259,7 +259,7 @@ class SeedDataResult:
 def run_seed_data(args: SeedDataConfig) -> SeedDataResult:
     """Select and label the seed data; writes the dir OUT (SEED_FILE + REPORT_FILE) atomically. Raises UserError on
     bad input."""
-    from ..data.sources import parse_sources
+    from ..data.sources import local_paths, parse_sources
     from ..io.atomic import atomic_output_dir, check_output_dir
 
     out = Path(args.out)
@@ -267,7 +267,9 @@ def run_seed_data(args: SeedDataConfig) -> SeedDataResult:
         raise UserError(f"--out {out}: seed-data writes a directory (with {SEED_FILE} and {REPORT_FILE} inside), like "
                         f"every other command's --out; pass e.g. {out.with_suffix('')}")
     local = [Path(spec.path) for spec in parse_sources(args.data) if Path(spec.path).is_file()]
-    check_output_dir(out, args.overwrite, inputs=(*local, *args.experts, args.moe))
+    inputs = (*(("--data", p) for p in local_paths(args.data)), *(("--experts", e) for e in args.experts),
+              ("--moe", args.moe))
+    check_output_dir(out, args.overwrite, inputs=inputs)
     if not 0 < args.fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1] (got {args.fraction})")
     if args.min_samples < 0:
@@ -305,7 +307,7 @@ def run_seed_data(args: SeedDataConfig) -> SeedDataResult:
         "granularity": models.granularity,
         "label": "expert" if models.granularity == 1 else "copy (experts copy*G .. copy*G+G-1)",
     }
-    with atomic_output_dir(out, args.overwrite, inputs=(*local, *args.experts, args.moe)) as tmp:
+    with atomic_output_dir(out, args.overwrite, inputs=inputs) as tmp:
         (tmp / SEED_FILE).write_text("".join(lines), encoding="utf-8")
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return SeedDataResult(out=out / SEED_FILE, report_path=out / REPORT_FILE, report=report,
