@@ -3,7 +3,9 @@
 Subcommand modules are imported only when chosen, so `upcycle-ds --help` is instant. Any `UserError` (and an
 OSError such as a full disk or a read-only location) becomes `error: <message>` on stderr, one line, with exit code 2
 and no traceback (UPCYCLE_DS_DEBUG=1 shows the traceback of an OSError). SIGTERM (what Slurm and `kill` send) is
-handled like Ctrl-C: the running command unwinds, its temp output dir is removed, exit code 128 + signal.
+handled like Ctrl-C: the running command unwinds, its temp output dir is removed, exit code 128 + signal (also when
+a library's clean-up raises something else on the way out). Processes the command forks (worker pools) die with it
+and leave the signal to it (`launch.lifeline`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import threading
 
 from .errors import ReportedByAnotherRank, Terminated, UserError
+from .launch.lifeline import arm_forked_children
 
 # name -> (module with `Args` + `run(args)`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"upcycle-ds: error: unknown subcommand {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module_name, desc = COMMANDS[name]
+    arm_forked_children()  # worker processes (tokenisation pools, ...) die with this one, quietly on SIGTERM
     try:
         with _sigterm_raises():
             module = importlib.import_module(module_name)
@@ -123,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             from .library_logs import quiet_libraries
 
             quiet_libraries()
-            rc = module.run(args)
+            try:
+                rc = module.run(args)
+            except Exception as e:  # a library's clean-up raised while a signal unwound the command
+                signum = _signal_behind(e)
+                if signum is None:
+                    raise
+                raise (KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)) from None
     except UserError as e:
         if not isinstance(e, ReportedByAnotherRank):
             print(f"upcycle-ds {name}: error: {_one_line(str(e))}", file=sys.stderr)
@@ -142,6 +152,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"upcycle-ds {name}: interrupted (SIGINT)", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def _signal_behind(e: BaseException) -> int | None:
+    """The signal (Terminated / KeyboardInterrupt) an exception was raised while handling, if any: e.g. `datasets`'
+    worker pool raises TimeoutError from its `finally` when SIGTERM interrupts a tokenising map."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, Terminated):
+            return e.signum
+        if isinstance(e, KeyboardInterrupt):
+            return int(signal.SIGINT)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _one_line(msg: str) -> str:

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from ..errors import UserError
-from .cache import cache_root, entry, key_of, publish, tokenizer_fingerprint
+from .cache import cache_root, entry, key_of, publish, remove_stale, tokenizer_fingerprint
 from .formats import check_columns
 from .pack import PackedDataset
 from .sources import SourceSpec, data_files, fingerprint, parse_sources, read_source
@@ -163,6 +163,7 @@ def prepare_cache(cfg: DataConfig, tokenizer) -> Path:
     """Tokenise, split, mix and pack `cfg`'s data into the cache; returns the splits/ entry (cache.py). Idempotent
     (a present entry is returned at once), atomic and safe to call from several processes at the same time."""
     root = cache_root(cfg.cache_dir)
+    remove_stale(root)
     train_specs, eval_specs = cfg.sources(), cfg.eval_sources()
     tspec, tok_fp = cfg.tokenize_spec(), tokenizer_fingerprint(tokenizer)
     shuffled = ("shuffled", cfg.seed, cfg.max_samples) if cfg.max_samples is not None else ("all",)

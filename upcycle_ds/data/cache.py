@@ -13,7 +13,9 @@ Root: `DataConfig.cache_dir` (`--data-cache`), else ``$UPCYCLE_DS_DATA_CACHE``, 
 
 Every entry is built in a temp dir beside it and renamed into place, so a reader sees a complete entry or none. A
 lock file (flock) makes concurrent builders of one key wait for the first instead of repeating its work; if locks
-do not work (some network filesystems), two builders both build and the rename keeps exactly one. An entry is
+do not work (some network filesystems), two builders both build and the rename keeps exactly one. A builder that was
+killed (kill -9) leaves its temp dir `.KEY.tmp-*`: the next run removes every temp dir whose key no live builder
+holds (`remove_stale`). An entry is
 never modified after publication; delete the cache root (or an entry) at any time to reclaim space — it is rebuilt
 identically on the next run (a resumed run then re-tokenises, and continues exactly).
 """
@@ -80,6 +82,33 @@ def _lock(root: Path, key: str):
         except OSError:  # no locking on this filesystem: the atomic rename still keeps one entry
             pass
         yield
+
+
+def remove_stale(root: Path) -> list[Path]:
+    """Remove the temp dirs of builders that died (kill -9, a node crash): a `.KEY.tmp-*` under tokens/ or splits/
+    whose key's lock nobody holds. A live builder holds its key's lock for as long as its temp dir exists, so its
+    work is never touched. Nothing is removed where locks do not work or the cache is read-only."""
+    gone = []
+    for kind in ("tokens", "splits"):
+        d = Path(root) / kind
+        try:
+            temps = [p for p in d.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
+        except OSError:
+            continue
+        for tmp in temps:
+            key = tmp.name[1:].split(".tmp-", 1)[0]
+            if not KEY_RE.match(key):
+                continue
+            try:
+                with open(Path(root) / "locks" / f"{kind}-{key}.lock", "a+") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: its builder is gone
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    gone.append(tmp)
+            except OSError:
+                continue
+    if gone:
+        log.warning("data cache %s: removed %d temp dir(s) left by killed runs", root, len(gone))
+    return gone
 
 
 def publish(final: Path, build: Callable[[Path], None]) -> Path:

@@ -6,8 +6,9 @@ record the resolved settings in OUT/{COMMAND}_args.yaml (a record only) and hand
 environment (`--config env:UPCYCLE_DS_ARGS`: no shared file a second launch could overwrite), then run
 `deepspeed --num_gpus N --master_port P --module upcycle_ds.cli COMMAND --config env:UPCYCLE_DS_ARGS` in its own
 process group. SIGTERM / SIGINT / SIGHUP to this process stop the launcher and every rank (the whole group:
-SIGTERM, then SIGKILL after a grace period); the exit code is then 128 + signal, with one line on stderr. On CPU it
-sets OMP_NUM_THREADS = cores / N (the launcher does not) unless set.
+SIGTERM, then SIGKILL after a grace period); the exit code is then 128 + signal, with one line on stderr. If this
+process is killed outright (kill -9, the OOM killer), the job dies with it (`launch.lifeline`). On CPU it sets
+OMP_NUM_THREADS = cores / N (the launcher does not) unless set.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..errors import Terminated, UserError
 from ..io.atomic import write_text_atomic
 from ..library_logs import launcher_flags
 from .dist_env import free_port
+from .lifeline import die_with_parent, launcher_env
 from .run_lock import RunLock
 
 ARGS_ENV = "UPCYCLE_DS_ARGS"
@@ -67,6 +69,7 @@ def launch_local(args, command: str = "train", check=None) -> int:
         env = dict(os.environ)
         env[ARGS_ENV] = text
         env.update(lock.child_env())
+        env.update(launcher_env())  # the ranks end the job if this process dies (launch.lifeline)
         try:
             import torch
 
@@ -97,7 +100,7 @@ def run_job(cmd: list[str], env: dict, grace_s: float = GRACE_S) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # the job inherits an ignored SIGUSR1: the `deepspeed` launcher survives it, the ranks catch it
         usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
 
     def on_signal(signum, frame):
         if not got:

@@ -13,6 +13,10 @@ Who takes it: `upcycle-ds train/sft/router-init --nproc N` (the launcher, before
 started without it (`deepspeed ...`, `torchrun`, `srun` in slurm/*.sbatch), rank 0 of the job. The launcher hands
 its ranks the lock's token in the environment (`child_env()`, variable UPCYCLE_DS_RUN_LOCK), and a rank 0 holding
 that token sees the lock as its own (`RunLock.inherited`) instead of as another job's.
+
+The ranks an `upcycle-ds` launcher starts also hold OUT/.lock.writers shared (`hold_writer`, from
+`launch.lifeline.hold_run`) for as long as they live; a new job that got OUT/.lock still refuses OUT while anyone
+holds that, so a job whose launcher was killed (kill -9) keeps OUT until its last rank is gone.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from ..errors import UserError
 
 LOCK_NAME = ".lock"
+WRITERS_NAME = ".lock.writers"
 ENV = "UPCYCLE_DS_RUN_LOCK"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -82,6 +87,11 @@ class RunLock:
                 os.close(fd)
                 raise UserError(f"{self.flag} {self.dir} is in use by another job ({_describe(holder)}); if that "
                                 f"job is gone, delete {self.path}") from None
+        if _writers_busy(self.dir):
+            os.close(fd)
+            raise UserError(f"{self.flag} {self.dir} is still being written by processes of an earlier job (its "
+                            f"launcher is gone; they end within seconds); wait for them or use another "
+                            f"{self.flag}") from None
         self.token = uuid.uuid4().hex
         _write(fd, {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500]})
@@ -111,8 +121,9 @@ class RunLock:
         """After `release()`: remove the run dir if `acquire()` created it and nothing but the lock file is in it."""
         if self.created_dir and self._fd is None:
             try:
-                if {p.name for p in self.dir.iterdir()} <= {LOCK_NAME}:
+                if {p.name for p in self.dir.iterdir()} <= {LOCK_NAME, WRITERS_NAME}:
                     self.path.unlink(missing_ok=True)
+                    (self.dir / WRITERS_NAME).unlink(missing_ok=True)
                     self.dir.rmdir()
             except OSError:
                 pass
@@ -126,6 +137,10 @@ def check_free(out_dir: str | Path, flag: str = "--out") -> None:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return
+    if _writers_busy(Path(out_dir)) and os.environ.get(ENV) is None:
+        os.close(fd)
+        raise UserError(f"{flag} {out_dir} is still being written by processes of an earlier job (its launcher is "
+                        f"gone; they end within seconds); wait for them or use another {flag}")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -136,6 +151,39 @@ def check_free(out_dir: str | Path, flag: str = "--out") -> None:
                             f"or use another {flag}") from None
     except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+def hold_writer(out_dir: str | Path) -> int | None:
+    """Hold OUT/.lock.writers shared until this process (and every child it forked) has ended: OUT counts as in use
+    meanwhile (see the module docs). Returns the descriptor (None where the file system has no locks)."""
+    try:
+        fd = os.open(Path(out_dir) / WRITERS_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _writers_busy(out_dir: Path) -> bool:
+    """Some process holds OUT/.lock.writers (a rank of a job, perhaps one whose launcher was killed)."""
+    try:
+        fd = os.open(out_dir / WRITERS_NAME, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
     finally:
         os.close(fd)
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..families import family_for
 from ..io.atomic import write_text_atomic
+from ..launch.lifeline import hold_run
 from .inputs import check_run_apart
 from ..launch.distributed import any_rank, init_distributed, one_error_for_all, shutdown, wait_for_io
 from ..moe import balance
@@ -150,6 +151,7 @@ class Trainer:
 
         args, hooks = self.args, self.hooks
         check_run_apart(args)  # OUT and the data cache never over or inside an input (io.paths.check_apart)
+        self.lifeline = hold_run(self.run_dir)  # dies with the `upcycle-ds` launcher; OUT stays locked while we live
         if self.rank == 0:  # one job per run dir (inherited from `--nproc N`'s launcher, taken here under srun etc.)
             from ..launch.run_lock import RunLock
 
