@@ -137,13 +137,12 @@ def check_free(out_dir: str | Path, flag: str = "--out") -> None:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return
-    if _writers_busy(Path(out_dir)) and os.environ.get(ENV) is None:
-        os.close(fd)
-        raise UserError(f"{flag} {out_dir} is still being written by processes of an earlier job (its launcher is "
-                        f"gone; they end within seconds); wait for them or use another {flag}")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
+        if _writers_busy(Path(out_dir)) and os.environ.get(ENV) is None:
+            raise UserError(f"{flag} {out_dir} is still being written by processes of an earlier job (its launcher "
+                            f"is gone; they end within seconds); wait for them or use another {flag}")
     except BlockingIOError:
         holder = _read(fd)
         if not (holder.get("token") and holder.get("token") == os.environ.get(ENV)):
