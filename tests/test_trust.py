@@ -194,7 +194,7 @@ def test_outputs_follow_the_umask(w, tmp_path, umask_022, capsys):
 def test_eval_results_follow_the_umask(w, tmp_path, umask_022, capsys):
     out = tmp_path / "results.json"
     assert main(["eval", "--model", str(w["llama"]), "--data", str(w["data"]), "--out", str(out),
-                 "--max-rows-per-task", "2"]) == 0
+                 "--max-rows", "2"]) == 0
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
 
 
