@@ -69,6 +69,23 @@ class CorpusSplit:
     cont: list[str]
     heldout: list[str]
     summary: dict
+    heldout_pool: list[tuple[str, str]]
+    """(relative path, chunk) of every held-out chunk, in the shuffled order `heldout` is the first rows of."""
+
+
+def file_type(rel: str) -> str:
+    """What kind of source a stdlib file is (the specialisation view's categories): `test` (a test module or
+    fixture: a file under a test/tests/idle_test directory or named test_*.py), `encodings` (the codec modules,
+    mostly character tables), `pydoc_data` (the English text of pydoc's topics) or `library` (all other modules)."""
+    parts = rel.split("/")
+    if any(p in ("test", "tests", "idle_test") for p in parts[:-1]) or parts[-1].startswith("test_"):
+        return "test"
+    if parts[0] in ("encodings", "pydoc_data"):
+        return parts[0]
+    return "library"
+
+
+FILE_TYPES = ("library", "test", "encodings", "pydoc_data")
 
 
 def build_split(*, chunk_chars: int, heldout_percent: int, heldout_rows: int, seed: int = 0,
@@ -76,22 +93,35 @@ def build_split(*, chunk_chars: int, heldout_percent: int, heldout_rows: int, se
     """Train files -> chunks, shuffled (seed) and halved into `pretrain` and `cont` (the continuation phase sees text
     the pretraining did not); held-out files -> chunks, shuffled, the first `heldout_rows` kept."""
     files = stdlib_files(root)
-    train_chunks, held_chunks, n_held = [], [], 0
+    train_chunks, held, n_held = [], [], 0
     for rel, text in files:
         if held_out(rel, heldout_percent):
             n_held += 1
-            held_chunks += chunks(text, chunk_chars)
+            held += [(rel, c) for c in chunks(text, chunk_chars)]
         else:
             train_chunks += chunks(text, chunk_chars)
     random.Random(f"{seed}-train").shuffle(train_chunks)
-    random.Random(f"{seed}-heldout").shuffle(held_chunks)
+    random.Random(f"{seed}-heldout").shuffle(held)  # the permutation depends only on the length: as for the texts
+    held_chunks = [c for _, c in held]
     half = len(train_chunks) // 2
     summary = {"source": f"Python {sys.version.split()[0]} standard library ({root or stdlib_root()}), *.py",
                "files": len(files), "heldout_files": n_held, "chunk_chars": chunk_chars,
                "train_chars": sum(map(len, train_chunks)), "train_chunks": len(train_chunks),
                "heldout_chunks_used": min(heldout_rows, len(held_chunks)), "heldout_chunks": len(held_chunks)}
     return CorpusSplit(pretrain=train_chunks[:half], cont=train_chunks[half:], heldout=held_chunks[:heldout_rows],
-                       summary=summary)
+                       summary=summary, heldout_pool=held)
+
+
+def rows_by_type(pool: list[tuple[str, str]], per_type: int) -> list[dict]:
+    """Up to `per_type` held-out chunks of each `file_type`, in pool order: {"text", "type", "path"} rows."""
+    taken = {t: 0 for t in FILE_TYPES}
+    out = []
+    for rel, text in pool:
+        t = file_type(rel)
+        if taken[t] < per_type:
+            taken[t] += 1
+            out.append({"text": text, "type": t, "path": rel})
+    return out
 
 
 def write_text_rows(path: Path, texts: list[str]) -> Path:

@@ -18,7 +18,11 @@ class Size:
     seq: int
     """--max-length: tokens per packed row."""
     mbs: int
-    """--micro-batch-size (one rank, no gradient accumulation): tokens per step = mbs * seq."""
+    """Rows per optimizer step (one rank): tokens per step = mbs * seq. The equal-steps suite runs them as one
+    micro-batch; the equal-flops suite as mbs / micro_mbs micro-batches (--grad-accum)."""
+    micro_mbs: int = 1
+    """--micro-batch-size of the equal-flops suite: the micro-batch the per-micro-batch aux loss balances (one
+    packed row on CPU, as a rank's micro-batch is a small part of a data-parallel job's global batch)."""
     chunk_chars: int
     """Corpus rows: files cut into pieces of at most this many characters."""
     heldout_rows: int
@@ -36,20 +40,26 @@ class Size:
     dtype: str
     zero_stage: int
     experts: int = 8
+    """E of the coarse arms (b), (c), (e); the granular arms have E * granularity experts (one copy's worth)."""
     top_k: int = 2
+    """k of (b) and (c); (e) is top-1, the granular arms top-granularity."""
+    granularity: int = 4
     reinit_ratio: float = 0.5
+    typed_rows: int = 48
+    """Held-out rows per source-file type for the specialisation view."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     eval_batch: int = 8
     parallel: int = 1
-    """Training runs at a time (the continuation runs of all seeds and arms are independent). 1 on CPU; on one GPU
-    the small runs share the device, and their start-ups (imports, tokenization, export) overlap."""
+    """Training runs at a time (the continuation runs of all seeds and arms are independent). On CPU one per core
+    (each run is one thread: OMP_NUM_THREADS=1); on one GPU the small runs share the device, and their start-ups
+    (imports, tokenization, export) overlap."""
 
 
 SIZES = {
-    # 2 CPU cores (one rank, 1 thread): see docs/benchmarks.md for what was tried
+    # 2 CPU cores (one rank, 1 thread per run, 2 runs at a time): see docs/benchmarks.md for what was tried
     "cpu": Size(vocab=4096, hidden=128, intermediate=352, layers=4, heads=4, kv_heads=4, seq=256, mbs=8,
                 chunk_chars=640, heldout_rows=80, bpe_chars=3_000_000, pretrain_steps=600, pretrain_lr=1e-3,
-                steps=360, lr=1e-3, warmup=6, evals=6, dtype="fp32", zero_stage=0),
+                steps=360, lr=1e-3, warmup=6, evals=6, dtype="fp32", zero_stage=0, parallel=2),
     # one H200, bf16, ~100M-class dense model (estimated, see docs/benchmarks.md)
     "gpu": Size(vocab=16384, hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, seq=1024, mbs=16,
                 chunk_chars=3000, heldout_rows=256, bpe_chars=8_000_000, pretrain_steps=500, pretrain_lr=6e-4,
