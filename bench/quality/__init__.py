@@ -1,1 +1,2 @@
-"""Helpers of bench/upcycle_quality.py and bench/upit_quality.py (corpus, tokenizer, model presets, FLOPs, runs)."""
+"""Helpers of bench/upcycle_quality.py and bench/upit_quality.py (corpus, tokenizer, model presets, runs, plot,
+specialisation view)."""
