@@ -458,6 +458,20 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as run, with the --work / --out directories written as WORK / OUT (no local paths in results)."""
+    hide = {"--work": "WORK", "--out": "OUT"}
+    out = ["bench/upcycle_quality.py"]
+    for i, x in enumerate(argv):
+        flag = x.split("=", 1)[0]
+        if i and argv[i - 1] in hide:
+            x = hide[argv[i - 1]]
+        elif "=" in x and flag in hide:
+            x = f"{flag}={hide[flag]}"
+        out.append(x)
+    return " ".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     size = apply_overrides(SIZES[a.size], a.set)
@@ -475,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     res["wall_s"] = round(time.time() - t0, 1)
     res["cpu_s_total"] = round(sum(runner.cpu.values()), 1)
     res["load_avg_end"] = os.getloadavg()
-    res["command"] = " ".join(["bench/upcycle_quality.py", *(argv if argv is not None else sys.argv[1:])])
+    res["command"] = command_line(argv if argv is not None else sys.argv[1:])
     from bench.quality.plot import plot_upcycle
 
     name = RESULT_NAMES[a.suite]

@@ -104,7 +104,7 @@ def build_split(*, chunk_chars: int, heldout_percent: int, heldout_rows: int, se
     random.Random(f"{seed}-heldout").shuffle(held)  # the permutation depends only on the length: as for the texts
     held_chunks = [c for _, c in held]
     half = len(train_chunks) // 2
-    summary = {"source": f"Python {sys.version.split()[0]} standard library ({root or stdlib_root()}), *.py",
+    summary = {"source": f"Python {sys.version.split()[0]} standard library, *.py",
                "files": len(files), "heldout_files": n_held, "chunk_chars": chunk_chars,
                "train_chars": sum(map(len, train_chunks)), "train_chunks": len(train_chunks),
                "heldout_chunks_used": min(heldout_rows, len(held_chunks)), "heldout_chunks": len(held_chunks)}
