@@ -94,10 +94,12 @@ def test_version(capsys):
 @pytest.mark.parametrize("name", [n for n in COMMANDS if n not in ("train", "sft", "router-init")])
 def test_one_vocabulary(name):
     """Every dtype flag spells bf16 | fp32 | fp16 | auto; a micro batch is `--micro-batch-size`; a row limit is
-    `--max-rows` (or `--calib-max-rows`)."""
+    `--max-rows` (or `--calib-max-rows`); `--data` of training data is a source list."""
     cls = args_class(name)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in cli_fields(cls)}
+    if name in ("upit", "seed-data"):
+        assert hints["data"] == list[str], (name, hints["data"])
     for f in cli_fields(cls):
         if f.name.endswith("dtype"):
             assert set(typing.get_args(hints[f.name])) <= DTYPES, (name, f.name, hints[f.name])
@@ -139,15 +141,15 @@ def test_old_values_are_accepted(name, argv, field, want, capsys):
 
 
 def test_old_spellings_in_an_upit_recipe_and_its_done_stages(tmp_path):
-    """A recipe section may use old spellings; a stage DONE with old spellings is not redone for them (only for a
-    real change of value)."""
+    """A recipe section may use old spellings; a stage DONE with old spellings (or with --data a string, before it
+    became a source list) is not redone for them, only for a real change of value."""
     from upcycle_ds.errors import UserError
     from upcycle_ds.upit.recipe import Recipe, _compare, canonical_settings
 
-    recipe = Recipe(args_class("upit")(model="m", data="d", out=str(tmp_path / "r"),
+    recipe = Recipe(args_class("upit")(model="m", data=["d"], out=str(tmp_path / "r"),
                                        seed_data={"batch_size": 4, "dtype": "float32"}))
     now = recipe.config("seed_data")
-    assert (now["micro_batch_size"], now["dtype"]) == (4, "fp32") and "batch_size" not in now
+    assert (now["micro_batch_size"], now["dtype"], now["data"]) == (4, "fp32", ["d"]) and "batch_size" not in now
     done = {"data": "d", "seed": 0, "batch_size": 16, "dtype": "float32"}  # recorded before the renames
     _compare("seed_data", canonical_settings(done, recipe.classes["seed_data"]), now)  # batch size: speed only
     with pytest.raises(UserError, match="DONE with dtype='bf16', the recipe now says 'fp32'"):

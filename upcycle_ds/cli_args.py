@@ -145,13 +145,19 @@ def _canonical_argv(cls, argv: list[str]) -> list[str]:
 
 def canonical_settings(values: dict, cls) -> dict:
     """A field: value mapping (a YAML section, a recorded config) with old spellings of field names and values
-    (`aliases`, `value_aliases`) replaced by the current ones; anything else unchanged."""
+    (`aliases`, `value_aliases`) replaced by the current ones, and a string given for a list field as a list of one
+    (as `--config` reads it: `data: x.jsonl`); anything else unchanged."""
+    hints = typing.get_type_hints(cls)
     by_alias = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
     old_values = {f.name: f.metadata.get("value_aliases", {}) for f in dataclasses.fields(cls)}
     out = {}
     for k, v in values.items():
         k = by_alias.get(k, k)
-        out[k] = old_values.get(k, {}).get(v, v) if isinstance(v, str) else v
+        if isinstance(v, str):
+            v = old_values.get(k, {}).get(v, v)
+            if k in hints and typing.get_origin(_unwrap_optional(hints[k])[0]) is list:
+                v = [v]
+        out[k] = v
     return out
 
 

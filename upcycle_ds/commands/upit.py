@@ -21,12 +21,14 @@ from ..errors import UserError
 class Args:
     model: str
     """The dense HF model (Llama, Mistral, Qwen2, Qwen3) to instruction-tune and upcycle; also the expansion base."""
-    data: str
-    """Instruction data (train formats: messages, prompt+response, text) for sft, seed data and post-training."""
+    data: list[str]
+    """Instruction data for sft, seed data and post-training: one or more sources, as `upcycle-ds train --data`
+    (files, globs, dirs, hub names, optional mixing weights; rows: messages, prompt+response, text, ...)."""
     out: str
     """Recipe dir: sft/, assemble/, seed_data/, router_init/, train/ (train/hf = the final HF MoE model)."""
-    eval_data: str | None = None
-    """Held-out data for the eval loss of the training stages (default: their eval_fraction split of --data)."""
+    eval_data: list[str] | None = None
+    """Held-out data for the eval loss of the training stages, as `train --eval-data` (default: their
+    eval_fraction split of --data)."""
     num_experts: int = 4
     """Experts per MoE layer (UpIT FFN setting: 4); more than the sft checkpoints -> genetic expansion."""
     top_k: int = 2
