@@ -174,3 +174,29 @@ def test_verbose_reaches_the_processes_a_command_starts(monkeypatch):
     parse_into(args_class("eval"), ["--model", "m", "--data", "d", "--verbose"], prog="upcycle-ds eval",
                description="")
     assert os.environ[VERBOSE_ENV] == "1" and launcher_flags() == []
+
+
+def test_a_subclass_can_withhold_inherited_flags(tmp_path, capsys):
+    """`NOT_FLAGS`: not offered (not in --help, refused as a flag), default kept, still settable by --config (the
+    launcher hands every setting to its ranks that way). `sft` uses it for the MoE-only training flags."""
+    @dataclasses.dataclass(kw_only=True)
+    class Base:
+        out: str
+        """Where."""
+        ep_size: int = 1
+        """MoE only."""
+
+    @dataclasses.dataclass(kw_only=True)
+    class Dense(Base):
+        NOT_FLAGS: typing.ClassVar[frozenset[str]] = frozenset({"ep_size"})
+
+    with pytest.raises(SystemExit):
+        parse_into(Dense, ["--help"], prog="dense", description="")
+    assert "--ep-size" not in capsys.readouterr().out
+    assert parse_into(Dense, ["--out", "o"], prog="dense", description="").ep_size == 1
+    with pytest.raises(SystemExit):
+        parse_into(Dense, ["--out", "o", "--ep-size", "2"], prog="dense", description="")
+    assert "unrecognized arguments: --ep-size 2" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("out: o\nep_size: 1\n")
+    assert parse_into(Dense, ["--config", str(cfg)], prog="dense", description="").ep_size == 1

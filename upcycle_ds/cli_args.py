@@ -66,9 +66,12 @@ def _flag(name: str) -> str:
 
 
 def cli_fields(cls) -> list[dataclasses.Field]:
-    """The fields of `cls` that are flags (init fields not starting with `_`), the required ones first (so the usage
-    line starts with what must be given)."""
-    fields = [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+    """The fields of `cls` that are flags (init fields not starting with `_` and not in the class's `NOT_FLAGS`: a
+    subclass's inherited fields that do not apply to it), the required ones first (so the usage line starts with
+    what must be given). A field not offered as a flag keeps its default, and a --config file may still set it
+    (how a launcher hands every setting to its ranks)."""
+    hidden = getattr(cls, "NOT_FLAGS", frozenset())
+    fields = [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_") and f.name not in hidden]
     return sorted(fields, key=lambda f: f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
 
 
