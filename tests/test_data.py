@@ -393,7 +393,7 @@ def test_packed_rows_hold_every_sample_with_its_own_labels(tmp_path, tok, pack):
         seen = []
         for r in range(len(ds)):
             row = ds[r]
-            assert all(v.shape == (96,) and v.dtype == torch.long for v in row.values())
+            assert all(v.shape == (96,) and v.dtype == torch.long for k, v in row.items() if k != "num_tokens")
             t = 0
             for i in ds.row_samples[r]:
                 ids, labels = train[i]["input_ids"], train[i]["labels"]
@@ -405,6 +405,7 @@ def test_packed_rows_hold_every_sample_with_its_own_labels(tmp_path, tok, pack):
                 seen.append(i)
             assert (row["input_ids"][t:] == tok.pad_token_id).all() and (row["labels"][t:] == IGNORE).all()
             assert row["position_ids"][t:].tolist() == list(range(96 - t))
+            assert row["num_tokens"].item() == t  # the row's tokens before its padding
         assert sorted(seen) == list(range(len(train)))
         assert ds.num_label_tokens == sum(sum(lab != IGNORE for lab in e["labels"][1:]) for e in train)
 

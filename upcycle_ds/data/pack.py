@@ -111,7 +111,9 @@ class PackedDataset:
     A split's samples are (store, index in store) pairs — several stores when sources are mixed; a sample may
     appear more than once (an up-weighted source). `batch(idx)` returns int64 tensors {"input_ids", "labels",
     "position_ids"} [+ "sample_labels" when the stores carry a label field: each token's sample label, -1 on
-    padding] of shape [len(idx), max_length]. Index -1 gives an empty row (all padding, no loss).
+    padding] of shape [len(idx), max_length], and "num_tokens" [len(idx)]: each row's tokens that are not padding
+    (what throughput counts; the pad id may also be a real token, e.g. the EOS). Index -1 gives an empty row (all
+    padding, no loss).
     `row_samples[r]` lists the split-sample indices in row r, in order.
     """
 
@@ -181,6 +183,7 @@ class PackedDataset:
         mask = np.zeros((B, L), dtype=bool)
         position_ids = np.tile(np.arange(L, dtype=np.int64), (B, 1))
         tags = np.full((B, L), -1, dtype=np.int64) if self.has_sample_labels else None
+        num_tokens = np.zeros(B, dtype=np.int64)
         for b, r in enumerate(idx.tolist()):
             if r < 0:
                 continue
@@ -197,9 +200,10 @@ class PackedDataset:
                     tags[b, t: t + n] = self.sample_label(j)
                 t += n
             position_ids[b, t:] = np.arange(L - t)  # the padding tail is its own "sample"
+            num_tokens[b] = t
         labels = np.where(mask, input_ids, IGNORE)
         out = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-               "position_ids": torch.from_numpy(position_ids)}
+               "position_ids": torch.from_numpy(position_ids), "num_tokens": torch.from_numpy(num_tokens)}
         if tags is not None:
             out["sample_labels"] = torch.from_numpy(tags)
         return out
