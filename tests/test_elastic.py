@@ -35,7 +35,7 @@ import torch
 from tiny import make_jsonl, make_moe, make_tokenizer
 
 from upcycle_ds.cli import main as cli_main
-from upcycle_ds.train.checkpoint import safe_load
+from upcycle_ds.io.safe_load import safe_load
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

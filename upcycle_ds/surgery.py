@@ -52,7 +52,7 @@ def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None =
     for _, moe in moe_layers(model):
         # to_empty() from meta creates new Parameter objects, dropping the expert tags DeepSpeed's `Experts` set
         # (allreduce=False, group_name): without them ZeRO sees no MoE param group and all-reduces expert grads.
-        for p in moe.deepspeed_moe.experts.parameters():
+        for p in moe.local_experts.parameters():
             p.allreduce, p.group_name = False, moe.expert_group_name
         if ep_size > 1 or dist.is_initialized():  # (ep 1: what deepspeed.initialize would do, without its print)
             with library_prints():

@@ -3,9 +3,8 @@
 Templates use `{layer}` and `{expert}`. Non-MLP weights (embeddings, attention, norms, lm_head) have the same names
 in the dense model and its MoE export for every family we support, so only the MLP / MoE names live here.
 
-In-memory names of our DeepSpeed model (`upcycle_ds.moe.layer.UpcycledMoE` at `model.layers.{layer}.mlp`):
-    router   model.layers.{layer}.mlp.deepspeed_moe.gate.weight
-    experts  model.layers.{layer}.mlp.deepspeed_moe.experts.deepspeed_experts.{local}.{gate,up,down}_proj.weight
+In-memory names of our DeepSpeed model (`upcycle_ds.moe.layer.UpcycledMoE` at `model.layers.{layer}.mlp`): router and
+experts as DeepSpeed names them (`upcycle_ds.moe.names`), and
     shared   model.layers.{layer}.mlp.shared_mlp.{gate,up,down}_proj.weight, model.layers.{layer}.mlp.shared_mlp_gate.weight
 """
 
@@ -16,14 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import UserError
+from ..moe import names
 
 PROJS = ("gate", "up", "down")
 LM_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
-# our in-memory (DeepSpeed model) names inside one MoE block, relative to `model.layers.{layer}.mlp.`
-DS_ROUTER = "deepspeed_moe.gate.weight"
-DS_EXPERT = "deepspeed_moe.experts.deepspeed_experts.{expert}.{proj}_proj.weight"
-DS_BLOCK = "model.layers.{layer}.mlp"
+# our in-memory (DeepSpeed model) names inside one MoE block, relative to `model.layers.{layer}.mlp.` (moe/names.py)
+DS_ROUTER, DS_EXPERT, DS_BLOCK = names.ROUTER, names.EXPERT, names.BLOCK
 
 
 @dataclass(frozen=True, kw_only=True)

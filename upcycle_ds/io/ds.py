@@ -23,43 +23,27 @@ import torch
 
 from ..errors import UserError
 from ..families import Family, family_for
-from ..families.base import DS_BLOCK, DS_EXPERT, EMBEDDING, LM_HEAD, PROJS, is_tied, weight_key
+from ..families.base import EMBEDDING, LM_HEAD, PROJS, is_tied, weight_key
+from ..moe import names
 from .hf import SIDE_FILES, read_json_object
 from .paths import child
+from .safe_load import load_dict
 from .source import PlannedSource
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILE = "layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"
 _EXPERT_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-_ZERO_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-_EXPERT_LOCAL = re.compile(r"^(model\.layers\.\d+\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..*)$")
-
-
-def _zero_safe_globals() -> list:
-    """The DeepSpeed classes a ZeRO 1/2 optimizer file pickles (plain data holders, no code run on load)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+"""ZeRO 1/2 optimizer file of data-parallel rank (group 1)."""
+EXPP_FILE = re.compile(r"^expp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+"""ZeRO 0 optimizer file of expert-parallel rank (group 1)."""
 
 
 def load_pt(path: Path, *, zero: bool = False) -> dict:
-    """torch.load a DeepSpeed checkpoint file safely (weights_only), memory-mapped; a one-line UserError if not."""
-    if not path.is_file():
-        raise UserError(f"{path}: missing")
-    try:
-        if zero:
-            with torch.serialization.safe_globals(_zero_safe_globals()):
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # zip/pickle errors of a truncated or foreign file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable DeepSpeed checkpoint file ({msg[:200]})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: not a DeepSpeed checkpoint file (holds {type(obj).__name__}, not a dict)")
-    return obj
+    """A DeepSpeed checkpoint file, loaded safely (`io.safe_load`: weights_only, DeepSpeed's data classes
+    allow-listed), memory-mapped; a one-line UserError if it is missing or not such a file. (`zero` is accepted for
+    callers that load ZeRO optimizer files; the allow-list applies to every file.)"""
+    return load_dict(path)
 
 
 def _check_zip(path: Path) -> None:
@@ -165,7 +149,7 @@ class DSCheckpoint(PlannedSource):
                 continue
             if tied and name == LM_HEAD and EMBEDDING in module:
                 continue  # tied: transformers saves only the embedding
-            if "deepspeed_experts" in name:
+            if names.is_expert_param(name):
                 raise UserError(f"{self.tag_dir / MODEL_STATES}: holds expert weight {name}; expected them in "
                                 f"per-expert files (not a native DeepSpeed-MoE checkpoint of ours)")
             self._plan[fam.hf_key_for_ds_param(name, 0)] = (t.dtype, tuple(t.shape), ("module", name))
@@ -287,7 +271,7 @@ class DSCheckpoint(PlannedSource):
 
 def ds_expert_name(layer: int, expert: int, proj: str) -> str:
     """Our in-memory name of expert `expert` (global or local id) of decoder layer `layer`."""
-    return (DS_BLOCK + "." + DS_EXPERT).format(layer=layer, expert=expert, proj=proj)
+    return names.expert_name(layer, expert, proj)
 
 
 class _ZeroMaster:
@@ -303,9 +287,9 @@ class _ZeroMaster:
     def __init__(self, ckpt: DSCheckpoint):
         files = {}
         for f in ckpt.tag_dir.iterdir():
-            m = _ZERO_RE.match(f.name)
+            m = ZERO_FILE.match(f.name)
             if m:
-                files[int(m.group(2))] = ckpt.file(f.name)
+                files[int(m.group(1))] = ckpt.file(f.name)
         module = ckpt._states["module"]
         if not files:
             if all(t.dtype == torch.float32 for t in module.values() if isinstance(t, torch.Tensor)):
@@ -334,9 +318,9 @@ class _ZeroMaster:
             for g, mapping in enumerate(maps):
                 for name, addr in mapping.items():
                     index[name] = (g, int(addr.start), int(addr.numel))
-                    m = _EXPERT_LOCAL.match(name)
-                    if m:
-                        n_local = max(n_local, int(m.group(2)) + 1)
+                    e = names.expert_of(name)
+                    if e is not None:
+                        n_local = max(n_local, e[1] + 1)
             self.ranks.append((parts, index))
         if n_local == 0 or ckpt.num_experts % n_local:
             raise UserError(f"{ckpt.tag_dir}: cannot tell the expert-parallel size from the optimizer files")
@@ -351,8 +335,7 @@ class _ZeroMaster:
         else:
             ep_rank, local = divmod(global_expert, self.n_local)
             ranks = range(ep_rank, self.world, self.ep_size)
-            m = _EXPERT_LOCAL.match(ours)
-            name = f"{m.group(1)}{local}{m.group(3)}"
+            name = names.with_expert(ours, local)
         pieces = []
         for r in ranks:
             parts, index = self.ranks[r]
@@ -457,7 +440,7 @@ def module_layout(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     model = build_meta_model(config)
     out = []
     for name, t in model.state_dict(keep_vars=True).items():
-        if "deepspeed_experts" in name:
+        if names.is_expert_param(name):
             continue
         out.append((name, tuple(t.shape)))
     return out

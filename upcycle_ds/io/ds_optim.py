@@ -19,7 +19,7 @@ layout"):
   for the non-expert parameters and `layer_{L}_expert_{G}_universal_optim_states.pt` per MoE layer and global expert.
 
 Names handed out are *global*: our module names, with the global expert id in expert names (as the per-expert model
-files hold them). Every file is opened with `train.checkpoint.safe_load` (weights_only, memory-mapped): only the
+files hold them). Every file is opened with `io.safe_load` (weights_only, memory-mapped): only the
 tensors of the parameter asked for are read.
 """
 
@@ -33,43 +33,19 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..moe.names import expert_of, to_global, with_expert
+from .ds import EXPERT_FILE, EXPP_FILE, MODEL_STATES, ZERO_FILE
+from .safe_load import load_dict
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-EXPERT_FILE = "layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"
 UNIVERSAL = "universal_optim_states.pt"
 UNIVERSAL_EXPERT = "layer_{moe_layer}_expert_{expert}_universal_optim_states.pt"
 UNIVERSAL_FORMAT = "upcycle_ds.universal_optim_states/1"
-ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-EXPP_FILE = re.compile(r"^expp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-_EXPERT = re.compile(r"^(model\.layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)$")
 RUN_KEYS = ("train_state", "layout", "lr_scheduler", "global_steps", "global_samples", "skipped_steps")
 """What a checkpoint holds about the run besides weights and optimizer state (all plain data)."""
 
 
-# --------------------------------------------------------------------------------------------------- names
-def expert_of(name: str) -> tuple[int, int] | None:
-    """(decoder layer, expert id) of an expert parameter name; None for the others."""
-    m = _EXPERT.match(name)
-    return (int(m.group(2)), int(m.group(3))) if m else None
-
-
-def with_expert(name: str, expert: int) -> str:
-    m = _EXPERT.match(name)
-    return f"{m.group(1)}{expert}{m.group(4)}"
-
-
-def to_global(name: str, ep_rank: int, n_local: int) -> str:
-    """The global name of a parameter of expert-parallel rank `ep_rank` (which holds experts ep_rank * n_local ..)."""
-    e = expert_of(name)
-    return name if e is None else with_expert(name, ep_rank * n_local + e[1])
-
-
 def _load(path: Path):
-    from ..train.checkpoint import safe_load
-
-    if not path.is_file():
-        raise UserError(f"{path}: missing")
-    return safe_load(path, "cpu", mmap=True)
+    return load_dict(path)
 
 
 def _step(value) -> float:

@@ -32,11 +32,12 @@ import torch.distributed as dist
 
 from ..errors import UserError
 from ..io.atomic import write_text_atomic
+from ..io.ds import MODEL_STATES
 from ..io.hf import copy_side_files, write_config
+from ..io.safe_load import load_dict, safe_load
 from ..launch.distributed import wait_for_io
 
 LATEST = "latest"
-MODEL_STATES = "mp_rank_00_model_states.pt"
 _TAG_RE = re.compile(r"^global_step(\d+)$")
 
 
@@ -72,29 +73,6 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- safe loading
-def _safe_globals() -> list:
-    """The classes DeepSpeed's checkpoint files pickle besides tensors and builtins (data holders; unpickling them
-    runs no code of the file's choosing)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def safe_load(path: str | Path, map_location=None, *, mmap: bool = False):
-    """torch.load with weights_only=True and DeepSpeed's allow-listed classes; any other global, a truncated or a
-    foreign file is a one-line UserError naming the file."""
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:  # UnpicklingError for disallowed globals; RuntimeError for bad zips
-        msg = " ".join(str(e).split()) or type(e).__name__
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
-            msg = "it holds objects other than tensors and DeepSpeed's data classes, refusing to unpickle them"
-        raise UserError(f"{path}: not loadable as a checkpoint file ({msg[:300]})") from None
-
-
 def _engine_class():
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
@@ -116,9 +94,7 @@ def precheck(tag_dir: Path) -> None:
     """Open every .pt file of a tag the safe way (memory-mapped: only the pickled structure is read)."""
     for f in sorted(Path(tag_dir).iterdir()):
         if f.suffix == ".pt":
-            obj = safe_load(f, "cpu", mmap=True)
-            if not isinstance(obj, dict):
-                raise UserError(f"{f}: not a DeepSpeed checkpoint file (holds {type(obj).__name__}, not a dict)")
+            load_dict(f, "loadable as a checkpoint file")
 
 
 # ---------------------------------------------------------------------------------------------------------- RNG

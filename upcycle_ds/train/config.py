@@ -78,7 +78,8 @@ class TrainArgs:
     freeze: list[str] = field(default_factory=list)
     """Regexes of parameter names to freeze (e.g. 'embed_tokens' 'self_attn')."""
     train_only: list[str] = field(default_factory=list)
-    """Regexes: train only matching parameters, freeze all others (UpIT router init: 'deepspeed_moe\\.gate')."""
+    """Regexes: train only matching parameters, freeze all others (UpIT router init: the routers,
+    'deepspeed_moe\\.gate\\.')."""
     num_experts: int | None = None
     """Only for a dense --model: upcycle on the fly into this many experts."""
     top_k: int = 2

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io.ds_optim import (MODEL_STATES, ParamState, SavedOptimizer, has_optimizer_state, open_saved_optimizer,
-                           saved_layout, to_global)
+from ..io.ds import MODEL_STATES
+from ..io.ds_optim import ParamState, SavedOptimizer, has_optimizer_state, open_saved_optimizer, saved_layout
+from ..io.safe_load import safe_load
+from ..moe.names import to_global
 
 LAYOUT_KEYS = ("world_size", "ep_size", "zero_stage", "dtype")
 """What the optimizer's partitions depend on: a checkpoint saved with other values is resumed elastically."""
@@ -39,7 +41,6 @@ def read_run(tag_dir: Path) -> dict:
     """What checkpoint `tag_dir` holds about its run (train_state, layout, LR schedule, DeepSpeed's counters): from
     its model file, or from a converted checkpoint's universal optimizer file."""
     from ..io.ds_optim import UNIVERSAL, run_state
-    from .checkpoint import safe_load
 
     tag_dir = Path(tag_dir)
     if (tag_dir / UNIVERSAL).is_file():

@@ -10,6 +10,7 @@ import re
 import torch
 
 from ..errors import UserError
+from ..moe.names import is_router_param
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -43,7 +44,7 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "deepspeed_moe.gate" in name or "norm" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or is_router_param(name) or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     groups = [g for g in groups if g["params"]]

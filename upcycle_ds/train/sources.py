@@ -13,7 +13,9 @@ from ..upcycle import UpcycledView, UpcycleOptions
 
 
 def is_deepspeed_dir(path: Path) -> bool:
-    return (path / "latest").is_file() or (path / "mp_rank_00_model_states.pt").is_file()
+    from ..io.ds import MODEL_STATES
+
+    return (path / "latest").is_file() or (path / MODEL_STATES).is_file()
 
 
 def open_source(args):

@@ -1,6 +1,6 @@
 """UpIT stage 3b (Hui et al. 2024, router initialisation; docs/upit.md): initialise the routers of an HF MoE checkpoint; writes OUT/hf (HF MoE).
 
---mode bce (default, UpIT): train only the routers (`train_only` = deepspeed_moe.gate; every other weight stays
+--mode bce (default, UpIT): train only the routers (`train_only` = the router parameters; every other weight stays
 bit-identical) on the seed data of `upcycle-ds seed-data` (rows with an `expert` field) with DeepSpeed, loss
     alpha * L_lm + (1 - alpha) * BCE(sigmoid(logits_TE), one_hot(expert of the token's sample))
 where logits_TE = h W_router^T are each MoE layer's own router logits on its own input h. The BCE is averaged over
@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import UserError
+from ..moe.names import ROUTER_PARAM_RE
 from ..train.config import TrainArgs
 
-ROUTER_PARAM = r"deepspeed_moe\.gate\."
+ROUTER_PARAM = ROUTER_PARAM_RE
 
 
 @dataclass(kw_only=True)
