@@ -3,7 +3,7 @@ the FLOP-ideal ratio; grouped-GEMM vs loop experts; ZeRO 0/1/2 — in one run.
 
 From one random dense Llama written to a temp dir (and synthetic text rows), the bench builds one `Trainer` per arm:
 
-  dense       the dense model itself (the `upcycle-ds sft` path: StageHooks(dense=True))
+  dense       the dense model itself (the `upcycle-ds sft` path: Stage(dense=True))
   grouped     the model upcycled on the fly (--num-experts E --top-k k), local experts as one grouped GEMM
   loop        the same with a Python loop over the local experts
 each at every ZeRO stage of --zero. A step is `Trainer.step`: forward -> LM loss (+ aux + z for MoE) ->
@@ -119,7 +119,8 @@ def trainer_arm(name: str, zero: int, model: Path, data: Path, root: Path, args,
     """One arm: a Trainer for `model` (dense when expert_impl is None; an HF MoE dir, or a dense one upcycled on the
     fly to `num_experts`), its batch stream, and a timer around the optimizer step."""
     from upcycle_ds.train.config import TrainArgs
-    from upcycle_ds.train.trainer import StageHooks, Trainer
+    from upcycle_ds.train.stage import Stage
+    from upcycle_ds.train.trainer import build_trainer
 
     moe = expert_impl is not None
     targs = TrainArgs(model=str(model), data=str(data), out=str(root / f"run-{name}-z{zero}"), zero_stage=zero,
@@ -127,8 +128,7 @@ def trainer_arm(name: str, zero: int, model: Path, data: Path, root: Path, args,
                       max_steps=10**6, eval_fraction=0.0, wandb_mode="disabled", export_hf=False,
                       ep_size=args.ep_size if moe else 1, num_experts=num_experts,
                       top_k=args.top_k, expert_impl=expert_impl or "grouped", peak_tflops=args.peak_tflops)
-    hooks = StageHooks(prog=f"bench {name} z{zero}", dense=not moe)
-    trainer = Trainer(targs, hooks)
+    trainer = build_trainer(targs, Stage(prog=f"bench {name} z{zero}", dense=not moe))
     trainer.engine.train()
     timer = {"opt": []}
     step_fn = trainer.engine.step
@@ -211,7 +211,7 @@ def finish(arm, args) -> dict:
 def plan_peak(trainer, arm: str, zero: int, args) -> float:
     from upcycle_ds.plan import Setup, make_plan, shape_from_config
 
-    shape = shape_from_config(trainer.source.config)
+    shape = shape_from_config(trainer.setup.config)
     setup = Setup(nodes=1, gpus_per_node=trainer.world, ep_size=args.ep_size if arm != "dense" else 1,
                   zero_stage=zero, dtype=args.dtype, micro_batch_size=args.mbs, seq_len=args.seq,
                   activation_checkpointing=False)

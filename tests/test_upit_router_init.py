@@ -112,7 +112,7 @@ def test_router_bce_targets(tmp_path):
 
     from upcycle_ds.data.pack import PackedDataset
     from upcycle_ds.errors import UserError
-    from upcycle_ds.upit.router_init import RouterInitConfig, hooks_for, router_bce
+    from upcycle_ds.upit.router_init import RouterInitConfig, router_bce, stage_for
 
     g = torch.Generator().manual_seed(0)
     E, B, L = 8, 2, 5
@@ -135,7 +135,7 @@ def test_router_bce_targets(tmp_path):
         torch.testing.assert_close(bce, torch.stack(want_bce).mean(), rtol=1e-6, atol=0)
         torch.testing.assert_close(top1, torch.stack(want_top1).mean(), rtol=1e-6, atol=0)
 
-    hooks = hooks_for(RouterInitConfig(model="m", out="o", seed_data="seed.jsonl"))
+    hooks = stage_for(RouterInitConfig(model="m", out="o", seed_data="seed.jsonl"))
     moe = SimpleNamespace(num_experts=E, router=SimpleNamespace(record_logits=False))
     ex = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "sample_label": lab} for lab in (0, 3)]
     hooks.setup(model=None, layers=[(0, moe)], config={"upcycle_ds": {"granularity": 2}},

@@ -223,12 +223,50 @@ def parse_into(cls, argv: list[str], prog: str, description: str, yaml_config: b
     if ns.pop("print_config", False):
         import sys
 
-        import yaml
-
-        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in ns.items()}
-        sys.stdout.write(yaml.safe_dump(plain, sort_keys=False))
+        sys.stdout.write(dump_settings(ns, cls))
         raise SystemExit(0)
     return cls(**ns)
+
+
+def settings_of(obj) -> dict:
+    """A dataclass instance's fields as plain data (tuples as lists), flat."""
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def dump_settings(values: dict, cls) -> str:
+    """`values` (field: value) as the YAML a `--config` file takes: grouped by `cls.SECTIONS` (section: field names)
+    where the class has them, flat otherwise."""
+    import yaml
+
+    values = {k: _plain(v) for k, v in values.items()}
+    sections = getattr(cls, "SECTIONS", None)
+    if not sections:
+        return yaml.safe_dump(values, sort_keys=False)
+    grouped: dict = {}
+    for section, names in sections.items():
+        part = {n: values[n] for n in names if n in values}
+        if part:
+            grouped[section] = part
+    placed = {n for names in sections.values() for n in names}
+    grouped.update({k: v for k, v in values.items() if k not in placed})
+    return yaml.safe_dump(grouped, sort_keys=False)
+
+
+def flatten_sections(data: dict, cls) -> dict:
+    """A `--config` mapping with `cls.SECTIONS` groups (section: {field: value}) as one flat field: value mapping;
+    flat keys pass through (both spellings are accepted)."""
+    sections = getattr(cls, "SECTIONS", None) or {}
+    flat: dict = {}
+    for k, v in data.items():
+        if k in sections and isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[k] = v
+    return flat
 
 
 def _find_config(argv: list[str]) -> str | None:
@@ -276,6 +314,7 @@ def _load_yaml(path: str, cls) -> dict:
         raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of field: value")
+    data = flatten_sections(data, cls)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}

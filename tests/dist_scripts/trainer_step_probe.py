@@ -17,12 +17,12 @@ import yaml
 
 from upcycle_ds.launch.distributed import shutdown
 from upcycle_ds.train.config import TrainArgs
-from upcycle_ds.train.trainer import Trainer
+from upcycle_ds.train.trainer import build_trainer
 
 PKG = str(Path(__import__("upcycle_ds").__file__).parent)
 args = TrainArgs(**yaml.safe_load(Path(sys.argv[1]).read_text()))
 out, steps = Path(sys.argv[2]), int(sys.argv[3])
-trainer = Trainer(args)
+trainer = build_trainer(args)
 stream = trainer.micro_batches()
 trainer.engine.train()
 trainer.step(stream)  # warm-up (DeepSpeed sets up buckets etc. on its first step)

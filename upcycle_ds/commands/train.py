@@ -16,10 +16,11 @@ Args = TrainArgs
 
 def run(args: TrainArgs) -> int:
     from ..launch.local import launched_by_a_launcher
-    from ..train.preflight import launch_checked
 
     if args.nproc is not None and not launched_by_a_launcher():
-        return launch_checked(args, "train")
+        from ..train.preflight import launch_checked
+
+        return launch_checked(args)
     from ..train.trainer import run_rank
 
     return run_rank(args)

@@ -109,12 +109,16 @@ def one_error_for_all(what: str = "setup"):
         raise ReportedByAnotherRank(message)
 
 
-def shutdown() -> None:
-    """Barrier + destroy the process group (without it some CPU runs stall 30-60 s at exit)."""
+def shutdown(wait_for_others: bool = True) -> None:
+    """Barrier + destroy the process group (without the barrier some CPU runs stall 30-60 s at exit). After an error
+    (`wait_for_others=False`) no barrier: the other ranks may be stuck in a collective this rank will never join,
+    and the job's launcher (deepspeed, torchrun, srun --kill-on-bad-exit) ends them when this rank exits."""
     global _IO_GROUP
     if dist.is_initialized():
         try:
-            wait_for_io()
+            if wait_for_others:
+                wait_for_io()
         finally:
             _IO_GROUP = None
-            dist.destroy_process_group()
+            if wait_for_others:
+                dist.destroy_process_group()

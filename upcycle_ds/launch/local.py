@@ -2,8 +2,8 @@
 (`upcycle-ds train/sft/router-init --nproc N`, after `train.preflight` checked the run).
 
 `launch_local`: take the run directory's lock (`RunLock`: no second job in one --out), re-check OUT under it,
-record the resolved settings in OUT/{COMMAND}_args.yaml (a record only) and hand them to the ranks in the
-environment (`--config env:UPCYCLE_DS_ARGS`: no shared file a second launch could overwrite), then run
+hand the resolved settings to the ranks in the environment (`--config env:UPCYCLE_DS_ARGS`: no shared file a
+second launch could overwrite; rank 0 records what runs in OUT/{COMMAND}_args.yaml), then run
 `deepspeed --num_gpus N --master_port P --module upcycle_ds.cli COMMAND --config env:UPCYCLE_DS_ARGS` in its own
 process group. SIGTERM / SIGINT / SIGHUP to this process stop the launcher and every rank (the whole group:
 SIGTERM, then SIGKILL after a grace period); the exit code is then 128 + signal, with one line on stderr. If this
@@ -13,7 +13,6 @@ OMP_NUM_THREADS = cores / N (the launcher does not) unless set.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import signal
@@ -23,10 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
+from ..cli_args import dump_settings, settings_of
 from ..errors import Terminated, UserError
-from ..io.atomic import write_text_atomic
 from ..library_logs import launcher_flags
 from .dist_env import free_port
 from .lifeline import die_with_parent, launcher_env
@@ -38,12 +35,6 @@ GRACE_S = 15.0
 
 def launched_by_a_launcher() -> bool:
     return "RANK" in os.environ or "LOCAL_RANK" in os.environ or "SLURM_STEP_ID" in os.environ
-
-
-def _resolved(args) -> dict:
-    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
-    out["nproc"] = None
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------- launch
@@ -59,8 +50,7 @@ def launch_local(args, command: str = "train", check=None) -> int:
     try:
         if check is not None:
             check()
-        text = yaml.safe_dump(_resolved(args), sort_keys=False)
-        write_text_atomic(out / f"{command}_args.yaml", text)  # the record; the ranks read the environment
+        text = dump_settings({**settings_of(args), "nproc": None}, type(args))
     except BaseException:
         lock.release()
         lock.discard_dir()
@@ -80,8 +70,8 @@ def launch_local(args, command: str = "train", check=None) -> int:
             env.setdefault("DS_ACCELERATOR", "cpu")
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
         launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-        cmd = [launcher, *launcher_flags(), "--num_gpus", str(args.nproc), "--master_port", str(free_port()), "--no_local_rank",
-               "--module", "upcycle_ds.cli", command, "--config", f"env:{ARGS_ENV}"]
+        cmd = [launcher, *launcher_flags(), "--num_gpus", str(args.nproc), "--master_port", str(free_port()),
+               "--no_local_rank", "--module", "upcycle_ds.cli", command, "--config", f"env:{ARGS_ENV}"]
         print(f"[upcycle-ds {command}] launching: {' '.join(cmd)}", file=sys.stderr, flush=True)
         return run_job(cmd, env)
     finally:

@@ -215,13 +215,64 @@ def restore_rng(ckpt_dir: Path, tag: str, *, saved_world: int | None, seed: int,
     return "re-seeded"
 
 
+def check_complete(tag_dir: Path, model_config: dict, layout: dict) -> None:
+    """Every file a load of `tag_dir` opens is there: one model file per MoE layer and global expert, and one
+    optimizer file per saved rank (ZeRO 1/2) or expert-parallel rank (ZeRO 0). Checked once before any rank starts
+    loading: a rank that found a file missing inside the collective load would leave the others waiting."""
+    from ..families import family_for
+    from ..io.ds import EXPERT_FILE, EXPP_FILE, ZERO_FILE
+
+    tag_dir = Path(tag_dir)
+    names = {p.name for p in tag_dir.iterdir()}
+    want = []
+    family, is_moe = family_for(model_config)
+    if is_moe:
+        n_layers, n_experts = len(family.moe_layers(model_config)), family.num_experts(model_config)
+        want += [EXPERT_FILE.format(moe_layer=L, expert=G) for L in range(n_layers) for G in range(n_experts)]
+    for pattern, count in ((ZERO_FILE, layout.get("world_size")), (EXPP_FILE, layout.get("ep_size"))):
+        have = {int(m.group(1)): n for n in names if (m := pattern.match(n))}
+        if have and isinstance(count, int):
+            example = next(iter(have.values()))
+            want += [re.sub(r"rank_\d+_", f"rank_{r}_", example, count=1) for r in range(count)]
+    missing = [n for n in want if n not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        have = [t for t in complete_tags(tag_dir.parent) if t != tag_dir.name]
+        hint = f"resume from {have[-1]} by writing `{have[-1]}` into {tag_dir.parent / LATEST}, or use a new --out" \
+            if have else "use a new --out"
+        raise UserError(f"--resume: checkpoint {tag_dir} is incomplete: {missing[0]} is missing{more}; {hint}")
+
+
+def run_settings(engine) -> dict:
+    """This run's optimizer settings (--lr through the schedule's base LRs, --weight-decay, --adam-betas) before a
+    checkpoint is loaded: DeepSpeed's load restores the saved ones, and a resume applies this run's
+    (`apply_run_settings`)."""
+    sch = engine.lr_scheduler
+    groups = [{k: g[k] for k in ("weight_decay", "betas", "eps") if k in g} for g in sch.optimizer.param_groups]
+    return {"groups": groups, "base_lrs": list(sch.base_lrs)}
+
+
+def apply_run_settings(engine, settings: dict) -> None:
+    """Put `run_settings` back after a load, and recompute the current LR at the loaded schedule position."""
+    from .optim import recompute_lrs
+
+    sch = engine.lr_scheduler
+    for group, saved in zip(sch.optimizer.param_groups, settings["groups"]):
+        group.update(saved)
+    sch.base_lrs = list(settings["base_lrs"])
+    recompute_lrs(sch)
+
+
 def load(engine, ckpt_dir: Path, tag: str) -> dict:
-    """Collective: load checkpoint `tag` (already prechecked) into `engine`; restores this rank's RNG; returns the
-    client state."""
+    """Collective: load checkpoint `tag` (already prechecked) into `engine` with DeepSpeed's own load (bit-exact:
+    weights, optimizer state, schedule position), this run's optimizer settings applied on top; restores this rank's
+    RNG; returns the client state."""
+    settings = run_settings(engine)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"could not load DeepSpeed checkpoint {ckpt_dir}/{tag}")
+    apply_run_settings(engine, settings)
     rng = Path(ckpt_dir) / tag / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
         _set_rng_state(safe_load(rng), rng)

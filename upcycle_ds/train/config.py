@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -21,6 +22,22 @@ ATTN_IMPLS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 
 @dataclass(kw_only=True)
 class TrainArgs:
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": ("model", "num_experts", "top_k", "layers", "capacity_factor", "attn_impl", "expert_impl",
+                  "activation_checkpointing", "trust_remote_code"),
+        "data": ("data", "eval_data", "eval_fraction", "max_samples", "max_length", "data_cache", "seed"),
+        "parallelism": ("nproc", "ep_size", "zero_stage", "ds_config", "dtype", "micro_batch_size", "grad_accum",
+                        "global_batch_size", "dist_timeout_s", "io_timeout_s"),
+        "optimizer": ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "epochs", "weight_decay", "adam_betas",
+                      "fused_adam", "grad_clip", "aux_loss_coef", "z_loss_coef", "freeze", "train_only"),
+        "checkpointing": ("out", "save_every", "keep_last", "resume", "resume_data_changed", "exit_after_steps",
+                          "export_hf", "debug_dump_logits"),
+        "logging": ("log_every", "eval_every", "peak_tflops", "wandb_mode", "wandb_project", "wandb_entity",
+                    "wandb_group", "wandb_tags", "heatmap_every", "collapse_factor", "collapse_steps"),
+    }
+    """How --print-config, --config files and OUT/{command}_args.yaml group the fields (flags keep their names;
+    a --config file may also list fields flat)."""
+
     model: str
     """Start from: an HF MoE checkpoint (from `upcycle-ds upcycle` or the hub), an HF dense checkpoint (upcycled on
     the fly with --num-experts/--top-k/--layers), or a DeepSpeed checkpoint dir written by `upcycle-ds convert --to ds`."""
@@ -103,6 +120,10 @@ class TrainArgs:
     resume: bool = False
     """Continue from the latest checkpoint in OUT/checkpoints (bit-exact: weights, optimizer, LR, RNG, data position);
     starts fresh when there is none."""
+    resume_data_changed: Literal["refuse", "ok"] = "refuse"
+    """With --resume, when the training data is not what the checkpoint was trained on (other rows, or other
+    --data / --eval-data / --eval-fraction / --max-samples): refuse (default), or `ok` to continue on the new data
+    from its start (the step count and LR schedule continue; logged)."""
     seed: int = 0
     """Seed for data order, eval split and RNGs."""
     max_samples: int | None = None

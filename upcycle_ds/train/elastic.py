@@ -253,14 +253,13 @@ def apply_optimizer_state(engine, saved: SavedOptimizer, *, num_experts: int, ep
 def restore_schedule(engine, client: dict) -> None:
     """LR schedule position and DeepSpeed's step counters from the checkpoint; the learning rates are recomputed by
     this run's schedule at that position (its param groups may be split differently)."""
+    from .optim import recompute_lrs
+
     sch, saved = engine.lr_scheduler, client.get("lr_scheduler")
     if sch is not None and isinstance(saved, dict) and "last_epoch" in saved:
         sch.last_epoch = int(saved["last_epoch"])
         sch._step_count = int(saved.get("_step_count", sch.last_epoch + 1))
-        lrs = [base * lmbda(sch.last_epoch) for base, lmbda in zip(sch.base_lrs, sch.lr_lambdas)]
-        for group, lr in zip(sch.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        sch._last_lr = lrs
+        recompute_lrs(sch)
     for key in ("global_steps", "global_samples", "skipped_steps"):
         if isinstance(client.get(key), int):
             setattr(engine, key, client[key])

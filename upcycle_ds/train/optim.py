@@ -23,16 +23,34 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
+def recompute_lrs(scheduler) -> None:
+    """Set every param group's LR from the scheduler's base LRs at its current position (after a resume moved the
+    position or changed the base LRs)."""
+    lrs = [base * lmbda(scheduler.last_epoch) for base, lmbda in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def trainable(name: str, freeze: list[str], train_only: list[str]) -> bool:
+    """The freeze rule: a parameter trains when it matches a --train-only regex (or there are none) and no --freeze
+    regex."""
+    return (not train_only or any(re.search(p, name) for p in train_only)) and not any(re.search(p, name)
+                                                                                       for p in freeze)
+
+
+def check_some_trainable(n_trainable: int, freeze: list[str], train_only: list[str]) -> None:
+    if n_trainable == 0:
+        raise UserError(f"--freeze {freeze} / --train-only {train_only} leave no trainable parameter")
+
+
 def apply_freeze(model: torch.nn.Module, freeze: list[str], train_only: list[str]) -> int:
-    """Freeze parameters by regex; returns the number of trainable parameters (error if none)."""
-    fz, only = [re.compile(p) for p in freeze], [re.compile(p) for p in train_only]
+    """Freeze parameters by regex (`trainable`); returns the number of trainable parameters (error if none)."""
     n = 0
     for name, p in model.named_parameters():
-        trainable = (not only or any(r.search(name) for r in only)) and not any(r.search(name) for r in fz)
-        p.requires_grad_(trainable)
-        n += p.numel() if trainable else 0
-    if n == 0:
-        raise UserError(f"--freeze {freeze} / --train-only {train_only} leave no trainable parameter")
+        p.requires_grad_(trainable(name, freeze, train_only))
+        n += p.numel() if p.requires_grad else 0
+    check_some_trainable(n, freeze, train_only)
     return n
 
 

@@ -159,20 +159,36 @@ def _child_cmd(stage: str) -> str:
     return {"sft": "sft", "router_init": "router-init", "train": "train"}[stage]
 
 
-def _run_training(stage: str, args_obj, nproc: int | None, in_job: bool) -> int:
-    """Start a training stage as child process(es); returns their exit code."""
-    if nproc is not None and not in_job:
-        from ..launch.local import launch_local
+def _stage_of(stage: str, args_obj):
+    """The Trainer stage of a recipe training stage."""
+    from ..train.stage import TRAIN
 
-        return launch_local(args_obj, command=_child_cmd(stage))
-    out = Path(args_obj.out)
-    resolved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args_obj).items()}
-    resolved["nproc"] = None
-    cfg = out / f"{_child_cmd(stage)}_args.yaml"
-    write_text_atomic(cfg, yaml.safe_dump(resolved, sort_keys=False))  # identical on every rank: atomic replace is safe
-    cmd = [sys.executable, "-m", "upcycle_ds.cli", _child_cmd(stage), "--config", str(cfg)]
-    print(f"[upcycle-ds upit] {stage}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    if stage == "sft":
+        from .sft import stage_for
+    elif stage == "router_init":
+        from .router_init import stage_for
+    else:
+        return TRAIN
+    return stage_for(args_obj)
+
+
+def _run_training(stage: str, args_obj, nproc: int | None, in_job: bool) -> int:
+    """Start a training stage as child process(es); returns their exit code. With --nproc: the checks of
+    `setup.resolve`, then N ranks (`train.preflight`); inside a job (srun): one child rank per process, its
+    settings in the environment (as the launcher hands them to its ranks)."""
+    import os
+
+    from ..cli_args import dump_settings, settings_of
+    from ..launch.local import ARGS_ENV
+
+    if nproc is not None and not in_job:
+        from ..train.preflight import launch_checked
+
+        return launch_checked(dataclasses.replace(args_obj, nproc=nproc), _stage_of(stage, args_obj))
+    env = {**os.environ, ARGS_ENV: dump_settings({**settings_of(args_obj), "nproc": None}, type(args_obj))}
+    cmd = [sys.executable, "-m", "upcycle_ds.cli", _child_cmd(stage), "--config", f"env:{ARGS_ENV}"]
+    print(f"[upcycle-ds upit] {stage}: {' '.join(cmd[:4])}", file=sys.stderr, flush=True)
+    return subprocess.call(cmd, env=env)
 
 
 def _wait_for(stage: str, stage_dir: Path, since: float, poll_s: float = 2.0) -> None:

@@ -35,6 +35,9 @@ ROUTER_PARAM = ROUTER_PARAM_RE
 
 @dataclass(kw_only=True)
 class RouterInitConfig(TrainArgs):
+    SECTIONS = {**TrainArgs.SECTIONS,
+                "router_init": ("seed_data", "mode", "alpha", "bce_tokens", "label_field", "prompts", "overwrite")}
+
     model: str
     """HF MoE checkpoint whose routers to initialise (e.g. from `upcycle-ds upit-assemble`)."""
     out: str
@@ -116,8 +119,9 @@ def router_bce(layers, sample_labels, labels, num_experts: int, response_only: b
     return bce, torch.stack(hits).mean()
 
 
-def hooks_for(args: RouterInitConfig):
-    from ..train.trainer import StageHooks
+def stage_for(args: RouterInitConfig):
+    """The router-init (--mode bce) stage of the Trainer: per-sample expert labels, LM + router BCE loss."""
+    from ..train.stage import Stage
 
     state: dict = {}
 
@@ -144,7 +148,7 @@ def hooks_for(args: RouterInitConfig):
                                args.bce_tokens == "response", state["G"])
         return args.alpha * lm + (1 - args.alpha) * bce + moe, {"bce": bce.detach(), "top1_match": top1}
 
-    return StageHooks(prog="upcycle-ds router-init", label_field=args.label_field, setup=setup, loss=loss)
+    return Stage(command="router-init", label_field=args.label_field, setup=setup, loss=loss)
 
 
 # --------------------------------------------------------------------------------------------------- mode hidden
@@ -267,12 +271,11 @@ def run_router_init(args: RouterInitConfig) -> int:
     if args.mode == "hidden":
         return run_hidden(args)
     from ..launch.local import launched_by_a_launcher
-    from ..train.preflight import launch_checked
 
     if args.nproc is not None and not launched_by_a_launcher():
-        return launch_checked(args, "router-init")
+        from ..train.preflight import launch_checked
+
+        return launch_checked(args, stage_for(args))
     from ..train.trainer import run_rank
 
-    if args.data is None:
-        raise UserError("--seed-data is required with --mode bce")
-    return run_rank(args, hooks_for(args))
+    return run_rank(args, stage_for(args))

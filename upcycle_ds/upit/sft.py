@@ -27,6 +27,8 @@ META = "sft_checkpoint.json"
 
 @dataclass(kw_only=True)
 class SFTConfig(TrainArgs):
+    SECTIONS = {**TrainArgs.SECTIONS, "sft": ("save_every_epochs", "save_until_epochs", "hf_weights")}
+
     model: str
     """HF dense checkpoint to instruction-tune (Llama, Mistral, Qwen2, Qwen3)."""
     out: str
@@ -77,10 +79,10 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(cks, key=lambda p: int(p.name.removeprefix("ckpt-")))
 
 
-def hooks_for(args: SFTConfig):
-    """The Trainer hooks of sft: a dense model, HF checkpoints at fractions of an epoch, an HF dense export."""
+def stage_for(args: SFTConfig):
+    """The sft stage of the Trainer: a dense model, HF checkpoints at fractions of an epoch, an HF dense export."""
     from ..train.export import export_hf_dense
-    from ..train.trainer import StageHooks
+    from ..train.stage import Stage
 
     run_dir = Path(args.out)
     plan: dict = {}
@@ -113,15 +115,17 @@ def hooks_for(args: SFTConfig):
                         {"step": step, "final": True, "source": str(args.model)})
         log(f"HF dense export: {run_dir / 'hf'}")
 
-    return StageHooks(prog="upcycle-ds sft", dense=True, after_step=after_step, export=export)
+    return Stage(command="sft", dense=True, after_step=after_step, export=export)
 
 
 def run_sft(args: SFTConfig) -> int:
     """Run sft: as one rank of a job already started by a launcher, or (with --nproc) start N ranks on this node."""
     from ..launch.local import launched_by_a_launcher
-    from ..train.preflight import launch_checked
-    from ..train.trainer import run_rank
 
     if args.nproc is not None and not launched_by_a_launcher():
-        return launch_checked(args, "sft", dense=True)
-    return run_rank(args, hooks_for(args))
+        from ..train.preflight import launch_checked
+
+        return launch_checked(args, stage_for(args))
+    from ..train.trainer import run_rank
+
+    return run_rank(args, stage_for(args))
