@@ -246,7 +246,12 @@ def test_straight_run_trains_and_saves_expert_files(straight):
 
 def test_config_yaml_with_flag_overrides(straight):
     """run.yaml said ZeRO-1 / bf16 / 100 steps; the flags' ZeRO-2 / fp32 / 6 steps win, the rest comes from it."""
-    resolved = yaml.safe_load((straight["out"] / "train_args.yaml").read_text())
+    from upcycle_ds.cli_args import flatten_sections
+    from upcycle_ds.train.config import TrainArgs
+
+    recorded = yaml.safe_load((straight["out"] / "train_args.yaml").read_text())
+    assert recorded["parallelism"]["zero_stage"] == 2  # grouped in sections, as --print-config prints them
+    resolved = flatten_sections(recorded, TrainArgs)
     assert (resolved["zero_stage"], resolved["dtype"], resolved["max_steps"]) == (2, "fp32", 6)
     assert resolved["save_every"] == 3 and resolved["debug_dump_logits"] is True  # only in the YAML
     recs = steps(straight["out"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from . import checks
 from .progress import Progress
 from .families import family_for
 from .families.base import PROJS, weight_key
@@ -31,8 +32,7 @@ FORMATS = ("hf-dense", "hf-moe", "ds")
 def detect_format(path: str | Path) -> str:
     """`ds` (DeepSpeed save dir with `latest`, or a tag dir), `hf-moe` or `hf-dense` (from config.json)."""
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: no such directory")
+    checks.existing(p)
     if p.is_dir() and is_ds_checkpoint(p):
         return "ds"
     _, is_moe = family_for(read_config(p))
@@ -171,8 +171,7 @@ def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1,
     merge.validate_merge(to=to, expert=expert)
     if expert is not None and to != "hf-dense":
         raise UserError("--expert applies to --to hf-dense only")
-    if not max_shard_bytes > 0:
-        raise UserError(f"--max-shard-gb must be > 0 (got {max_shard_bytes / 1024**3:g})")
+    checks.positive("--max-shard-gb", float(f"{max_shard_bytes / 1024**3:g}"))
     if with_optimizer and to != "ds":
         raise UserError("--with-optimizer applies to --to ds (a DeepSpeed checkpoint to resume from)")
     if with_optimizer and weights != "module":
@@ -213,8 +212,7 @@ def convert(input: str | Path, output: str | Path, to: str, *, ep_size: int = 1,
     # to == "ds"
     fam, _ = family_for(reader.config)
     E = fam.num_experts(reader.config)
-    if ep_size < 1 or E % ep_size:
-        raise UserError(f"--ep-size {ep_size} does not divide the number of experts {E}")
+    checks.ep_divides(ep_size, E)
     plan = _ds_plan(reader, optimizer)
     if not dry_run:
         _write_ds(reader, out, overwrite, side, ep_size, out_tag, inputs, optimizer)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
+from . import checks
 from .options import ALIGN, SPLITS, split_sizes, valid_granularities  # noqa: F401  (the sizes live with the options)
 
 SHARED_GATE_INIT = 0.5
@@ -47,8 +48,7 @@ def split_neurons(gate: torch.Tensor, up: torch.Tensor, *, granularity: int, sha
     k-means on their L2-normalised [gate_i, up_i] rows (MoEfication-style parameter clustering), so neurons with
     similar input weights land in the same expert.
     """
-    if method not in SPLITS:
-        raise UserError(f"--split must be one of {', '.join(SPLITS)} (got {method!r})")
+    checks.one_of("--split", method, SPLITS)
     I = gate.shape[0]
     m, n_shared = split_sizes(I, granularity, shared_fraction)
     n_routed = I - n_shared

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from . import checks
 from .families import family_for
 from .families.base import PROJS
 from .granular import SHARED_GATE_INIT
@@ -122,7 +123,7 @@ class MergedView(PlannedSource):
             return moe.dtype(key), tuple(moe.shape(key))
         fused = fam.moe_fused["down" if proj == "down" else "gate_up"].format(layer=layer)
         if fused not in moe:
-            raise UserError(f"{moe.path}: tensor {key} is missing")
+            raise checks.missing_tensor_error(moe.path, key)
         shape = moe.shape(fused)[1:]
         if proj != "down":
             shape = (shape[0] // 2, shape[1])

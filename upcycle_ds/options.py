@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from .errors import UserError
+from . import checks
 
 if TYPE_CHECKING:
     from .families import Family
@@ -85,13 +86,12 @@ class UpcycleOptions:
         for name in ("capacity_factor", "noise_std", "reinit_ratio"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
-                raise UserError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
-        if self.num_experts < 2:
-            raise UserError(f"--num-experts must be >= 2 (got {self.num_experts})")
+                checks.finite(f"--{name.replace('_', '-')}", v)
+        checks.at_least("--num-experts", self.num_experts, 2)
         if not 1 <= self.top_k <= self.num_experts:
             raise UserError(f"--top-k must be between 1 and --num-experts={self.num_experts} (got {self.top_k})")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise UserError(f"--capacity-factor must be > 0 (got {self.capacity_factor})")
+        if self.capacity_factor is not None:
+            checks.positive("--capacity-factor", self.capacity_factor)
         if self.noise_std < 0:
             raise UserError(f"--noise-std must be >= 0 (got {self.noise_std})")
         if not 0 <= self.reinit_ratio <= 1:
@@ -104,8 +104,7 @@ class UpcycleOptions:
         G, E, k = self.granularity, self.num_experts, self.top_k
         if isinstance(G, bool) or not isinstance(G, int) or G < 1:
             raise UserError(f"--granularity must be an integer >= 1 (got {G!r})")
-        if self.split not in SPLITS:
-            raise UserError(f"--split must be one of {', '.join(SPLITS)} (got {self.split!r})")
+        checks.one_of("--split", self.split, SPLITS)
         if not (isinstance(self.shared_fraction, (int, float)) and math.isfinite(self.shared_fraction)
                 and 0 <= self.shared_fraction < 1):
             raise UserError(f"--shared-fraction must be in [0, 1) (got {self.shared_fraction})")
@@ -237,5 +236,4 @@ def granularity_of(config: dict, override: int | None = None) -> int:
 
 def check_shard_size(gb: float) -> None:
     """--max-shard-gb: a positive, finite number of GiB."""
-    if not gb > 0 or gb == float("inf"):
-        raise UserError(f"--max-shard-gb must be > 0 (got {gb})")
+    checks.positive("--max-shard-gb", gb)

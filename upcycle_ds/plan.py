@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import UserError
+from . import checks
 from .families import family_for
 from .families.base import Attention, is_tied
 from .options import UpcycleOptions, check_shared_target, parse_layers, split_sizes
@@ -325,11 +326,8 @@ def check_setup(shape: ModelShape, setup: Setup) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(setup, name)})")
     if setup.zero_stage == 3:
         raise UserError("--zero-stage 3: native DeepSpeed-MoE is not supported with ZeRO stage 3; use 0, 1 or 2")
-    if setup.zero_stage not in (0, 1, 2):
-        raise UserError(f"--zero-stage must be 0, 1 or 2 (got {setup.zero_stage})")
-    if setup.offload_optimizer and setup.zero_stage == 0:
-        raise UserError("--offload-optimizer needs --zero-stage 1 or 2 (ZeRO-Offload moves ZeRO's optimizer partition "
-                        "to the host; ZeRO-0 has none)")
+    checks.zero_stage(setup.zero_stage)
+    checks.offload_needs_zero(setup.offload_optimizer, setup.zero_stage)
     if setup.dtype not in DTYPE_BYTES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPE_BYTES)} (got {setup.dtype!r})")
     E = shape.num_experts

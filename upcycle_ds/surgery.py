@@ -17,6 +17,7 @@ import transformers
 from torch import nn
 
 from .errors import UserError
+from . import checks
 from .library_logs import library_prints
 from .families import family_for
 from .families.base import is_tied, split_gate_up, weight_key
@@ -45,7 +46,7 @@ def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None =
         raise UserError(f"{source.path} is a dense checkpoint; upcycle it first (or pass it through UpcycledView)")
     num_experts = family.num_experts(config)
     if num_experts % ep_size:
-        raise UserError(f"--ep-size {ep_size} does not divide the number of experts {num_experts}")
+        checks.ep_divides(ep_size, num_experts)
     model = build_meta_model(config, ep_size=ep_size, capacity_factor=capacity_factor, dtype=dtype,
                              attn_impl=attn_impl, expert_impl=expert_impl)
     _materialize(model, hf_config(config), device)
@@ -143,7 +144,7 @@ def _read(source, family, key: str) -> torch.Tensor:
         if proj == "down":
             return source.get(family.moe_fused["down"].format(layer=layer))[expert]
         return split_gate_up(source.get(family.moe_fused["gate_up"].format(layer=layer))[expert], proj)
-    raise UserError(f"{source.path}: tensor {key} is missing")
+    raise checks.missing_tensor_error(source.path, key)
 
 
 read_moe_tensor = _read  # public name: one HF MoE tensor from a source, hub or fused layout

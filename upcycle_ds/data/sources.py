@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .. import checks
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 COMPRESSION = (".gz", ".zst", ".bz2", ".xz")
@@ -94,7 +95,7 @@ def parse_source(text: str) -> SourceSpec:
         return SourceSpec(text, str(p) if p.is_file() else s, None, weight, "files")
     looks_local = s.startswith(("/", ".", "~")) or _builder(s) is not None or s.endswith(COMPRESSION)
     if looks_local or not _HUB_NAME.match(s):
-        raise UserError(f"data file not found: {s}")
+        raise checks.data_file_missing_error(s)
     return SourceSpec(text, s, split, weight, "hub")
 
 
@@ -222,5 +223,5 @@ def read_source(spec: SourceSpec | str, cache_dir: str | Path | None = None):
             raise UserError(f"cannot load dataset {spec.text!r}: {_one_line(e)}") from None
         raise
     if len(ds) == 0:
-        raise UserError(f"data has no rows: {spec.text}")
+        raise checks.no_rows_error(spec.text)
     return ds

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import UserError
+from .. import checks
 
 Mode = Literal["auto", "loss", "choice", "generate"]
 
@@ -129,7 +130,7 @@ def read_any(path: str) -> list[dict]:
     if p.suffix.lower() != ".jsonl":
         return read_rows(path).to_list()
     if not p.is_file():
-        raise UserError(f"data file not found: {path}")
+        raise checks.data_file_missing_error(path)
     rows = []
     with open(p, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -143,7 +144,7 @@ def read_any(path: str) -> list[dict]:
                 raise UserError(f"{path} line {n}: expected a JSON object")
             rows.append(row)
     if not rows:
-        raise UserError(f"data has no rows: {path}")
+        raise checks.no_rows_error(path)
     return rows
 
 

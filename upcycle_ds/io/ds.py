@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .. import checks
 from ..families import Family, family_for
 from ..families.base import EMBEDDING, LM_HEAD, PROJS, is_tied, weight_key
 from ..moe import names
@@ -65,7 +66,7 @@ def resolve_tag_dir(path: str | Path, tag: str | None = None) -> tuple[Path, Pat
     The tag (from `latest` or `--tag`) must name a dir inside the save dir (`io.paths.child`)."""
     p = Path(path)
     if not p.is_dir():
-        raise UserError(f"{p}: no such directory")
+        checks.existing(p)
     if (p / MODEL_STATES).is_file() and not (p / "latest").is_file():
         if tag is not None and tag != p.name:
             raise UserError(f"{p} is a tag dir ({p.name}); --tag {tag} does not apply (pass its parent dir)")
@@ -93,7 +94,7 @@ def read_latest(latest: Path) -> str:
     except UnicodeDecodeError:
         raise UserError(f"{latest}: not a text file naming a checkpoint tag") from None
     except OSError as e:
-        raise UserError(f"{latest}: cannot read ({e.strerror})") from None
+        raise checks.unreadable_error(latest, e) from None
     if len(raw) > 4096 or not tag:
         raise UserError(f"{latest}: expected one checkpoint tag, got {len(raw)} bytes")
     return tag
@@ -274,6 +275,26 @@ def ds_expert_name(layer: int, expert: int, proj: str) -> str:
     return names.expert_name(layer, expert, proj)
 
 
+def check_rank_files(tag_dir: Path, files: dict[int, Path]) -> int:
+    """The world size of a tag's ZeRO 1/2 optimizer files {rank: file}, which must be ranks 0..W-1."""
+    world = len(files)
+    if sorted(files) != list(range(world)):
+        raise UserError(f"{tag_dir}: ZeRO optimizer files for ranks {sorted(files)}; expected 0..{world - 1}")
+    return world
+
+
+def join_fragments(tag_dir: Path, pieces: list[torch.Tensor], shape, name: str) -> torch.Tensor:
+    """One parameter's value from its fragments in the ranks' flat ZeRO partitions (in partition order), fp32."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    got = sum(p.numel() for p in pieces)
+    if got != numel:
+        raise UserError(f"{tag_dir}: the ZeRO optimizer files hold {got} of the {numel} values of {name} (missing "
+                        f"or mismatched optimizer files)")
+    return torch.cat(pieces).reshape(shape).float().clone()
+
+
 class _ZeroMaster:
     """fp32 master weights from ZeRO 1/2 optimizer files.
 
@@ -298,9 +319,7 @@ class _ZeroMaster:
                 return
             raise UserError(f"{ckpt.tag_dir}: no ZeRO 1/2 optimizer files, so no fp32 master weights; "
                             f"use --weights module")
-        world = len(files)
-        if sorted(files) != list(range(world)):
-            raise UserError(f"{ckpt.tag_dir}: ZeRO optimizer files for ranks {sorted(files)}; expected 0..{world - 1}")
+        world = check_rank_files(ckpt.tag_dir, files)
         saved_world = ckpt._states.get("dp_world_size")
         if isinstance(saved_world, int) and saved_world != world:
             raise UserError(f"{ckpt.tag_dir}: {world} ZeRO optimizer files, but the model was saved with "
@@ -342,14 +361,7 @@ class _ZeroMaster:
             if name in index:
                 g, start, numel = index[name]
                 pieces.append(parts[g].narrow(0, start, numel))
-        numel = 1
-        for s in shape:
-            numel *= s
-        got = sum(p.numel() for p in pieces)
-        if got != numel:
-            raise UserError(f"{self.ckpt.tag_dir}: the ZeRO optimizer files hold {got} of the {numel} values of "
-                            f"{name} (missing or mismatched optimizer files)")
-        return torch.cat(pieces).reshape(shape).float().clone()
+        return join_fragments(self.ckpt.tag_dir, pieces, shape, name)
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -463,7 +475,7 @@ def write_ds_checkpoint(source, out_dir: Path, *, ep_size: int, tag: str = "glob
         raise UserError(f"{source.path}: a DeepSpeed MoE checkpoint needs an MoE source")
     E = family.num_experts(config)
     if ep_size < 1 or E % ep_size:
-        raise UserError(f"--ep-size {ep_size} does not divide the number of experts {E}")
+        checks.ep_divides(ep_size, E)
     def module_key(name: str) -> str:
         return weight_key(config, family.hf_key_for_ds_param(name, 0), lambda k: k in source)
 
@@ -475,7 +487,7 @@ def write_ds_checkpoint(source, out_dir: Path, *, ep_size: int, tag: str = "glob
     for name, shape in module_layout(config):
         key = module_key(name)
         if key not in source and family.parse_moe_key(key) is None:
-            raise UserError(f"{source.path}: tensor {key} is missing")
+            raise checks.missing_tensor_error(source.path, key)
         t_dtype = dtype or (source.dtype(key) if key in source else None)
         module.append((name, key, shape, t_dtype))
     tag_dir = child(out_dir, tag, "--out-tag")

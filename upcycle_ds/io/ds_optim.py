@@ -34,7 +34,7 @@ import torch
 
 from ..errors import UserError
 from ..moe.names import expert_of, to_global, with_expert
-from .ds import EXPERT_FILE, EXPP_FILE, MODEL_STATES, ZERO_FILE
+from .ds import EXPERT_FILE, EXPP_FILE, MODEL_STATES, ZERO_FILE, check_rank_files, join_fragments
 from .safe_load import load_dict
 
 UNIVERSAL = "universal_optim_states.pt"
@@ -141,9 +141,7 @@ class _ZeroState(SavedOptimizer):
 
     def __init__(self, tag_dir, states, run, files: dict[int, Path]):
         super().__init__(tag_dir, states, run)
-        W = len(files)
-        if sorted(files) != list(range(W)):
-            raise UserError(f"{tag_dir}: ZeRO optimizer files for ranks {sorted(files)}; expected 0..{W - 1}")
+        W = check_rank_files(tag_dir, files)
         saved_w = self.layout.get("world_size")
         if saved_w is not None and int(saved_w) != W:
             raise UserError(f"{tag_dir}: {W} ZeRO optimizer files, but the checkpoint was saved on {saved_w} ranks "
@@ -205,14 +203,7 @@ class _ZeroState(SavedOptimizer):
                     raise UserError(f"{self.tag_dir}: the ZeRO optimizer state has no {key} (not AdamW)")
                 pieces[key].append(groups[g][key].narrow(0, start, numel))
             step = _step(groups[g].get("step", 0)) if step is None else step
-        want = 1
-        for s in shape:
-            want *= s
-        got = sum(p.numel() for p in pieces["fp32"])
-        if got != want:
-            raise UserError(f"{self.tag_dir}: the ZeRO optimizer files hold {got} of the {want} values of {local} "
-                            f"(missing or mismatched optimizer files)")
-        full = {k: torch.cat(v).reshape(shape).float().clone() for k, v in pieces.items()}
+        full = {k: join_fragments(self.tag_dir, v, shape, local) for k, v in pieces.items()}
         return ParamState(full["fp32"], full["exp_avg"], full["exp_avg_sq"], step or 0.0)
 
 

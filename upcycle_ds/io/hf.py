@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .. import checks
 from .paths import child
 from .atomic import atomic_output_dir, check_output_dir, replace_dir  # noqa: F401
 from .source import PlannedSource
@@ -29,8 +30,7 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 def read_config(path: str | Path) -> dict:
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such directory")
+    checks.existing(path)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory (expected an HF checkpoint dir)")
     cfg = path / "config.json"
@@ -46,7 +46,7 @@ def read_json_object(path: Path, what: str = "") -> dict:
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
         raise UserError(f"{path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        raise checks.unreadable_error(path, e) from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object{what}, got {type(data).__name__}")
     return data
@@ -107,7 +107,7 @@ def _safetensors_layout(path: Path) -> tuple[dict, int]:
                 raise UserError(f"{path}: not a valid safetensors file (header length {n} exceeds the file)")
             text = f.read(n)
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        raise checks.unreadable_error(path, e) from None
     try:
         header = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
@@ -197,7 +197,7 @@ class HFCheckpoint(PlannedSource):
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._plan:
-            raise UserError(f"{self.path}: tensor {key} is missing")
+            raise checks.missing_tensor_error(self.path, key)
         dtype, shape, shard = self._plan[key]
         buf = torch.empty(_nbytes(dtype, shape), dtype=torch.uint8)
         if buf.numel():

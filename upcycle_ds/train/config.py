@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..errors import UserError
+from .. import checks
 
 if TYPE_CHECKING:
     import torch
@@ -204,11 +205,8 @@ class TrainArgs:
         """Checks that need no work: one clear error naming the flag, before anything starts."""
         if self.zero_stage == 3:
             raise UserError("--zero-stage 3 is not supported with DeepSpeed-MoE (native MoE supports ZeRO 0/1/2)")
-        if self.zero_stage not in (0, 1, 2):
-            raise UserError(f"--zero-stage must be 0, 1 or 2 (got {self.zero_stage})")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise UserError("--offload-optimizer needs --zero-stage 1 or 2 (ZeRO-Offload moves ZeRO's optimizer "
-                            "partition to the host; ZeRO-0 has none)")
+        checks.zero_stage(self.zero_stage)
+        checks.offload_needs_zero(self.offload_optimizer, self.zero_stage)
         if self.dtype == "fp16":
             raise UserError("fp16 is not supported; use --dtype bf16 or fp32")
         if self.dtype not in ("bf16", "fp32"):  # a --config YAML value bypasses argparse's choices
@@ -247,7 +245,7 @@ class TrainArgs:
             v = getattr(self, f.name)
             vals = v if isinstance(v, (list, tuple)) else [v]
             if "float" in str(hints.get(f.name)) and any(isinstance(x, float) and not math.isfinite(x) for x in vals):
-                raise UserError(f"--{_flag(f.name)} must be a finite number (got {v})")
+                checks.finite(f"--{_flag(f.name)}", v)
         if not (self.lr > 0):
             raise UserError(f"--lr must be > 0 (got {self.lr})")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -256,19 +254,18 @@ class TrainArgs:
             raise UserError(f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"--min-lr-ratio must be in [0, 1] (got {self.min_lr_ratio})")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise UserError(f"--capacity-factor must be > 0 (got {self.capacity_factor})")
+        if self.capacity_factor is not None:
+            checks.positive("--capacity-factor", self.capacity_factor)
         if self.max_steps is None and not self.epochs > 0:
             raise UserError(f"--epochs must be > 0 (got {self.epochs})")
         for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "warmup_steps", "seed"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
-        if self.max_length < 2:
-            raise UserError(f"--max-length must be >= 2 (got {self.max_length})")
+        checks.at_least("--max-length", self.max_length, 2)
         if self.max_samples is not None and self.max_samples < 1:
             raise UserError(f"--max-samples must be >= 1 (got {self.max_samples})")
-        if self.num_experts is not None and self.num_experts < 2:
-            raise UserError(f"--num-experts must be >= 2 (got {self.num_experts})")
+        if self.num_experts is not None:
+            checks.at_least("--num-experts", self.num_experts, 2)
         if self.top_k < 1:
             raise UserError(f"--top-k must be >= 1 (got {self.top_k})")
         for flag, pats in (("--freeze", self.freeze), ("--train-only", self.train_only)):

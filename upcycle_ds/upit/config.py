@@ -10,6 +10,7 @@ from typing import Literal
 
 from ..dtypes import OLD_SPELLINGS
 from ..errors import UserError
+from .. import checks
 from ..options import UpcycleOptions, check_shard_size
 
 
@@ -39,8 +40,7 @@ class AssembleOptions:
 
     def validate(self) -> None:
         self.upcycle_options().validate()
-        if not 0 <= self.dare_p < 1:
-            raise UserError(f"--dare-p must be in [0, 1) (got {self.dare_p})")
+        checks.fraction("--dare-p", self.dare_p)
 
     def upcycle_options(self) -> UpcycleOptions:
         return UpcycleOptions(num_experts=self.num_experts, top_k=self.top_k, layers=self.layers,

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import UserError
+from .. import checks
 from ..upcycle import derive_seed
 
 PROJS = ("gate", "up", "down")
@@ -95,8 +96,7 @@ def dare(delta: torch.Tensor, p: float, generator: torch.Generator) -> torch.Ten
 
     The drop mask is `torch.rand(delta.shape, generator) < p`; survivors are exactly `delta / (1 - p)`.
     """
-    if not 0 <= p < 1:
-        raise UserError(f"--dare-p must be in [0, 1) (got {p})")
+    checks.fraction("--dare-p", p)
     if p == 0:
         return delta.clone()
     drop = torch.rand(delta.shape, generator=generator) < p

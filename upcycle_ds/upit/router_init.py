@@ -231,8 +231,8 @@ def run_hidden(args: RouterInitConfig) -> int:
     run_dir = Path(args.out)
     out = run_dir / "hf"
     check_apart(run_dir, (("--model", args.model), ("--prompts", args.prompts)))
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists():
+        check_output_dir(out, args.overwrite)
     if not run_dir.is_dir():
         check_output_dir(run_dir, False)  # its parent must exist
     args.validate_values()

@@ -29,6 +29,7 @@ from ..data import IGNORE, TokenizeSpec, encode_dataset, parse_sources, read_sou
 from ..data.cache import cache_root
 from ..dtypes import torch_dtype
 from ..errors import UserError
+from .. import checks
 from ..progress import Progress
 from ..io.text import check_utf8
 from ..families import family_for
@@ -274,10 +275,9 @@ def run_seed_data(args: SeedDataConfig) -> SeedDataResult:
         raise UserError(f"--fraction must be in (0, 1] (got {args.fraction})")
     if args.min_samples < 0:
         raise UserError(f"--min-samples must be >= 0 (got {args.min_samples})")
-    if args.max_length is not None and args.max_length < 2:
-        raise UserError(f"--max-length must be >= 2 (got {args.max_length})")
-    if args.micro_batch_size < 1:
-        raise UserError(f"--micro-batch-size must be >= 1 (got {args.micro_batch_size})")
+    if args.max_length is not None:
+        checks.at_least("--max-length", args.max_length, 2)
+    checks.at_least("--micro-batch-size", args.micro_batch_size, 1)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     for d in local:
         check_utf8(d, "--data")
