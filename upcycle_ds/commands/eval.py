@@ -64,14 +64,6 @@ def parse_models(specs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    from ..io.atomic import write_text_atomic
-
-    if not path.parent.is_dir():
-        raise UserError(f"--out {path}: directory {path.parent} does not exist")
-    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
-
-
 def run(args: Args) -> int:
     from ..eval.evaluate import EvalOptions, compare, comparison_lines, evaluate_model, table
     from ..eval.rows import load_rows
@@ -80,10 +72,10 @@ def run(args: Args) -> int:
         raise UserError("--max-length must be >= 2, --micro-batch-size and --max-new-tokens >= 1")
     if args.max_rows is not None and args.max_rows < 1:
         raise UserError("--max-rows must be >= 1")
-    models = parse_models(args.model)
-    rows = load_rows(args.data, args.mode, args.max_rows)
     if args.out is not None and not Path(args.out).parent.is_dir():
         raise UserError(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
+    models = parse_models(args.model)
+    rows = load_rows(args.data, args.mode, args.max_rows)
     from ..data.sources import local_paths
     from ..io.paths import check_apart
 
@@ -102,7 +94,10 @@ def run(args: Args) -> int:
         print()
         print("\n".join(comparison_lines(base, name, tests)))
     if args.out is not None:
-        write_json_atomic(Path(args.out), {"data": args.data, "rows": len(rows), "baseline": base,
-                                           "models": results, "comparisons": comparisons})
+        from ..io.atomic import write_text_atomic
+
+        write_text_atomic(args.out, json.dumps({"data": args.data, "rows": len(rows), "baseline": base,
+                                                "models": results, "comparisons": comparisons}, indent=1,
+                                               ensure_ascii=False))
         log(f"[upcycle-ds eval] wrote {args.out}")
     return 0

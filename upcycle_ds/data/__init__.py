@@ -10,8 +10,8 @@ split / mix -> pack -> world-size-independent, resumable batches.
     split.py     train/eval split, mixing weights, packing plan
     pack.py      best-fit-decreasing packing; PackedDataset (restarting position_ids, no cross-sample loss)
     batches.py   batch order: groups dealt round-robin so the order does not depend on the number of ranks
-    build.py     DataConfig, prepare_cache, build_datasets
-    preflight.py the data checks a launcher runs before any rank starts
+    build.py     DataConfig, prepare_cache, build_datasets, check_data (the checks `train.setup` runs before any
+                 rank starts)
 
 User documentation: docs/data.md.
 """
