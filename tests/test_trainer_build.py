@@ -127,3 +127,37 @@ assert worst <= 1e-6, worst
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_finished_trainer_is_freed(tmp_path):
+    """A Trainer that ran `fit()` is garbage once its caller drops it: the SIGUSR1 handler it installed is gone (the
+    previous one is back) and holds no reference to it (on a GPU, a Trainer kept alive keeps its GPU memory).
+    One process, no launcher."""
+    moe = make_moe("mixtral", tmp_path / "moe", num_experts=2, top_k=1, num_hidden_layers=2)
+    make_tokenizer(moe)
+    data = make_jsonl(tmp_path / "train.jsonl", 40)
+    script = f"""
+import gc, signal, weakref
+from upcycle_ds.launch.distributed import shutdown
+from upcycle_ds.train.config import TrainArgs
+from upcycle_ds.train.trainer import build_trainer
+
+before = signal.getsignal(signal.SIGUSR1)
+args = TrainArgs(model={str(moe)!r}, data=[{str(data)!r}], out={str(tmp_path / 'run')!r}, max_steps=2,
+                 micro_batch_size=2, max_length=64, dtype="fp32", wandb_mode="disabled", export_hf=False,
+                 eval_fraction=0.0)
+trainer = build_trainer(args)
+assert signal.getsignal(signal.SIGUSR1) is not before
+assert trainer.fit() == 0
+ref = weakref.ref(trainer)
+del trainer
+gc.collect()
+assert signal.getsignal(signal.SIGUSR1) is before, signal.getsignal(signal.SIGUSR1)
+assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+shutdown()
+print("freed")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "freed" in r.stdout, r.stderr[-3000:]
