@@ -228,7 +228,7 @@ def test_resume_on_changed_data_is_refused_then_continues_from_its_start_when_al
     assert "training continues at step 2 from the start of the new data (epoch 0)" in r.stderr
     assert "--resume with changed settings (applied): --lr 0.0001 -> 0.0003" in r.stderr
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    lr3 = next(rec["lr"] for rec in recs if rec.get("step") == 3 and "lr" in rec)
+    lr3 = next(rec["train/lr"] for rec in recs if rec.get("step") == 3 and "train/lr" in rec)
     assert lr3 == pytest.approx(3e-4 * lr_lambda(0, 4, 0.1)(2), rel=1e-9)
     recorded = flatten_sections(yaml.safe_load((out / "train_args.yaml").read_text()), TrainArgs)
     assert recorded["lr"] == 3e-4 and recorded["resume_data_changed"] == "ok"

@@ -30,11 +30,13 @@ class TrainArgs:
         "parallelism": ("nproc", "ep_size", "zero_stage", "ds_config", "dtype", "micro_batch_size", "grad_accum",
                         "global_batch_size", "dist_timeout_s", "io_timeout_s"),
         "optimizer": ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "epochs", "weight_decay", "adam_betas",
-                      "fused_adam", "grad_clip", "aux_loss_coef", "z_loss_coef", "freeze", "train_only"),
+                      "fused_adam", "grad_clip", "aux_loss_coef", "aux_loss_scope", "z_loss_coef", "freeze",
+                      "train_only"),
         "checkpointing": ("out", "save_every", "keep_last", "resume", "resume_data_changed", "exit_after_steps",
                           "export_hf", "debug_dump_logits"),
         "logging": ("log_every", "eval_every", "peak_tflops", "wandb_mode", "wandb_project", "wandb_entity",
-                    "wandb_group", "wandb_tags", "heatmap_every", "collapse_factor", "collapse_steps"),
+                    "wandb_name", "wandb_group", "wandb_tags", "wandb_expert_shares_max", "heatmap_every",
+                    "collapse_factor", "collapse_steps"),
     }
     """How --print-config, --config files and OUT/{command}_args.yaml group the fields (flags keep their names;
     a --config file may also list fields flat)."""

@@ -30,11 +30,12 @@ RESUME_APPLIED = frozenset({
     "nproc", "ep_size", "zero_stage", "ds_config", "dtype", "micro_batch_size", "grad_accum", "global_batch_size",
     # optimizer and schedule: this run's values win over the checkpoint's (`checkpoint.apply_run_settings`)
     "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "adam_betas", "fused_adam", "grad_clip", "max_steps",
-    "epochs", "aux_loss_coef", "z_loss_coef", "capacity_factor",
+    "epochs", "aux_loss_coef", "aux_loss_scope", "z_loss_coef", "capacity_factor",
     # what the run does from here on
     "eval_every", "save_every", "exit_after_steps", "resume", "resume_data_changed", "activation_checkpointing",
     "attn_impl", "expert_impl", "log_every", "peak_tflops", "keep_last", "dist_timeout_s", "io_timeout_s",
-    "wandb_mode", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "heatmap_every", "collapse_factor",
+    "wandb_mode", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags",
+    "wandb_expert_shares_max", "heatmap_every", "collapse_factor",
     "collapse_steps", "export_hf", "trust_remote_code", "debug_dump_logits", "data_cache", "out",
     # UpIT stages (sft, router-init)
     "save_every_epochs", "save_until_epochs", "hf_weights", "alpha", "bce_tokens", "seed_data", "prompts",
