@@ -48,6 +48,11 @@ def offload_needs_zero(offload: bool, stage) -> None:
                         "to the host; ZeRO-0 has none)")
 
 
+def pin_needs_offload(pin: bool, offload: bool) -> None:
+    if pin and not offload:
+        raise UserError("--offload-pin-memory applies to --offload-optimizer; add that flag or drop this one")
+
+
 def ep_divides(ep_size: int, num_experts: int) -> None:
     if ep_size < 1 or num_experts % ep_size:
         raise UserError(f"--ep-size {ep_size} does not divide the number of experts {num_experts}")

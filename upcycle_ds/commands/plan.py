@@ -81,14 +81,14 @@ class Args:
 
 
 def run(args: Args) -> int:
-    if not 0 <= args.margin < 1:
-        raise UserError(f"--margin must be in [0, 1) (got {args.margin})")
+    from .. import checks
+
+    checks.fraction("--margin", args.margin)
     for flag, v in (("--gpu-memory-gb", args.gpu_memory_gb), ("--host-memory-gb", args.host_memory_gb),
                     ("--host-memory-bandwidth-gbs", args.host_memory_bandwidth_gbs), ("--pcie-gbps", args.pcie_gbps)):
-        if v is not None and not v > 0:
-            raise UserError(f"{flag} must be > 0 (got {v})")
-    if args.offload_pin_memory and not args.offload_optimizer:
-        raise UserError("--offload-pin-memory applies to --offload-optimizer; add that flag or drop this one")
+        if v is not None:
+            checks.positive(flag, v)
+    checks.pin_needs_offload(args.offload_pin_memory, args.offload_optimizer)
     config = load_config(args.model)
     family, is_moe = family_for(config)
     family.check_config(config, f"{args.model} config.json")

@@ -28,7 +28,8 @@ class TrainArgs:
                   "activation_checkpointing", "trust_remote_code"),
         "data": ("data", "eval_data", "eval_fraction", "max_samples", "max_length", "data_cache", "seed"),
         "parallelism": ("nproc", "ep_size", "zero_stage", "ds_config", "dtype", "micro_batch_size", "grad_accum",
-                        "global_batch_size", "dist_timeout_s", "io_timeout_s"),
+                        "global_batch_size", "offload_optimizer", "offload_pin_memory", "host_memory_gb",
+                        "dist_timeout_s", "io_timeout_s"),
         "optimizer": ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "epochs", "weight_decay", "adam_betas",
                       "fused_adam", "grad_clip", "aux_loss_coef", "aux_loss_scope", "z_loss_coef", "freeze",
                       "train_only"),
@@ -294,10 +295,9 @@ class TrainArgs:
             raise UserError(f"--expert-impl must be grouped or loop (got {self.expert_impl!r})")
         if self.aux_loss_scope not in ("micro", "global"):
             raise UserError(f"--aux-loss-scope must be micro or global (got {self.aux_loss_scope!r})")
-        if self.offload_pin_memory and not self.offload_optimizer:
-            raise UserError("--offload-pin-memory applies to --offload-optimizer; add that flag or drop this one")
-        if self.host_memory_gb is not None and not self.host_memory_gb > 0:
-            raise UserError(f"--host-memory-gb must be > 0 (got {self.host_memory_gb})")
+        checks.pin_needs_offload(self.offload_pin_memory, self.offload_optimizer)
+        if self.host_memory_gb is not None:
+            checks.positive("--host-memory-gb", self.host_memory_gb)
 
     def torch_dtype(self) -> "torch.dtype":
         import torch  # not at import: `upcycle-ds train --help` needs no torch

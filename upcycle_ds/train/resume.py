@@ -28,6 +28,7 @@ DATA_SETTINGS = frozenset({"data", "eval_data", "eval_fraction", "max_samples"})
 RESUME_APPLIED = frozenset({
     # layout: re-partitioned (`elastic`), the global batch is kept (`elastic.adapt_grad_accum`)
     "nproc", "ep_size", "zero_stage", "ds_config", "dtype", "micro_batch_size", "grad_accum", "global_batch_size",
+    "offload_optimizer", "offload_pin_memory", "host_memory_gb",
     # optimizer and schedule: this run's values win over the checkpoint's (`checkpoint.apply_run_settings`)
     "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "adam_betas", "fused_adam", "grad_clip", "max_steps",
     "epochs", "aux_loss_coef", "aux_loss_scope", "z_loss_coef", "capacity_factor",
