@@ -145,7 +145,8 @@ class Trainer:
         self.peak = a.peak_tflops or peak_tflops(name, a.dtype)
         for note in self.setup.notes:
             self.log(note)
-        self.log(f"{self.world} ranks on {self.device.type}, ep_size {a.ep_size}, ZeRO-{a.zero_stage}, {a.dtype}, "
+        self.log(f"{self.world} ranks on {self.device.type}, ep_size {a.ep_size}, ZeRO-{a.zero_stage}"
+                 f"{' (optimizer state on the host)' if a.offload_optimizer else ''}, {a.dtype}, "
                  f"attention {a.attn_impl}, activation checkpointing {'on' if a.activation_checkpointing else 'off'}; "
                  f"data: {self.data.train.summary()}; {self.max_steps} steps ({self.data.steps_per_epoch} per epoch)")
 
