@@ -129,14 +129,15 @@ def copy_gbs(n: int = 50_000_000) -> float:
 # ------------------------------------------------------------------------------------------------ the step
 def arm(zero: int, off: bool, dense: Path, data: Path, root: Path, args) -> dict:
     from upcycle_ds.train.config import TrainArgs
-    from upcycle_ds.train.trainer import StageHooks, Trainer
+    from upcycle_ds.train.stage import Stage
+    from upcycle_ds.train.trainer import build_trainer
 
     name = f"ZeRO-{zero} {'offloaded' if off else 'on device'}"
     targs = TrainArgs(model=str(dense), data=[str(data)], out=str(root / f"run-z{zero}-{int(off)}"), zero_stage=zero,
                       dtype=args.dtype, micro_batch_size=args.mbs, max_length=args.seq, lr=1e-4, max_steps=10**6,
                       eval_fraction=0.0, wandb_mode="disabled", export_hf=False, ep_size=args.ep_size,
                       num_experts=args.experts, top_k=args.top_k, offload_optimizer=off)
-    trainer = Trainer(targs, StageHooks(prog=f"bench {name}"))
+    trainer = build_trainer(targs, Stage(prog=f"bench {name}"))
     trainer.engine.train()
     timer = {"opt": []}
     step_fn = trainer.engine.step

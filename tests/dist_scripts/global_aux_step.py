@@ -16,11 +16,11 @@ import yaml
 
 from upcycle_ds.launch.distributed import shutdown
 from upcycle_ds.train.config import TrainArgs
-from upcycle_ds.train.trainer import Trainer, causal_lm_loss
+from upcycle_ds.train.trainer import build_trainer, causal_lm_loss
 
 args = TrainArgs(**yaml.safe_load(Path(sys.argv[1]).read_text()))
 out = Path(sys.argv[2])
-trainer = Trainer(args)
+trainer = build_trainer(args)
 engine, layers = trainer.engine, trainer.layers
 engine.train()
 stream = trainer.micro_batches()

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from upcycle_ds.launch.distributed import shutdown
 from upcycle_ds.train.config import TrainArgs
-from upcycle_ds.train.trainer import Trainer
+from upcycle_ds.train.trainer import Trainer, build_trainer
 
 model, data, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 COMMON = dict(model=model, data=[data], micro_batch_size=2, max_length=64, seed=0, lr=1e-3, eval_fraction=0.0,
@@ -74,7 +74,7 @@ def memory() -> None:
                 name = f"ep{ep}_z{stage}_{'off' if off else 'gpu'}"
                 args = TrainArgs(**COMMON, out=str(out / "mem" / name), ep_size=ep, zero_stage=stage, dtype="bf16",
                                  max_steps=1, offload_optimizer=off)
-                trainer = Trainer(args)
+                trainer = build_trainer(args)
                 engine, seen = trainer.engine, {}
                 step = engine.step
 
@@ -86,14 +86,13 @@ def memory() -> None:
                 engine.train()
                 trainer.step(trainer.micro_batches())
                 report[name] = {**optimizer_bytes(engine.optimizer), "held_grads": seen["grads"]}
-                trainer.lock is not None and trainer.lock.release()
     (out / f"memory_rank{dist.get_rank()}.json").write_text(json.dumps(report, indent=1))
 
 
 def fit(name: str, **kw) -> Trainer:
     args = TrainArgs(**{**COMMON, "out": str(out / name), "ep_size": 2, "dtype": "fp32", "max_steps": 6,
                         "save_every": 3, **kw})
-    trainer = Trainer(args)
+    trainer = build_trainer(args)
     trainer.fit()
     return trainer
 
@@ -121,7 +120,7 @@ def resume(src: str, name: str, **kw) -> list[float]:
         shutil.copy(out / src / "metrics.jsonl", out / name / "metrics.jsonl")
     dist.barrier()
     args = TrainArgs(**COMMON, out=str(out / name), ep_size=2, dtype="fp32", max_steps=6, resume=True, **kw)
-    trainer = Trainer(args)
+    trainer = build_trainer(args)
     sums = moment_sums(trainer)
     trainer.fit()
     return sums
