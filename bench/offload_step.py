@@ -204,7 +204,7 @@ def plan_cost(trainer, zero: int, args, *, pcie_gbs: float | None, ns_per_param:
     """The plan's offload estimate for this arm's model and layout (None: the plan's GPU-node defaults)."""
     from upcycle_ds.plan import CPU_ADAM_NS_PER_PARAM, Setup, count_params, offload_cost, shape_from_config
 
-    c = count_params(shape_from_config(trainer.source.config))
+    c = count_params(shape_from_config(trainer.setup.config))
     setup = Setup(nodes=1, gpus_per_node=trainer.world, ep_size=args.ep_size, zero_stage=zero, dtype=args.dtype,
                   micro_batch_size=args.mbs, seq_len=args.seq, offload_optimizer=True)
     return offload_cost(c.non_expert, c.expert, setup, pcie_gbs=pcie_gbs,
