@@ -40,7 +40,8 @@ from .safe_load import load_dict
 UNIVERSAL = "universal_optim_states.pt"
 UNIVERSAL_EXPERT = "layer_{moe_layer}_expert_{expert}_universal_optim_states.pt"
 UNIVERSAL_FORMAT = "upcycle_ds.universal_optim_states/1"
-RUN_KEYS = ("train_state", "layout", "lr_scheduler", "global_steps", "global_samples", "skipped_steps")
+RUN_KEYS = ("train_state", "layout", "data_identity", "lr_scheduler", "global_steps", "global_samples",
+            "skipped_steps")
 """What a checkpoint holds about the run besides weights and optimizer state (all plain data)."""
 
 
