@@ -44,8 +44,11 @@ def test_window_throughput_and_mfu_come_from_real_tokens():
         b = ds.batch(rows)
         meter.add_micro_step(torch.tensor(2.0), tokens=b["num_tokens"])
         real += int(b["num_tokens"].sum())
+    assert meter.pending_tokens() == real  # (a checkpoint between logging steps) the window is not consumed
     red = meter.reduce(steps=1)
     assert red.tokens == real < 4 * 16  # 4 rows of 16 positions, partly padding
+    meter.reset()
+    assert meter.pending_tokens() == 0
     out = window_scalars(red, steps=1, seconds=0.5, lr=1e-4, tokens_seen=1000 + real, epoch=0.25,
                          flops_per_token=6e9, devices=2, peak_tflops=989.0, max_mem_gib=3.5)
     assert out["tokens_per_s"] == pytest.approx(real / 0.5, rel=1e-12)

@@ -281,7 +281,7 @@ def test_resume_is_bit_exact(direct, resumed):
     got, want = steps(resumed["out"]), steps(direct["out"])
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
     for g, w in zip(got, want):
-        keys = [k for k in w if k in ("train/loss", "train/lr") or k.startswith("moe/")]
+        keys = [k for k in w if k.startswith("moe/") or k in ("train/loss", "train/lr", "train/tokens", "train/epoch")]
         assert len(keys) > 2 + E * len(MOE_LAYERS)
         assert {k: g[k] for k in keys} == {k: w[k] for k in keys}, f"step {w['step']}"  # bit-identical
     assert (resumed["out"] / "checkpoints" / "latest").read_text() == "global_step6"
@@ -415,6 +415,43 @@ def test_load_heatmap_has_one_row_per_moe_layer(straight):
     assert len(evals) == 1 and evals[0]["step"] == 6
     assert evals[0]["moe/load"]["fractions"] == meta["load"]
     assert all(sum(r) == pytest.approx(1.0, abs=1e-12) for r in meta["load"])
+
+
+# ------------------------------------------------------------------------------------------- what is reported
+
+def test_throughput_counts_real_tokens_and_progress_is_logged(straight, tiny):
+    """tokens/s x s/step of every step = the step's non-padding tokens over both ranks, counted independently from
+    the rebuilt micro-batches (the character tokenizer's pad id never occurs in text); train/tokens adds them up;
+    train/epoch is fractional; eval/ppl = exp(eval/loss); one line per checkpoint with its tag, time and size."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from upcycle_ds.data import DataConfig, batches, build_datasets
+
+    tok = AutoTokenizer.from_pretrained(tiny["moe"])
+    train_ds, _ = build_datasets(DataConfig(data=str(tiny["data"]), max_length=SEQ, eval_fraction=0.05,
+                                            eval_data=None, seed=0, max_samples=None), tok)
+    per_rank = [list(batches(train_ds, micro_batch_size=MBS, rank=r, world_size=WORLD, seed=0, epoch=0))
+                for r in range(WORLD)]
+    real = [sum(int((per_rank[r][s]["input_ids"] != tok.pad_token_id).sum()) for r in range(WORLD))
+            for s in range(6)]
+    assert all(0 < n < WORLD * MBS * SEQ for n in real)  # the rows are partly padding
+    recs = steps(straight["out"])
+    for s, rec in enumerate(recs):
+        assert rec["train/tokens_per_s"] * rec["train/step_time_s"] == pytest.approx(real[s], rel=1e-9)
+        assert rec["train/tokens"] == sum(real[: s + 1])
+        assert rec["train/epoch"] == pytest.approx((s + 1) / len(per_rank[0]), rel=1e-12)
+    rows = [json.loads(line) for line in (straight["out"] / "metrics.jsonl").read_text().splitlines()]
+    (ev,) = [r for r in rows if "eval/loss" in r]
+    assert ev["eval/ppl"] == pytest.approx(math.exp(ev["eval/loss"]), rel=1e-12)
+    assert re.search(rf"\[upcycle-ds train\] step 6: eval loss {ev['eval/loss']:.4f} \(perplexity \S+\)",
+                     straight["stderr"])
+    for tag in ("global_step3", "global_step6"):
+        size = sum(p.stat().st_size for p in (straight["out"] / "checkpoints" / tag).rglob("*") if p.is_file())
+        line = re.search(rf"\[upcycle-ds train\] checkpoint {tag} saved in (\d+\.\d) s \((\d+\.\d\d) GB\)\n",
+                         straight["stderr"])
+        assert line and line.group(2) == f"{size / 1e9:.2f}", straight["stderr"][-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------- export

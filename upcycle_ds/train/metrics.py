@@ -88,6 +88,16 @@ class StepMeter:
         self.grad_norm += torch.as_tensor(norm, dtype=torch.float64).to(self.device)
         self.has_grad_norm = True
 
+    def pending_tokens(self) -> int:
+        """Collective: the real tokens of the window so far, all ranks: one number all-reduced (for a checkpoint
+        taken between logging steps; 0 without a collective when the window is empty, as on every rank)."""
+        if not self.micro_steps:
+            return 0
+        total = self.tokens.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return int(round(total.item()))
+
     def reduce(self, steps: int) -> Reduced:
         """Collective: sum over ranks with ONE all_reduce, copy to the host ONCE. `steps` = optimizer steps in the
         window (for the mean grad norm)."""

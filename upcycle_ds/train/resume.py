@@ -52,6 +52,8 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     """micro-batches this rank has consumed in `epoch` (the same on every rank)."""
+    tokens: int = 0
+    """Real (non-padding) tokens trained on so far, all ranks (0 in checkpoints older than this count)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,7 +78,7 @@ class ResumePlan:
         `check_data` allowed — the start of the new data at the saved step (the LR schedule continues)."""
         if self.data_identity in (None, data_identity):
             return dataclasses.replace(self.position)
-        return TrainState(step=self.position.step)
+        return TrainState(step=self.position.step, tokens=self.position.tokens)
 
     def check_data(self, data_identity: str, data: list[str]) -> str | None:
         """Refuse a checkpoint trained on other data (unless --resume-data-changed ok); returns a log line when the

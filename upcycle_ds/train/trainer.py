@@ -49,7 +49,7 @@ from ..moe.layer import moe_layers
 from . import checkpoint, elastic
 from .config import TrainArgs
 from .engine import build_engine
-from .metrics import StepMeter, step_line
+from .metrics import StepMeter, checkpoint_line, eval_scalars, step_line, window_scalars
 from .resume import TrainState, resolved_settings
 from .setup import RunSetup, open_data, rank_role, resolve
 from .stage import TRAIN, Stage
@@ -225,13 +225,13 @@ class Trainer:
             loss_sum, n_tok = causal_lm_loss(out.logits, b["labels"])
             lm = loss_sum / n_tok.clamp_min(1)
             if stage.loss is None:
-                aux, z = self.meter.add_micro_step(lm)
+                aux, z = self.meter.add_micro_step(lm, tokens=b["num_tokens"])
                 loss = lm + a.aux_loss_coef * aux + a.z_loss_coef * z
             else:
                 aux, z = self._router_losses()
                 loss, extras = stage.loss(lm=lm, moe=a.aux_loss_coef * aux + a.z_loss_coef * z, batch=b,
                                           layers=self.layers)
-                self.meter.add_micro_step(lm, extras)
+                self.meter.add_micro_step(lm, extras, tokens=b["num_tokens"])
             self.engine.backward(loss)
             self.engine.step()
         self.meter.add_grad_norm(self.engine.get_global_grad_norm())
@@ -245,23 +245,20 @@ class Trainer:
 
     def log_window(self, steps: int, dt: float, lr: float) -> None:
         """Collective: reduce the window's metrics (one all_reduce), then rank 0 prints and records them."""
-        a = self.args
+        st = self.state
         red = self.meter.reduce(steps)
         self.meter.reset()
-        tokens = a.micro_batch_size * a.grad_accum * self.world * a.max_length * steps
-        tps = tokens / dt if dt > 0 else 0.0
-        mfu = self.flops_per_token * tps / (self.world * self.peak * 1e12) if self.peak else None
+        st.tokens += int(round(red.tokens))
         mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.on_gpu else None
-        eta = (self.max_steps - self.state.step) * dt / max(1, steps)
-        scalars = {"loss": red.loss, "lr": lr, "tokens_per_s": tps, "step_time_s": dt / max(1, steps),
-                   "epoch": self.state.epoch, **red.extras}
-        for key, value in (("grad_norm", red.grad_norm), ("mfu", mfu), ("max_mem_gib", mem)):
-            if value is not None:
-                scalars[key] = value
-        self.tracker.log_step(self.state.step, scalars, red.layers)
-        self.log(step_line(prog=self.stage.log_prefix, step=self.state.step, total=self.max_steps, loss=red.loss,
-                           lr=lr, tokens_per_s=tps, step_time_s=dt / max(1, steps), mfu=mfu, max_mem_gib=mem,
-                           grad_norm=red.grad_norm, eta_s=eta, extras=red.extras).split("] ", 1)[1])
+        scalars = window_scalars(red, steps=steps, seconds=dt, lr=lr, tokens_seen=st.tokens,
+                                 epoch=st.epoch + st.batch_in_epoch / self.data.per_epoch,
+                                 flops_per_token=self.flops_per_token, devices=self.world, peak_tflops=self.peak,
+                                 max_mem_gib=mem)
+        self.tracker.log_step(st.step, scalars, red.layers)
+        self.log(step_line(prog=self.stage.log_prefix, step=st.step, total=self.max_steps, loss=red.loss, lr=lr,
+                           tokens_per_s=scalars["tokens_per_s"], step_time_s=scalars["step_time_s"],
+                           mfu=scalars.get("mfu"), max_mem_gib=mem, grad_norm=red.grad_norm,
+                           eta_s=(self.max_steps - st.step) * dt / max(1, steps), extras=red.extras).split("] ", 1)[1])
 
     # --------------------------------------------------------------------------------------------- eval/save/export
     @torch.no_grad()
@@ -282,21 +279,26 @@ class Trainer:
             dist.all_reduce(tot)
         s, n = tot.tolist()
         loss = s / max(1.0, n)
+        scalars = eval_scalars(loss)
         if red.layers:
-            self.tracker.log_eval(self.state.step, {"loss": loss}, np.stack([st.fractions() for st in red.layers]),
+            self.tracker.log_eval(self.state.step, scalars, np.stack([st.fractions() for st in red.layers]),
                                   [st.layer for st in red.layers])
         else:  # a dense model (sft): no expert load to draw
-            self.tracker.log_step(self.state.step, {"eval/loss": loss}, [])
-        self.log(f"step {self.state.step}: eval loss {loss:.4f}")
+            self.tracker.log_step(self.state.step, scalars, [])
+        self.log(f"step {self.state.step}: eval loss {loss:.4f} (perplexity {scalars['eval/ppl']:.4g})")
         self.engine.train()
         return loss
 
     def save(self) -> None:
         """Collective: a checkpoint of the current step (once per step)."""
         if self.saved_at != self.state.step:
-            client = {"train_state": asdict(self.state), "layout": self.layout(), "data_identity": self.data.identity}
+            t0 = time.perf_counter()
+            state = {**asdict(self.state), "tokens": self.state.tokens + self.meter.pending_tokens()}
+            client = {"train_state": state, "layout": self.layout(), "data_identity": self.data.identity}
             checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, keep_last=self.args.keep_last)
             self.saved_at = self.state.step
+            if self.rank == 0:
+                self.log(checkpoint_line(self.ckpt_dir / checkpoint.tag_for(self.state.step), time.perf_counter() - t0))
 
     def export(self) -> None:
         """Collective: the final HF export (the stage's own, or the HF MoE checkpoint at OUT/hf)."""
