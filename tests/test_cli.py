@@ -48,7 +48,6 @@ def option_blocks(text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_help_keeps_the_description_and_prints_each_default_once(name):
-    old_spellings = OLD_SPELLINGS if name not in ("train", "sft", "router-init") else ("--batch-size",)
     text = help_text(name)
     described = importlib.import_module(COMMANDS[name][0]).__doc__ or COMMANDS[name][1]
     for line in described.strip().splitlines():  # line breaks, indented examples: as written
@@ -60,7 +59,7 @@ def test_help_keeps_the_description_and_prints_each_default_once(name):
         assert "(default: None)" not in block and block.count("(default:") <= 1, (name, block)
         if re.search(r"\(default|\bdefault:", docs.get(f.name, ""), re.IGNORECASE):
             assert block.lower().count("default:") == docs[f.name].lower().count("default:"), (name, block)
-    for old in old_spellings:  # accepted (below), never shown
+    for old in OLD_SPELLINGS + (("--seed-data",) if name == "router-init" else ()):  # accepted (below), not shown
         assert old + " " not in text and old + "\n" not in text, (name, old)
 
 
@@ -91,15 +90,17 @@ def test_version(capsys):
     assert main(["-V"]) == 0 and capsys.readouterr().out == out
 
 
-@pytest.mark.parametrize("name", [n for n in COMMANDS if n not in ("train", "sft", "router-init")])
+@pytest.mark.parametrize("name", list(COMMANDS))
 def test_one_vocabulary(name):
     """Every dtype flag spells bf16 | fp32 | fp16 | auto; a micro batch is `--micro-batch-size`; a row limit is
     `--max-rows` (or `--calib-max-rows`); `--data` of training data is a source list."""
     cls = args_class(name)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in cli_fields(cls)}
-    if name in ("upit", "seed-data"):
+    if name in ("train", "sft", "upit", "seed-data"):
         assert hints["data"] == list[str], (name, hints["data"])
+    if name == "router-init":
+        assert hints["data"] == list[str] | None  # the seed data; optional with --mode hidden
     for f in cli_fields(cls):
         if f.name.endswith("dtype"):
             assert set(typing.get_args(hints[f.name])) <= DTYPES, (name, f.name, hints[f.name])
@@ -116,6 +117,8 @@ def test_one_vocabulary(name):
      True),
     ("train", ["--model", "m", "--data", "d", "--out", "o", "--no-gradient-checkpointing"],
      "activation_checkpointing", False),
+    ("train", ["--model", "m", "--data", "d", "--out", "o", "--max-samples", "9"], "max_rows", 9),
+    ("router-init", ["--model", "m", "--out", "o", "--seed-data", "s.jsonl"], "data", ["s.jsonl"]),
 ])
 def test_old_spellings_are_accepted(name, argv, field, want):
     args = parse_into(args_class(name), argv, prog=f"upcycle-ds {name}", description="")
@@ -176,6 +179,21 @@ def test_verbose_reaches_the_processes_a_command_starts(monkeypatch):
     assert os.environ[VERBOSE_ENV] == "1" and launcher_flags() == []
 
 
+def test_sft_offers_no_moe_flags(capsys):
+    """sft trains a dense model: none of train's MoE-only flags (they keep their defaults)."""
+    from upcycle_ds.upit.sft import SFTConfig
+
+    text = help_text("sft")
+    for flag in ("--ep-size", "--num-experts", "--top-k", "--layers", "--capacity-factor", "--expert-impl",
+                 "--aux-loss-coef", "--aux-loss-scope", "--z-loss-coef", "--heatmap-every", "--collapse-factor",
+                 "--collapse-steps", "--wandb-expert-shares-max"):
+        assert flag + " " not in text and flag + "\n" not in text, flag
+        assert flag in help_text("train")
+    assert {"--lr", "--micro-batch-size", "--max-rows", "--save-every-epochs"} <= set(option_blocks(text))
+    args = parse_into(SFTConfig, ["--model", "m", "--data", "d", "--out", "o"], prog="upcycle-ds sft", description="")
+    assert (args.ep_size, args.aux_loss_coef) == (1, 0.01)
+
+
 def test_a_subclass_can_withhold_inherited_flags(tmp_path, capsys):
     """`NOT_FLAGS`: not offered (not in --help, refused as a flag), default kept, still settable by --config (the
     launcher hands every setting to its ranks that way). `sft` uses it for the MoE-only training flags."""
@@ -200,3 +218,14 @@ def test_a_subclass_can_withhold_inherited_flags(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("out: o\nep_size: 1\n")
     assert parse_into(Dense, ["--config", str(cfg)], prog="dense", description="").ep_size == 1
+
+
+def test_a_run_recorded_with_old_spellings_resumes_with_new_ones(tmp_path):
+    """OUT/train_args.yaml written before the renames: read back under today's names (so --resume compares
+    --max-rows with the recorded --max-samples instead of refusing or ignoring it)."""
+    from upcycle_ds.train.config import TrainArgs
+    from upcycle_ds.train.resume import read_record
+
+    record = tmp_path / "train_args.yaml"
+    record.write_text("data: [d.jsonl]\nmax_samples: 5\ngradient_checkpointing: true\n")
+    assert read_record(record, TrainArgs) == {"data": ["d.jsonl"], "max_rows": 5, "activation_checkpointing": True}

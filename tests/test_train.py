@@ -50,8 +50,8 @@ def _env(**extra) -> dict:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
            "TOKENIZERS_PARALLELISM": "false", **extra}
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE",
-                "RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_STEP_ID", "UPCYCLE_DS_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS",
-                "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+                "RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_STEP_ID", "UPCYCLE_DS_VERBOSE",
+                "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         env.pop(var, None)
     env.update(extra)
     return env

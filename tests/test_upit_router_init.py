@@ -135,7 +135,7 @@ def test_router_bce_targets(tmp_path):
         torch.testing.assert_close(bce, torch.stack(want_bce).mean(), rtol=1e-6, atol=0)
         torch.testing.assert_close(top1, torch.stack(want_top1).mean(), rtol=1e-6, atol=0)
 
-    hooks = stage_for(RouterInitConfig(model="m", out="o", seed_data="seed.jsonl"))
+    hooks = stage_for(RouterInitConfig(model="m", out="o", data=["seed.jsonl"]))
     moe = SimpleNamespace(num_experts=E, router=SimpleNamespace(record_logits=False))
     ex = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "sample_label": lab} for lab in (0, 3)]
     hooks.setup(model=None, layers=[(0, moe)], config={"upcycle_ds": {"granularity": 2}},

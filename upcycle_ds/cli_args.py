@@ -72,7 +72,8 @@ def cli_fields(cls) -> list[dataclasses.Field]:
     (how a launcher hands every setting to its ranks)."""
     hidden = getattr(cls, "NOT_FLAGS", frozenset())
     fields = [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_") and f.name not in hidden]
-    return sorted(fields, key=lambda f: f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+    return sorted(fields, key=lambda f: not (f.default is dataclasses.MISSING
+                                             and f.default_factory is dataclasses.MISSING))
 
 
 def default_shown(doc: str, default, is_bool: bool) -> str:

@@ -1,6 +1,6 @@
 """UpIT router seed data: take a random fraction of the training set (default 1%), score every sample's perplexity
 (response tokens only) under every expert's dense model, and label it with its lowest-perplexity expert. Writes the
-dir OUT: seed.jsonl ({"index", "expert", "ppl": [per expert], ...original fields}; router-init's --seed-data) and
+dir OUT: seed.jsonl ({"index", "expert", "ppl": [per expert], ...original fields}; router-init's --data) and
 seed_report.json (per-expert counts).
 Expert i is the i-th --experts checkpoint; with --moe (an assembled MoE with more experts than checkpoints), experts
 beyond them are the last checkpoint with that expert's MLPs swapped in.

@@ -75,10 +75,10 @@ class DataConfig:
 
     @classmethod
     def from_args(cls, args, *, label_field: str | None = None) -> "DataConfig":
-        """From a TrainArgs-like object (data, max_length, eval_fraction, eval_data, seed, max_samples[,
+        """From a TrainArgs-like object (data, max_length, eval_fraction, eval_data, seed, max_rows[,
         data_cache]): the one mapping the launcher's preflight and the ranks share, so both hit one cache entry."""
         return cls(data=args.data, max_length=args.max_length, eval_fraction=args.eval_fraction,
-                   eval_data=args.eval_data, seed=args.seed, max_samples=args.max_samples, label_field=label_field,
+                   eval_data=args.eval_data, seed=args.seed, max_samples=args.max_rows, label_field=label_field,
                    cache_dir=getattr(args, "data_cache", None))
 
     def sources(self) -> list[SourceSpec]:

@@ -26,7 +26,7 @@ class TrainArgs:
     SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
         "model": ("model", "num_experts", "top_k", "layers", "capacity_factor", "attn_impl", "expert_impl",
                   "activation_checkpointing", "trust_remote_code"),
-        "data": ("data", "eval_data", "eval_fraction", "max_samples", "max_length", "data_cache", "seed"),
+        "data": ("data", "eval_data", "eval_fraction", "max_rows", "max_length", "data_cache", "seed"),
         "parallelism": ("nproc", "ep_size", "zero_stage", "ds_config", "dtype", "micro_batch_size", "grad_accum",
                         "global_batch_size", "offload_optimizer", "offload_pin_memory", "host_memory_gb",
                         "dist_timeout_s", "io_timeout_s"),
@@ -126,12 +126,12 @@ class TrainArgs:
     starts fresh when there is none."""
     resume_data_changed: Literal["refuse", "ok"] = "refuse"
     """With --resume, when the training data is not what the checkpoint was trained on (other rows, or other
-    --data / --eval-data / --eval-fraction / --max-samples): refuse (default), or `ok` to continue on the new data
+    --data / --eval-data / --eval-fraction / --max-rows): refuse (default), or `ok` to continue on the new data
     from its start (the step count and LR schedule continue; logged)."""
     seed: int = 0
     """Seed for data order, eval split and RNGs."""
-    max_samples: int | None = None
-    """Use only the first N data rows (quick runs)."""
+    max_rows: int | None = field(default=None, metadata={"aliases": ["max_samples"]})
+    """Use only N rows of each data source (quick runs; drawn by --seed, docs/data.md)."""
     activation_checkpointing: bool = field(default=False, metadata={"aliases": ["gradient_checkpointing"]})
     """Recompute each decoder layer's activations in backward (HF gradient checkpointing: less memory, ~30% more
     compute); `upcycle-ds plan` uses the same flag and default."""
@@ -265,8 +265,8 @@ class TrainArgs:
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
         checks.at_least("--max-length", self.max_length, 2)
-        if self.max_samples is not None and self.max_samples < 1:
-            raise UserError(f"--max-samples must be >= 1 (got {self.max_samples})")
+        if self.max_rows is not None:
+            checks.at_least("--max-rows", self.max_rows, 1)
         if self.num_experts is not None:
             checks.at_least("--num-experts", self.num_experts, 2)
         if self.top_k < 1:

@@ -18,12 +18,12 @@ import yaml
 from ..errors import UserError
 from . import checkpoint, elastic
 
-RESUME_MUST_MATCH = ("max_length", "seed", "data", "eval_data", "eval_fraction", "max_samples", "freeze",
+RESUME_MUST_MATCH = ("max_length", "seed", "data", "eval_data", "eval_fraction", "max_rows", "freeze",
                      "train_only", "num_experts", "top_k", "layers", "label_field", "mode", "model")
 """Recorded settings a --resume must keep: they fix the model, its parameter groups or the data order a resume
 replays (`model` is compared by its config.json, the data by its content: `--resume-data-changed ok` lets the data
 settings change and restarts the data position)."""
-DATA_SETTINGS = frozenset({"data", "eval_data", "eval_fraction", "max_samples"})
+DATA_SETTINGS = frozenset({"data", "eval_data", "eval_fraction", "max_rows"})
 """Of RESUME_MUST_MATCH, the ones that only choose the data (allowed to change with --resume-data-changed ok)."""
 RESUME_APPLIED = frozenset({
     # layout: re-partitioned (`elastic`), the global batch is kept (`elastic.adapt_grad_accum`)
@@ -39,7 +39,7 @@ RESUME_APPLIED = frozenset({
     "wandb_expert_shares_max", "heatmap_every", "collapse_factor",
     "collapse_steps", "export_hf", "trust_remote_code", "debug_dump_logits", "data_cache", "out",
     # UpIT stages (sft, router-init)
-    "save_every_epochs", "save_until_epochs", "hf_weights", "alpha", "bce_tokens", "seed_data", "prompts",
+    "save_every_epochs", "save_until_epochs", "hf_weights", "alpha", "bce_tokens", "prompts",
     "overwrite"})
 """Settings a --resume may change: the new value is what runs (and what OUT/{command}_args.yaml records)."""
 
@@ -155,13 +155,14 @@ def plan_resume(args, world: int, command: str, model_config: dict, num_experts:
 def read_record(path: Path, cls) -> dict:
     """The settings a run recorded (OUT/{command}_args.yaml, grouped in `cls.SECTIONS` or flat), as one flat dict
     ({} if there is none or it is unreadable: a record only)."""
-    from ..cli_args import flatten_sections
+    from ..cli_args import canonical_settings, flatten_sections
 
     try:
         data = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else {}
     except (yaml.YAMLError, UnicodeDecodeError, OSError):
         return {}
-    return flatten_sections(data, cls) if isinstance(data, dict) else {}
+    # (a record written before a flag was renamed uses its old spelling)
+    return canonical_settings(flatten_sections(data, cls), cls) if isinstance(data, dict) else {}
 
 
 def changed_settings(record: Path, args, ckpt: Path, only: tuple[str, ...] | None = None) -> list[str]:

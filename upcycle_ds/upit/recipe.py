@@ -113,10 +113,9 @@ class Recipe:
         ri = _checked("router_init", args.router_init, RouterInitArgs, wiring)
         if ri.get("mode", "bce") == "hidden" and not ri.get("prompts"):
             raise UserError("recipe `router_init`: mode hidden needs `prompts: prompts.yaml`")
-        self.router_init = RouterInitArgs(model=str(self.dirs["assemble"] / "hf"),
-                                          seed_data=str(self.dirs["seed_data"] / "seed.jsonl"),
-                                          out=str(self.dirs["router_init"]),
-                                          **{**shared, "data": None, "eval_data": None, **common, **ri})
+        self.router_init = RouterInitArgs(model=str(self.dirs["assemble"] / "hf"), out=str(self.dirs["router_init"]),
+                                          **{**shared, "eval_data": None, **common, **ri,
+                                             "data": [str(self.dirs["seed_data"] / "seed.jsonl")]})
         tr = _checked("train", args.train, TrainArgs, wiring)
         self.train = TrainArgs(model=str(self.dirs["router_init"] / "hf"), out=str(self.dirs["train"]),
                                **{**shared, **TRAIN_DEFAULTS, **common, **tr})

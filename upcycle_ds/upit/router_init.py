@@ -36,16 +36,15 @@ ROUTER_PARAM = ROUTER_PARAM_RE
 @dataclass(kw_only=True)
 class RouterInitConfig(TrainArgs):
     SECTIONS = {**TrainArgs.SECTIONS,
-                "router_init": ("seed_data", "mode", "alpha", "bce_tokens", "label_field", "prompts", "overwrite")}
+                "router_init": ("mode", "alpha", "bce_tokens", "label_field", "prompts", "overwrite")}
 
     model: str
     """HF MoE checkpoint whose routers to initialise (e.g. from `upcycle-ds upit-assemble`)."""
     out: str
     """Run dir: hf/ (the HF MoE checkpoint with initialised routers), checkpoints/, metrics.jsonl."""
-    data: str | None = None
-    """Same as --seed-data."""
-    seed_data: str | None = None
-    """Seed data (jsonl from `upcycle-ds seed-data`): training rows with an `expert` field (mode bce)."""
+    data: list[str] | None = field(default=None, metadata={"aliases": ["seed_data"]})
+    """Mode bce: the seed data, rows with an `expert` field (OUT/seed.jsonl of `upcycle-ds seed-data`); one or more
+    sources, as `train --data`."""
     mode: Literal["bce", "hidden"] = "bce"
     """bce: train the routers on the seed data (UpIT); hidden: router rows from per-expert prompt hidden states."""
     alpha: float = 0.5
@@ -71,15 +70,9 @@ class RouterInitConfig(TrainArgs):
     overwrite: bool = False
     """Mode hidden: replace OUT/hf if it exists."""
 
-    def __post_init__(self):
-        if self.data is not None and self.seed_data is not None and self.data != self.seed_data:
-            raise UserError("give the seed data once: --seed-data (or --data), not both with different files")
-        self.data = self.data if self.data is not None else self.seed_data
-        self.seed_data = self.data
-
     def validate(self, world_size: int, num_experts: int) -> None:
         if self.mode == "bce" and self.data is None:
-            raise UserError("--seed-data is required with --mode bce")
+            raise UserError("--data (the seed data of `upcycle-ds seed-data`) is required with --mode bce")
         if not 0 <= self.alpha <= 1:
             raise UserError(f"--alpha must be in [0, 1] (got {self.alpha})")
         super().validate(world_size, num_experts)
@@ -137,8 +130,8 @@ def stage_for(args: RouterInitConfig):
         top = data.max_sample_label()
         if top >= E // G:
             what = f"{E} experts" if G == 1 else f"{E // G} copies of {G} slices"
-            raise UserError(f"--seed-data {args.data}: {args.label_field!r} {top} is out of range: {args.model} has "
-                            f"{what} (labels 0..{E // G - 1})")
+            raise UserError(f"--data {' '.join(args.data)}: {args.label_field!r} {top} is out of range: {args.model} "
+                            f"has {what} (labels 0..{E // G - 1})")
         for _, moe in layers:
             moe.router.record_logits = True
         state["E"], state["G"] = E, G

@@ -28,6 +28,10 @@ META = "sft_checkpoint.json"
 @dataclass(kw_only=True)
 class SFTConfig(TrainArgs):
     SECTIONS = {**TrainArgs.SECTIONS, "sft": ("save_every_epochs", "save_until_epochs", "hf_weights")}
+    NOT_FLAGS = frozenset({"ep_size", "num_experts", "top_k", "layers", "capacity_factor", "expert_impl",
+                           "aux_loss_coef", "aux_loss_scope", "z_loss_coef", "heatmap_every", "collapse_factor",
+                           "collapse_steps", "wandb_expert_shares_max"})
+    """`train` flags for MoE models that sft (a dense model) does not offer; they keep their defaults."""
 
     model: str
     """HF dense checkpoint to instruction-tune (Llama, Mistral, Qwen2, Qwen3)."""
