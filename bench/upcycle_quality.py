@@ -458,6 +458,14 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def dump_json(obj) -> str:
+    """Indented JSON with every list of numbers on one line (the specialisation shares are thousands of numbers)."""
+    import re
+
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
+
 def command_line(argv: list[str]) -> str:
     """The command as run, with the --work / --out directories written as WORK / OUT (no local paths in results)."""
     hide = {"--work": "WORK", "--out": "OUT"}
@@ -493,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.quality.plot import plot_upcycle
 
     name = RESULT_NAMES[a.suite]
-    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{name}.json").write_text(dump_json(res))
     plot_upcycle(res, out / f"{name}.png")
     print(f"\nwall {res['wall_s']:.0f} s, children's CPU {res['cpu_s_total']:.0f} s; results {out / f'{name}.json'}, "
           f"{out / f'{name}.png'}\n")

@@ -47,7 +47,7 @@ def summarise(raw: dict) -> dict:
     types = sorted(raw["counts"])
     E = raw["experts"]
     layers = len(next(iter(raw["counts"].values())))
-    shares = {t: [[c / max(1e-12, sum(row)) for c in row] for row in raw["counts"][t]] for t in types}
+    shares = {t: [[round(c / max(1e-12, sum(row)), 5) for c in row] for row in raw["counts"][t]] for t in types}
     mi, max_x_e, min_x_e = [], [], []
     for layer in range(layers):
         joint = [[raw["counts"][t][layer][e] for e in range(E)] for t in types]
