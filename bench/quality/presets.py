@@ -24,7 +24,9 @@ class Size:
     """--micro-batch-size of the equal-flops suite: the micro-batch the per-micro-batch aux loss balances (one
     packed row on CPU, as a rank's micro-batch is a small part of a data-parallel job's global batch)."""
     chunk_chars: int
-    """Corpus rows: files cut into pieces of at most this many characters."""
+    """Corpus rows: files cut into pieces of at most this many characters. Pieces longer than `seq` tokens are
+    truncated to it (`--max-length`), so ~4 x seq characters fill every packed row; shorter pieces leave padding
+    (at cpu size, 640 characters ~ 190 tokens: rows 74 % filled), which MoE layers route like any token."""
     heldout_rows: int
     bpe_chars: int
     """Characters of pretraining text the BPE tokenizer is trained on."""
@@ -62,8 +64,9 @@ SIZES = {
                 steps=360, lr=1e-3, warmup=6, evals=6, dtype="fp32", zero_stage=0, parallel=2),
     # one H200, bf16, ~100M-class dense model (estimated, see docs/benchmarks.md)
     "gpu": Size(vocab=16384, hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, seq=1024, mbs=16,
-                chunk_chars=3000, heldout_rows=256, bpe_chars=8_000_000, pretrain_steps=500, pretrain_lr=6e-4,
-                steps=150, lr=6e-4, warmup=10, evals=6, dtype="bf16", zero_stage=1, eval_batch=16, parallel=6),
+                micro_mbs=4, chunk_chars=4096, heldout_rows=256, bpe_chars=8_000_000, pretrain_steps=500,
+                pretrain_lr=6e-4, steps=150, lr=6e-4, warmup=10, evals=6, dtype="bf16", zero_stage=1, eval_batch=16,
+                parallel=6),
     # smoke test of the script (minutes on CPU; numbers meaningless)
     "tiny": Size(vocab=512, hidden=32, intermediate=64, layers=2, heads=2, kv_heads=2, seq=64, mbs=4,
                  chunk_chars=200, heldout_rows=16, bpe_chars=200_000, pretrain_steps=12, pretrain_lr=3e-3,
