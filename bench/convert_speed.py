@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import upcycle_speed as us  # noqa: E402
 
+from bench.cli_cmd import cli, cli_env  # noqa: E402
+
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
     """Wall seconds and peak RSS (VmHWM of the command itself, via /usr/bin/time when present)."""
@@ -99,9 +101,8 @@ def main() -> int:
         write_tokenizer(dense, us.SHAPE["vocab_size"])
         print(f"dense input {fig['input_gb']:.2f} GB; free {shutil.disk_usage(work).free / 1e9:.1f} GB",
               file=sys.stderr)
-        exe = Path(sys.executable).parent / "upcycle-ds"
-        fig["ours"] = timed([str(exe), "upcycle", "--model", str(dense), "--out", str(ours), "--num-experts",
-                             str(args.experts), "--top-k", "2"])
+        fig["ours"] = timed(cli("upcycle", "--model", dense, "--out", ours, "--num-experts", args.experts,
+                                "--top-k", 2), cli_env())
         fig["ours"]["output_gb"] = us.dir_bytes(ours) / 1e9
         us.spot_check(dense, ours, args.experts, args.num_layers)
         shutil.rmtree(ours)

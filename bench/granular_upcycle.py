@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from upcycle_speed import RssSampler, _time_maxrss, dir_bytes  # noqa: E402
 
+from bench.cli_cmd import cli, cli_env  # noqa: E402
+
 from upcycle_ds.io.hf import HFCheckpoint, write_sharded  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, vocab_size=32000,
@@ -107,13 +109,12 @@ def spot_check(dense: Path, moe: Path, layers: int) -> None:
 
 
 def run_upcycle(dense: Path, out: Path, flags: list[str], max_shard_gb: float) -> dict:
-    exe = Path(sys.executable).parent / "upcycle-ds"
-    cmd = [str(exe), "upcycle", "--model", str(dense), "--out", str(out), "--max-shard-gb", str(max_shard_gb), *flags]
+    cmd = cli("upcycle", "--model", dense, "--out", out, "--max-shard-gb", max_shard_gb, *flags)
     gnu_time = Path("/usr/bin/time").exists()
     if gnu_time:
         cmd = ["/usr/bin/time", "-f", "maxrss_kib=%M", *cmd]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=cli_env(TQDM_DISABLE="1"), stderr=subprocess.PIPE, text=True)
     sampler = RssSampler(proc.pid, child=gnu_time)
     sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)

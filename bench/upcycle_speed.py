@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cli_cmd import cli, cli_env  # noqa: E402
 from upcycle_ds.io.hf import write_sharded  # noqa: E402  (streaming safetensors writer, one tensor at a time)
 
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, vocab_size=32000,
@@ -179,14 +180,13 @@ def main() -> int:
             os.sync()
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
-        exe = Path(sys.executable).parent / "upcycle-ds"
-        cmd = [str(exe), "upcycle", "--model", str(dense), "--out", str(moe), "--num-experts", str(args.experts),
-               "--top-k", str(args.top_k), "--max-shard-gb", str(args.max_shard_gb), *args.extra]
+        cmd = cli("upcycle", "--model", dense, "--out", moe, "--num-experts", args.experts, "--top-k", args.top_k,
+                  "--max-shard-gb", args.max_shard_gb, *args.extra)
         # /usr/bin/time (when there) forks the command from a small process: its %M is an exact peak RSS
         gnu_time = Path("/usr/bin/time").exists()
         if gnu_time:
             cmd = ["/usr/bin/time", "-f", "maxrss_kib=%M", *cmd]
-        env = {**os.environ, "TQDM_DISABLE": "1"}
+        env = cli_env(TQDM_DISABLE="1")
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
         sampler = RssSampler(proc.pid, child=gnu_time)

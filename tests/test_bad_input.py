@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_proc import CONSOLE_SCRIPT, cli, cli_env
 from tiny import dense_config, make_dense, make_jsonl, make_moe, make_tokenizer, moe_config
 
 from upcycle_ds.cli import main
@@ -34,7 +35,6 @@ from upcycle_ds.errors import UserError
 from upcycle_ds.io.hf import atomic_output_dir
 from upcycle_ds.train.config import TrainArgs
 
-BIN = Path(sys.executable).parent
 ROOT_USER = os.geteuid() == 0
 
 
@@ -742,7 +742,7 @@ def test_console_script_gives_the_same_line(case_id, w, tmp_path, capsys):
     argv = case.build(w, d)
     rc = main(argv)
     line = assert_one_line_error(rc, capsys.readouterr().err, argv[0], case.must)
-    r = subprocess.run([str(BIN / "upcycle-ds"), *argv], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([str(CONSOLE_SCRIPT), *argv], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == line and r.stdout == ""
 
@@ -755,8 +755,8 @@ def test_disk_full_while_writing_leaves_nothing(w, tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
-    r = subprocess.run([str(BIN / "upcycle-ds"), "upcycle", "--model", str(w["llama"]), "--out", str(out),
-                        "--num-experts", "8"], capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    r = subprocess.run(cli("upcycle", "--model", w["llama"], "--out", out, "--num-experts", 8), env=cli_env(),
+                       capture_output=True, text=True, timeout=300, preexec_fn=limit)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith(f"upcycle-ds upcycle: error: cannot write {out}: File too large"), r.stderr
@@ -771,9 +771,8 @@ def test_sigterm_during_upcycle_removes_the_temp_dir(tmp_path):
     dense = make_dense("llama", tmp_path / "dense", hidden_size=256, intermediate_size=1024)
     out_parent = tmp_path / "o"
     out_parent.mkdir()
-    proc = subprocess.Popen([str(BIN / "upcycle-ds"), "upcycle", "--model", str(dense), "--out",
-                             str(out_parent / "out"), "--num-experts", "32", "--noise-std", "0.01",
-                             "--max-shard-gb", "0.01"],
+    proc = subprocess.Popen(cli("upcycle", "--model", dense, "--out", out_parent / "out", "--num-experts", 32,
+                                "--noise-std", 0.01, "--max-shard-gb", 0.01), env=cli_env(),
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 240
     while not any(p.name.startswith(".out.tmp-") and any(p.iterdir()) for p in out_parent.iterdir()):
@@ -957,7 +956,7 @@ def test_run_lock_excludes_a_second_holder_and_frees_on_death(tmp_path):
 
 
 def _train_cmd(w, out: Path, seed: int) -> list[str]:
-    return [str(BIN / "upcycle-ds"), "train", "--nproc", "2", "--model", str(w["moe"]), "--data", str(w["data"]),
+    return [*cli("train"), "--nproc", "2", "--model", str(w["moe"]), "--data", str(w["data"]),
             "--out", str(out), "--ep-size", "2", "--zero-stage", "1", "--dtype", "fp32", "--max-steps", "100000",
             "--micro-batch-size", "1", "--max-length", "64", "--seed", str(seed), "--wandb-mode", "disabled",
             "--no-export-hf", "--eval-fraction", "0"]
@@ -1022,7 +1021,7 @@ def test_second_job_in_one_out_is_refused_and_sigterm_ends_every_rank(w, tmp_pat
 
     sig = signal.SIGTERM
     out = tmp_path / "run"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = cli_env()
     first = subprocess.Popen(_train_cmd(w, out, seed=1), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
     try:

@@ -7,13 +7,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
 from pathlib import Path
 
+from cli_proc import cli, cli_env
 from tiny import make_jsonl, make_moe, make_tokenizer
 
 INJECT = str(Path(__file__).parent / "inject")
@@ -29,13 +29,13 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     make_tokenizer(moe)
     data = make_jsonl(tmp_path / "train.jsonl", 200)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "upcycle_ds.cli", "train", "--nproc", "2", "--model", str(moe), "--data", str(data),
+    cmd = [*cli("train"), "--nproc", "2", "--model", str(moe), "--data", str(data),
            "--out", str(run), "--ep-size", "2", "--zero-stage", "2", "--max-steps", "6", "--save-every", "2",
            "--micro-batch-size", "2", "--seed", "0", "--dtype", "fp32", "--lr", "1e-3", "--max-length", "128",
            "--wandb-mode", "disabled", "--no-export-hf"]
     t0 = time.time()
-    env = {**os.environ, "UPCYCLE_DS_TEST_KILL_IN_SAVE": "4",
-           "PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")]))}
+    env = cli_env(UPCYCLE_DS_TEST_KILL_IN_SAVE="4")
+    env["PYTHONPATH"] = os.pathsep.join([INJECT, env["PYTHONPATH"]])
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode != 0, "the job must fail when a rank is killed"
     assert time.time() - t0 < 200
@@ -46,7 +46,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     assert sorted(killed) == [1, 2, 3, 4]
     shutil.copy(run / "metrics.jsonl", tmp_path / "killed_metrics.jsonl")
 
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=240)
+    r = subprocess.run(cmd + ["--resume"], env=cli_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr and "global_step2" in r.stderr
     resumed = _losses(run / "metrics.jsonl")

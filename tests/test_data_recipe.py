@@ -5,15 +5,13 @@ The recipe assembles a granular MoE (2 slices per checkpoint MLP): seed-data sco
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import datasets
 import pytest
 import transformers
 import yaml
 
+from cli_proc import cli_env, run_cli
 import tiny
 from upcycle_ds.data.store import TokenStore
 from upcycle_ds.upit.seed_data import SeedRows, encode
@@ -39,9 +37,8 @@ def test_upit_recipe_from_parquet_scores_the_trained_tokens(tmp_path):
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text(yaml.safe_dump(recipe))
     cache = tmp_path / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "UPCYCLE_DS_DATA_CACHE": str(cache)}
-    r = subprocess.run([sys.executable, "-m", "upcycle_ds.cli", "upit", "--config", str(cfg)], capture_output=True,
-                       text=True, env=env, timeout=900)
+    r = run_cli("upit", "--config", cfg, env=cli_env(WANDB_MODE="disabled", UPCYCLE_DS_DATA_CACHE=str(cache)),
+                timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     out = tmp_path / "upit"
     seed = [json.loads(line) for line in (out / "seed_data" / "seed.jsonl").read_text().splitlines()]

@@ -23,22 +23,20 @@ local norms, ZeRO-1/2 by the global norm (docs/training.md), so those runs would
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_proc import cli, cli_env
 from tiny import make_jsonl, make_moe, make_tokenizer
 
 from upcycle_ds.cli import main as cli_main
 from upcycle_ds.io.safe_load import safe_load
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 TOL, BF16_TOL = 1e-5, 2e-3
 COMMON = ["--micro-batch-size", "2", "--max-length", "64", "--seed", "0", "--lr", "1e-3", "--max-steps", "8",
           "--wandb-mode", "disabled", "--no-export-hf", "--eval-fraction", "0"]
@@ -46,16 +44,12 @@ PREFIX = "upcycle-ds train: error: "
 
 
 def _env() -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID", "WANDB_MODE"):
-        env.pop(var, None)
-    return env
+    return cli_env(drop=("WANDB_MODE",))
 
 
 def train(tiny, out: Path, nproc: int, *flags: str, model: Path | None = None, check: bool = True):
     """`upcycle-ds train` on `nproc` ranks (1: this rank in-process, no launcher)."""
-    cmd = [str(BIN / "upcycle-ds"), "train", *(["--nproc", str(nproc)] if nproc > 1 else []), "--model",
+    cmd = [*cli("train"), *(["--nproc", str(nproc)] if nproc > 1 else []), "--model",
            str(model or tiny["moe"]), "--data", str(tiny["data"]), "--out", str(out), *COMMON, *flags]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=420)
     if check:
@@ -262,7 +256,7 @@ def test_sigusr1_to_the_launcher_saves_and_stops(tiny, tmp_path):
     import time
 
     out = tmp_path / "run"
-    cmd = [str(BIN / "upcycle-ds"), "train", "--nproc", "2", "--model", str(tiny["moe"]), "--data", str(tiny["data"]),
+    cmd = [*cli("train"), "--nproc", "2", "--model", str(tiny["moe"]), "--data", str(tiny["data"]),
            "--out", str(out), "--ep-size", "2", "--zero-stage", "2", "--dtype", "fp32", *COMMON,
            "--max-steps", "400"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

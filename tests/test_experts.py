@@ -7,6 +7,7 @@ device discipline of moe/: host reads per forward (counted at runtime) and tenso
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -176,3 +177,27 @@ def test_grouped_equals_loop_ep2_on_two_ranks(tmp_path):
     assert (tmp_path / "done.txt").read_text().split() == [
         "k1", "k2", "k2-expert1-no-tokens", "k2-rank1-receives-nothing", "k2-rank1-sends-nothing", "k1-drops",
         "k2-drops-expert3-no-tokens", "zero1-bf16-zero-copy"]
+
+
+@pytest.mark.slow
+def test_grouped_experts_stay_zero_copy_where_deepspeed_would_split_a_layer(tmp_path):
+    """The model as training builds it, under DeepSpeed engines with the training ds_config and optimizer groups, at
+    ZeRO 0/1/2 in bf16 and ZeRO-0 in fp32, with the MoE group cap lowered below two layers' experts (73,728 elements
+    each, cap 100,000): DeepSpeed's own split would put layer 1's experts in two flat buffers (so the grouped path
+    would copy them at every forward); `optimizer_groups` keeps each layer in one group and the grouped operands
+    are views at every stage, before and after a step, computing what the loop computes (dist_scripts/
+    expert_groups_zero_copy.py, one process)."""
+    from tiny import make_moe
+
+    moe = make_moe("mixtral", tmp_path / "moe", num_experts=4, top_k=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "dist_scripts" / "expert_groups_zero_copy.py"),
+                        str(moe), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert res["layer_numel"] == 73_728 and res["deepspeed_split"]["1"] == 2, res  # the premise: a layer straddles
+    for case in ("zero0-bf16", "zero1-bf16", "zero2-bf16", "zero0-fp32"):
+        c = res[case]
+        assert set(c["groups"].values()) == {1}, (case, c)  # every layer in one optimizer group
+        assert all(c["zero_copy_at_init"]) and all(c["zero_copy_after_step"]), (case, c)
+        assert c["grouped_vs_loop"] <= (5e-2 if "bf16" in case else 1e-5), (case, c)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from cli_proc import cli, cli_env
 from tiny import make_dense, make_jsonl, make_tokenizer
 
 from upcycle_ds.cli import main
@@ -25,7 +24,6 @@ from upcycle_ds.io.hf import HFCheckpoint
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 G, C, K, N_LAYERS = 4, 4, 4, 4
 E = G * C
 
@@ -40,11 +38,8 @@ def run(tmp_path_factory):
     assert main(["upcycle", "--model", str(dense), "--out", str(moe), "--num-experts", str(E), "--top-k", str(K),
                  "--granularity", str(G), "--shared-fraction", "0.25", "--router-noise", "0.01"]) == 0
     out = root / "run"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false"}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "WANDB_MODE"):
-        env.pop(var, None)
-    cmd = [str(BIN / "upcycle-ds"), "train", "--nproc", "2", "--model", str(moe), "--data", str(data), "--out",
+    env = cli_env(drop=("WANDB_MODE",))
+    cmd = [*cli("train"), "--nproc", "2", "--model", str(moe), "--data", str(data), "--out",
            str(out), "--ep-size", "2", "--zero-stage", "2", "--dtype", "fp32", "--max-steps", "6",
            "--micro-batch-size", "2", "--lr", "1e-3", "--max-length", "128", "--seed", "0", "--wandb-mode",
            "disabled"]

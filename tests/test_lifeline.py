@@ -17,7 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_bad_input import BIN, w  # noqa: F401  (w: fixture)
+from cli_proc import cli, cli_env
+from test_bad_input import w  # noqa: F401  (w: fixture)
 
 from upcycle_ds.errors import UserError
 from upcycle_ds.launch.run_lock import RunLock, check_free
@@ -35,7 +36,7 @@ def _tree(pid: int) -> list:
 
 
 def _env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return cli_env()
 
 
 # ------------------------------------------------------------------------------------------- the writers lock
@@ -139,7 +140,7 @@ def test_signals_while_the_launcher_tokenises(w, tmp_path):
 
     data = _big_data(tmp_path / "big.jsonl")
     cache = tmp_path / "cache"
-    cmd = [str(BIN / "upcycle-ds"), "train", "--nproc", "2", "--model", str(w["moe"]), "--data", str(data),
+    cmd = [*cli("train"), "--nproc", "2", "--model", str(w["moe"]), "--data", str(data),
            "--out", str(tmp_path / "run"), "--data-cache", str(cache), "--max-length", "64", "--wandb-mode",
            "disabled"]
 
@@ -174,7 +175,7 @@ def test_kill_9_of_the_launcher_ends_every_rank_and_helper(w, tmp_path):
     new job can take OUT only once none of them is left."""
     out = tmp_path / "run"
     wandb = {f"WANDB_{k}": str(tmp_path / "wandb") for k in ("DIR", "CACHE_DIR", "CONFIG_DIR", "DATA_DIR")}
-    cmd = [str(BIN / "upcycle-ds"), "train", "--nproc", "2", "--model", str(w["moe"]), "--data", str(w["data"]),
+    cmd = [*cli("train"), "--nproc", "2", "--model", str(w["moe"]), "--data", str(w["data"]),
            "--out", str(out), "--ep-size", "2", "--zero-stage", "1", "--dtype", "fp32", "--max-steps", "100000",
            "--micro-batch-size", "1", "--max-length", "64", "--wandb-mode", "offline", "--eval-fraction", "0",
            "--save-every", "1000"]

@@ -346,10 +346,12 @@ def test_plan_matches_deepspeed_checkpoint(ds_checkpoints, ep, stage):
 @pytest.mark.slow
 def test_planned_train_command_runs_with_the_planned_settings(tmp_path, capsys):
     """`plan` prints the exact `upcycle-ds train` command it planned; run for 2 steps, it trains with that layout
-    (here with the optimizer offloaded to host memory: `--offload-optimizer` through the launcher)."""
+    (here with the optimizer offloaded to host memory: `--offload-optimizer` through the launcher; and the launcher
+    ignores a DS_ACCELERATOR that contradicts the hardware)."""
     import shlex
     import subprocess
-    import sys
+
+    from cli_proc import cli, cli_env
 
     dense = tiny.make_dense("llama", tmp_path / "dense")
     tiny.make_tokenizer(dense)
@@ -360,11 +362,14 @@ def test_planned_train_command_runs_with_the_planned_settings(tmp_path, capsys):
     assert rc == 0
     cmd = shlex.split(json.loads(out)["train_command"])
     assert cmd[:2] == ["upcycle-ds", "train"]
-    cmd = [str(Path(sys.executable).parent / "upcycle-ds")] + cmd[1:]
+    cmd = cli(*cmd[1:], "--max-steps", 2, "--wandb-mode", "disabled", "--no-export-hf")
     cmd[cmd.index("DATA")], cmd[cmd.index("OUT")] = str(data), str(tmp_path / "run")
-    r = subprocess.run(cmd + ["--max-steps", "2", "--wandb-mode", "disabled", "--no-export-hf"], capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    # under a stale DS_ACCELERATOR=cuda (a GPU job's environment; this machine has no CUDA device): the launcher
+    # picks the hardware's accelerator for its ranks and says so in its start line
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cli_env(DS_ACCELERATOR="cuda"))
     assert r.returncode == 0, r.stderr[-3000:]
+    launch = next(line for line in r.stderr.splitlines() if "launching 2 ranks" in line)
+    assert "accelerator cpu (no CUDA device); DS_ACCELERATOR=cuda in the environment overridden" in launch, launch
     start = next(line for line in r.stderr.splitlines() if "ranks on" in line)
     assert "2 ranks on cpu, ep_size 2, ZeRO-2, fp32" in start and "activation checkpointing on" in start, start
     assert "rows x 64 tokens" in start, start

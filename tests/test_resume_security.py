@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_proc import cli, cli_env
 from tiny import make_jsonl, make_moe, make_tokenizer
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 PREFIX = "upcycle-ds train: error: "
 
 
@@ -39,10 +39,7 @@ class Payload:
 
 
 def _env() -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu"}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_STEP_ID"):
-        env.pop(var, None)
-    return env
+    return cli_env()
 
 
 def train_argv(tiny, out: Path, nproc: int, *flags: str, model: Path | None = None) -> list[str]:
@@ -54,7 +51,7 @@ def train_argv(tiny, out: Path, nproc: int, *flags: str, model: Path | None = No
 
 def train_cmd(tiny, out: Path, nproc: int, *flags: str, model: Path | None = None) -> list[str]:
     argv = train_argv(tiny, out, nproc, *flags, model=model)
-    return [str(BIN / "upcycle-ds"), argv[0], "--nproc", str(nproc), *argv[1:]]
+    return [*cli(argv[0]), "--nproc", str(nproc), *argv[1:]]
 
 
 def train(tiny, out: Path, nproc: int, *flags: str, model: Path | None = None) -> subprocess.CompletedProcess:
@@ -166,7 +163,8 @@ def test_resume_with_an_expert_file_missing_is_refused_before_any_rank_starts(ti
 
     from upcycle_ds.launch.dist_env import free_port
 
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--no_local_rank",
            "--module", "upcycle_ds.cli", *train_argv(tiny, out, 2, "--resume")]
     t0 = time.monotonic()
     r = subprocess.run(cmd, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
@@ -182,8 +180,8 @@ def test_a_rank_failing_while_the_others_train_ends_the_job(tiny, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(tiny["runs"][2], out)
     inject = str(Path(__file__).parent / "inject")
-    env = {**_env(), "UPCYCLE_DS_TEST_FAIL_IN_LOAD": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")]))}
+    env = _env()
+    env.update(UPCYCLE_DS_TEST_FAIL_IN_LOAD="1", PYTHONPATH=os.pathsep.join([inject, env["PYTHONPATH"]]))
     t0 = time.monotonic()
     r = subprocess.run(train_cmd(tiny, out, 2, "--resume", "--dist-timeout-s", "600"), env=env, capture_output=True,
                        text=True, timeout=300)

@@ -22,7 +22,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 import transformers
 import yaml
 
+from cli_proc import cli, cli_env
 from tiny import make_dense, make_jsonl, make_tokenizer
 
 from upcycle_ds.cli import main as cli_main
@@ -39,7 +39,6 @@ from upcycle_ds.cli import main as cli_main
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 E, K, MOE_LAYERS, WORLD, MBS, SEQ = 4, 2, [0, 1, 2, 3], 2, 2, 128
 COMMON = ["--ep-size", "2", "--max-steps", "6", "--micro-batch-size", str(MBS), "--seed", "0", "--lr", "1e-3",
           "--max-length", str(SEQ)]
@@ -47,14 +46,9 @@ TIMEOUT = 420
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false", **extra}
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE",
-                "RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_STEP_ID", "UPCYCLE_DS_VERBOSE",
-                "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
-        env.pop(var, None)
-    env.update(extra)
-    return env
+    return cli_env(drop=("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE",
+                         "UPCYCLE_DS_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"),
+                   **extra)
 
 
 def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:
@@ -140,7 +134,7 @@ def straight(tiny):
                                    "save_every": 3, "wandb_mode": "offline", "debug_dump_logits": True,
                                    "heatmap_every": 2}))
     t0 = time.monotonic()
-    r = _run([str(BIN / "upcycle-ds"), "train", "--config", str(cfg), *COMMON, "--zero-stage", "2",
+    r = _run([*cli("train"), "--config", str(cfg), *COMMON, "--zero-stage", "2",
               "--dtype", "fp32"])
     return {"out": out, "stderr": r.stderr, "wall_s": time.monotonic() - t0}
 
@@ -186,7 +180,7 @@ def _rank_processes(root: psutil.Process, config: Path) -> dict[int, psutil.Proc
 def killed(tiny):
     """A long ZeRO-2 bf16 run; once it has a checkpoint and >= 4 logged steps, rank 1 gets SIGKILL."""
     out = tiny["root"] / "killed"
-    cmd = [str(BIN / "upcycle-ds"), "train", "--nproc", "2", "--model", str(tiny["moe"]), "--data",
+    cmd = [*cli("train"), "--nproc", "2", "--model", str(tiny["moe"]), "--data",
            str(tiny["data"]), "--out", str(out), "--ep-size", "2", "--zero-stage", "2", "--dtype", "bf16",
            "--max-steps", "100000", "--save-every", "2", "--micro-batch-size", str(MBS), "--seed", "0", "--lr",
            "1e-3", "--max-length", str(SEQ), "--wandb-mode", "disabled", "--no-export-hf"]

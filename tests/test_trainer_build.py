@@ -22,9 +22,9 @@ import pytest
 import torch
 import transformers
 
+from cli_proc import cli, cli_env
 from tiny import make_jsonl, make_moe, make_tokenizer, moe_config
 
-BIN = Path(sys.executable).parent
 INJECT = str(Path(__file__).parent / "inject")
 
 
@@ -65,10 +65,9 @@ def test_export_outlives_a_short_collective_timeout(tmp_path):
     moe = make_moe("mixtral", tmp_path / "moe", num_experts=2, top_k=1, num_hidden_layers=2)
     make_tokenizer(moe)
     data = make_jsonl(tmp_path / "train.jsonl", 60)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
-           "UPCYCLE_DS_TEST_SLOW_WRITE": "20",
-           "PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")]))}
-    cmd = [str(BIN / "upcycle-ds"), "train", "--nproc", "2", "--model", str(moe), "--data", str(data), "--out",
+    env = cli_env(UPCYCLE_DS_TEST_SLOW_WRITE="20")
+    env["PYTHONPATH"] = os.pathsep.join([INJECT, env["PYTHONPATH"]])
+    cmd = [*cli("train"), "--nproc", "2", "--model", str(moe), "--data", str(data), "--out",
            str(tmp_path / "run"), "--ep-size", "2", "--max-steps", "1", "--micro-batch-size", "2", "--max-length", "64",
            "--dtype", "fp32", "--wandb-mode", "disabled", "--eval-fraction", "0", "--dist-timeout-s", "10"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

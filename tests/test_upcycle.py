@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -242,7 +241,8 @@ def test_tokenizer_and_generation_files_copied(dense_dirs, tmp_path):
 
 
 def test_console_script(dense_dirs, ids, tmp_path):
-    exe = Path(sys.executable).parent / "upcycle-ds"
+    from cli_proc import CONSOLE_SCRIPT as exe
+
     out = tmp_path / "moe"
     r = subprocess.run([str(exe), "upcycle", "--model", str(dense_dirs["qwen2"]), "--out", str(out),
                         "--num-experts", "3", "--top-k", "2"], capture_output=True, text=True, timeout=120)

@@ -5,23 +5,17 @@ stage config is refused; `upcycle-ds sft` checkpoints are complete HF dense mode
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
 import yaml
 
+from cli_proc import cli_env, run_cli
 import tiny
 
-CLI = [sys.executable, "-m", "upcycle_ds.cli"]
-
-
 def upcycle_ds(*args, cwd=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
+    return run_cli(*args, env=cli_env(WANDB_MODE="disabled"), cwd=cwd, timeout=900)
 
 
 @pytest.mark.slow

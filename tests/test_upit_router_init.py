@@ -5,10 +5,7 @@ independently with transformers' own Mixtral (`output_router_logits`) on the exp
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,15 +13,14 @@ import transformers
 import yaml
 from safetensors.torch import load_file
 
+from cli_proc import cli_env, run_cli
 import tiny
 
-CLI = [sys.executable, "-m", "upcycle_ds.cli"]
 ALPHABETS = ["0123456789", "abcdefghij", "ABCDEFGHIJ", "!#$%&()*+-"]
 
 
 def upcycle_ds(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"}
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
+    return run_cli(*args, env=cli_env(OMP_NUM_THREADS="2", WANDB_MODE="disabled"), timeout=900)
 
 
 def tensors(d):

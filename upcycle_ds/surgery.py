@@ -21,6 +21,7 @@ from . import checks
 from .library_logs import library_prints
 from .families import family_for
 from .families.base import is_tied, split_gate_up, weight_key
+from .moe.experts import pack_experts
 from .moe.layer import UpcycledMoE, moe_layers
 
 
@@ -55,6 +56,7 @@ def build_moe_model(source, *, ep_size: int = 1, capacity_factor: float | None =
         # (allreduce=False, group_name): without them ZeRO sees no MoE param group and all-reduces expert grads.
         for p in moe.local_experts.parameters():
             p.allreduce, p.group_name = False, moe.expert_group_name
+        pack_experts(moe.local_experts)  # one buffer per layer: grouped GEMM views it (moe/experts.py)
         if ep_size > 1 or dist.is_initialized():  # (ep 1: what deepspeed.initialize would do, without its print)
             with library_prints():
                 moe.set_deepspeed_parallelism()

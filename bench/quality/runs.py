@@ -6,17 +6,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench.cli_cmd import ROOT, cli, cli_env
 
 
 def child_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = cli_env()
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["WANDB_MODE"] = "disabled"
@@ -45,7 +43,7 @@ class Runner:
             return
         if clean is not None and clean.exists():
             shutil.rmtree(clean)  # an unfinished run of an earlier invocation
-        cmd = [sys.executable, "-m", "upcycle_ds.cli", *map(str, argv)]
+        cmd = cli(*argv)
         log = self.logs / f"{name}.log"
         self.echo(f"[{self.elapsed()}] {name}: upcycle-ds {' '.join(map(str, argv))}")
         t = time.time()

@@ -14,48 +14,72 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+from collections.abc import Mapping
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .dist_env import free_port, setup_dist_env  # noqa: F401  (free_port re-exported for tests)
+from .dist_env import dist_env, free_port, setup_dist_env  # noqa: F401  (free_port re-exported for tests)
 
 _IO_GROUP = None
 
 
-def local_device_index() -> int:
-    """The accelerator index of this rank: LOCAL_RANK modulo the visible devices (a Slurm job that binds one GPU per
-    task shows each rank a single device 0, whatever its LOCAL_RANK)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    if torch.cuda.is_available():
-        return local_rank % torch.cuda.device_count()
-    return local_rank
+def local_device_index(local_rank: int | None = None, visible: int | None = None) -> int:
+    """The accelerator index of this rank: LOCAL_RANK modulo the CUDA devices this process sees (a Slurm job that
+    binds one GPU per task, `--gpus-per-task=1`, shows each rank a single device 0, whatever its LOCAL_RANK).
+    `local_rank` / `visible` default to LOCAL_RANK and torch's device count; without CUDA it is LOCAL_RANK."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if visible is None:
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return local_rank % visible if visible else local_rank
+
+
+def process_group_device(environ: Mapping[str, str], visible: int) -> torch.device | None:
+    """The device the default process group is bound to (`init_process_group(device_id=...)`) for a rank started
+    with `environ` (a launcher's or a Slurm task's variables, `dist_env`) that sees `visible` CUDA devices: its own
+    GPU, `cuda:local_device_index()`, when there are CUDA devices and more than one rank; None on CPU and for a
+    single rank (binding a device makes torch build every later group with ncclCommSplit, which a one-rank job has
+    no peer for; DeepSpeed skips it there too)."""
+    de = dist_env(environ)
+    if not visible or de.world_size == 1:
+        return None
+    return torch.device("cuda", local_device_index(de.local_rank, visible))
 
 
 def init_distributed(timeout_s: float = 1800, io_timeout_s: float = 24 * 3600) -> torch.device:
-    """Initialise torch.distributed through DeepSpeed once and return this rank's device (no-op if done).
+    """Initialise torch.distributed once, hand it to DeepSpeed, and return this rank's device (no-op if done).
 
     Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT as set by `deepspeed` or `torchrun`, derives them from Slurm under
-    `srun`, and with neither starts a one-process group on a free local port (`launch.dist_env`). On GPU it binds the
-    rank to `local_device_index()` before creating the NCCL group. On CPU it uses gloo and skips DeepSpeed's
-    shared-memory all-reduce op, whose first use JIT-compiles for 50-85 s and which serves only inference.
+    `srun`, and with neither starts a one-process group on a free local port (`launch.dist_env`). DeepSpeed's
+    accelerator must be the hardware's (`accelerator.check_deepspeed`: a stale DS_ACCELERATOR stops here with one
+    line). On GPU the rank is bound to `local_device_index()` and the NCCL group is created here, bound to that
+    device (`process_group_device`): DeepSpeed 0.19's own `init_process_group` binds `cuda:LOCAL_RANK`, which does
+    not exist where a Slurm task sees one GPU; `deepspeed.init_distributed` then adopts the existing group. On CPU
+    it uses gloo and skips DeepSpeed's shared-memory all-reduce op, whose first use JIT-compiles for 50-85 s and
+    which serves only inference.
     """
     global _IO_GROUP
     import deepspeed
     import deepspeed.comm as ds_comm
 
+    from .accelerator import check_deepspeed
+
     if dist.is_initialized():
         return device()
     setup_dist_env()  # RANK/WORLD_SIZE/... from a launcher, from Slurm (srun), or a single process
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(local_device_index())
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check_deepspeed(visible)
+    if visible:
+        torch.cuda.set_device(local_device_index(visible=visible))
     else:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # `import deepspeed.comm.torch as m` would bind the *torch* package (deepspeed.comm has a `torch` attribute)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+    backend, timeout = ("nccl" if visible else "gloo"), timedelta(seconds=timeout_s)
+    bound = process_group_device(os.environ, visible)
+    dist.init_process_group(backend, timeout=timeout, **({"device_id": bound} if bound is not None else {}))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     assert ds_comm.is_initialized()
     _IO_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout_s))
     return device()

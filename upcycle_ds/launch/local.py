@@ -3,18 +3,20 @@
 
 `launch_local`: take the run directory's lock (`RunLock`: no second job in one --out), re-check OUT under it,
 hand the resolved settings to the ranks in the environment (`--config env:UPCYCLE_DS_ARGS`: no shared file a
-second launch could overwrite; rank 0 records what runs in OUT/{COMMAND}_args.yaml), then run
-`deepspeed --num_gpus N --master_port P --module upcycle_ds.cli COMMAND --config env:UPCYCLE_DS_ARGS` in its own
-process group. SIGTERM / SIGINT / SIGHUP to this process stop the launcher and every rank (the whole group:
-SIGTERM, then SIGKILL after a grace period); the exit code is then 128 + signal, with one line on stderr. If this
-process is killed outright (kill -9, the OOM killer), the job dies with it (`launch.lifeline`). On CPU it sets
-OMP_NUM_THREADS = cores / N (the launcher does not) unless set.
+second launch could overwrite; rank 0 records what runs in OUT/{COMMAND}_args.yaml), then run the `deepspeed`
+launcher (`python -m deepspeed.launcher.runner --num_gpus N --master_port P --module upcycle_ds.cli COMMAND --config
+env:UPCYCLE_DS_ARGS`: this interpreter, no console script needed) in its own process group. The ranks' accelerator
+comes from the hardware (`launch.accelerator.choose`: cuda where torch sees a CUDA device, a contradicting
+DS_ACCELERATOR overridden), named in the start line. SIGTERM / SIGINT / SIGHUP to this process stop the launcher and
+every rank (the whole group: SIGTERM, then SIGKILL after a grace period); the exit code is then 128 + signal, with
+one line on stderr. If this process is killed outright (kill -9, the OOM killer), the job dies with it
+(`launch.lifeline`). On CPU it sets OMP_NUM_THREADS = cores / N (the launcher does not) unless set.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from pathlib import Path
 from ..cli_args import dump_settings, settings_of
 from ..errors import Terminated, UserError
 from ..library_logs import launcher_flags
+from . import accelerator
 from .dist_env import free_port
 from .lifeline import die_with_parent, launcher_env
 from .run_lock import RunLock
@@ -42,8 +45,8 @@ def launch_local(args, command: str = "train", check=None) -> int:
     """Start `args.nproc` ranks of `upcycle-ds COMMAND` with the run's settings, holding OUT's lock until they end.
 
     `check()` (e.g. `check_run_dir`) runs again under the lock, before anything is written."""
-    if shutil.which("deepspeed") is None and not (Path(sys.executable).parent / "deepspeed").exists():
-        raise UserError("the `deepspeed` launcher is not on PATH (pip install deepspeed)")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("deepspeed is not installed in this Python environment (pip install deepspeed)")
     out = Path(args.out)
     lock = RunLock(out)
     lock.acquire()
@@ -60,19 +63,16 @@ def launch_local(args, command: str = "train", check=None) -> int:
         env[ARGS_ENV] = text
         env.update(lock.child_env())
         env.update(launcher_env())  # the ranks end the job if this process dies (launch.lifeline)
-        try:
-            import torch
-
-            on_gpu = torch.cuda.is_available()
-        except ImportError:
-            on_gpu = False
-        if not on_gpu:
-            env.setdefault("DS_ACCELERATOR", "cpu")
+        acc = accelerator.choose(env)
+        env[accelerator.ENV] = acc.name
+        if acc.name == "cpu":
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-        launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-        cmd = [launcher, *launcher_flags(), "--num_gpus", str(args.nproc), "--master_port", str(free_port()),
-               "--no_local_rank", "--module", "upcycle_ds.cli", command, "--config", f"env:{ARGS_ENV}"]
-        print(f"[upcycle-ds {command}] launching: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        # the launcher as a module of this interpreter: no `deepspeed` console script needed on PATH
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *launcher_flags(), "--num_gpus", str(args.nproc),
+               "--master_port", str(free_port()), "--no_local_rank", "--module", "upcycle_ds.cli", command,
+               "--config", f"env:{ARGS_ENV}"]
+        print(f"[upcycle-ds {command}] launching {args.nproc} rank{'s' if args.nproc != 1 else ''}, "
+              f"{acc.describe()}: {' '.join(cmd)}", file=sys.stderr, flush=True)
         return run_job(cmd, env)
     finally:
         lock.release()

@@ -5,9 +5,10 @@ expert l's own weights, so ZeRO's MoE parameter groups and DeepSpeed's one-file-
 Both implementations compute, for the rows of local expert l,  down_l(act(gate_l(x)) * up_l(x)):
 
   "grouped"  stacks the local experts' weights (gate and up fused into one [L, 2I, H] operand, down into
-             [L, H, I]; a view where DeepSpeed already holds them in one flat buffer, else one copy per forward, see
-             `stacked_weights`) and runs two grouped GEMMs over all L experts at once, grouped by device-side int32
-             cumulative row offsets: no host reads, no per-expert kernel launches.
+             [L, H, I]; a view of the one buffer that holds them — `pack_experts` at build, DeepSpeed's flat
+             optimizer buffers under ZeRO-1/2 — else one copy per forward, see `stacked_weights`) and runs two
+             grouped GEMMs over all L experts at once, grouped by device-side int32 cumulative row offsets: no host
+             reads, no per-expert kernel launches.
   "loop"     one `SwiGLUExpert` call per expert on its `torch.split` chunk; needs the per-expert row counts on the
              host.
 
@@ -138,10 +139,11 @@ def stacked_weights(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]
     its up rows), down as [L, H, I]; gradients flow back to each expert's own parameters.
 
     Zero-copy where the parameters already lie evenly spaced in one buffer in the order gate_0, up_0, down_0,
-    gate_1, ...: then the operands are strided views of that buffer. That is the layout DeepSpeed gives them when it
-    flattens a parameter group into one buffer and makes each parameter a view of it (ZeRO-1/2 and the bf16
-    optimizer), since the MoE group lists each expert's parameters in module order. Elsewhere (separately
-    allocated parameters) one copy per forward (`torch.cat` / `torch.stack`). `stacking_is_zero_copy` tells which.
+    gate_1, ...: then the operands are strided views of that buffer. That is the layout `pack_experts` gives them
+    when the model is built, and the one DeepSpeed's ZeRO-1/2 optimizers keep when they flatten an optimizer group
+    into one buffer (each parameter a view of it), since `train.optim.optimizer_groups` keeps each layer's experts
+    in one group, in module order. Elsewhere (separately allocated parameters) one copy per forward (`torch.cat` /
+    `torch.stack`). `stacking_is_zero_copy` tells which.
     Either way the backward copies each expert's gradient rows into its own `.grad` once."""
     gates = [e.gate_proj.weight for e in experts]
     ups = [e.up_proj.weight for e in experts]
@@ -154,6 +156,26 @@ def stacked_weights(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]
     gate_offset, down_offset, step = layout
     return (_ParamsView.apply((L, 2 * I, H), (step, H, 1), gate_offset, 2, *gate_up),
             _ParamsView.apply((L, H, I), (step, I, 1), down_offset, 1, *downs))
+
+
+def pack_experts(experts: nn.ModuleList) -> None:
+    """Make the experts' weights views of one buffer in the order gate_0, up_0, down_0, gate_1, ... (their values
+    kept): the layout `stacked_weights` views without a copy. The model builder calls it once per layer, so grouped
+    GEMM is zero-copy also where DeepSpeed leaves parameters where they are (ZeRO-0: its bf16 wrapper around a torch
+    optimizer does not flatten them; fp32 without ZeRO). Under ZeRO-1/2 DeepSpeed re-flattens each optimizer group
+    into its own buffer in the group's order, which `train.optim.optimizer_groups` keeps to whole layers."""
+    params = [w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
+    first = params[0]
+    if first.device.type == "meta" or any(p.dtype != first.dtype or p.device != first.device for p in params):
+        return
+    flat = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            view = flat[offset:offset + p.numel()].view_as(p)
+            view.copy_(p)
+            p.data = view
+            offset += p.numel()
 
 
 def stacking_is_zero_copy(experts: nn.ModuleList) -> bool:
