@@ -15,7 +15,12 @@ step. Figures are medians over --steps after --warmup.
 FLOP-ideal ratio: `upcycle_ds.flops.train_flops_per_token` of the MoE over the dense model's (matmul FLOPs of the
 top-k experts, router, attention projections and scores, lm_head; x3 for forward + backward). MFU uses the same
 FLOPs against the device's peak (`--peak-tflops`, or the data-sheet bf16 peak of known GPUs). On GPU the table also
-shows each arm's peak allocated memory next to `upcycle-ds plan`'s prediction for the same model and setup.
+shows each arm's peak allocated memory (above what was allocated before it was built) next to `upcycle-ds plan`'s
+prediction for the same model and setup. On both devices "fwd peak" is the most memory the step's forward needed
+above what was allocated (CUDA) or resident (CPU, `host_peak_reset`) when the step began — read when the backward
+starts, it holds the activations and tensors saved for backward, including any copy of the experts' weights the
+grouped path makes; "÷ loop" is that over the loop arm's at the same ZeRO stage (grouped-GEMM experts that view
+their weights in place need no more than the loop).
 
     .venv/bin/python bench/step_time.py --threads 1                        # CPU preset: h256/i688/4L, fp32
     OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 bench/step_time.py --ep-size 2 --zero 1
@@ -46,6 +51,9 @@ PRESETS = {
     # TinyLlama-1.1B's width (h2048/i5632, 32 heads, 4 KV heads, vocab 32000), 8 layers; seq 2048
     "gpu": dict(hidden=2048, intermediate=5632, layers=8, heads=32, kv_heads=4, vocab=32000, seq=2048, mbs=4,
                 dtype="bf16", zero="1,2", arms="dense,grouped,loop"),
+    # the CPU rehearsal of bench/gpu/run.sh: the gpu preset's precision at toy size (numbers meaningless)
+    "rehearse": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, seq=64, mbs=2,
+                     dtype="bf16", zero="1", arms="dense,grouped,loop"),
 }
 
 
@@ -65,6 +73,9 @@ def parse_args() -> argparse.Namespace:
     a("--warmup", type=int, default=3)
     a("--steps", type=int, default=10)
     a("--peak-tflops", type=float, default=None)
+    a("--max-group-numel", type=int, default=None, help="cap on one MoE optimizer group (default DeepSpeed's, "
+      "upcycle_ds.train.optim.MAX_GROUP_NUMEL): lower it to put several groups in a CPU-sized model, as the default "
+      "does in a 1B-class one")
     a("--threads", type=int, default=0, help="torch.set_num_threads (0 = default); 1 gives steadier CPU ratios")
     a("--json", help="also write the results to this file")
     a("--profile", type=int, default=0, help="CPU: then profile this many more steps of each arm (torch.profiler) and "
@@ -133,6 +144,13 @@ def trainer_arm(name: str, zero: int, model: Path, data: Path, root: Path, args,
     timer = {"opt": []}
     step_fn = trainer.engine.step
 
+    backward_fn = trainer.engine.backward
+
+    def measured_backward(*a, **kw):  # the forward's peak: everything the backward will need is held now
+        sync(args)
+        timer["fwd_peak"] = host_status("VmHWM") if args.device == "cpu" else torch.cuda.max_memory_allocated()
+        return backward_fn(*a, **kw)
+
     def timed_step(*a, **kw):  # the optimizer step's share of the step (bench instrumentation)
         sync(args)
         t = time.perf_counter()
@@ -142,6 +160,7 @@ def trainer_arm(name: str, zero: int, model: Path, data: Path, root: Path, args,
         return out
 
     trainer.engine.step = timed_step
+    trainer.engine.backward = measured_backward
     return {"name": name, "zero": zero, "trainer": trainer, "stream": trainer.micro_batches(), "timer": timer,
             "wall": [], "cpu": []}
 
@@ -153,14 +172,53 @@ def sync(args) -> None:
 
 def one_step(arm, args, record: bool) -> None:
     sync(args)
+    if args.device == "cpu":
+        before = host_peak_reset()
+    else:  # the arm's whole peak (build included) is kept across the per-step resets
+        gpu_arm_peak(arm)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     t, c = time.perf_counter(), time.process_time()
     arm["trainer"].step(arm["stream"])
     sync(args)
+    if args.device == "cuda":
+        gpu_arm_peak(arm)
     if record:
         arm["wall"].append(time.perf_counter() - t)
         arm["cpu"].append(time.process_time() - c)
+        arm.setdefault("fwd_peak", []).append(arm["timer"]["fwd_peak"] - before)
     else:
         arm["timer"]["opt"].clear()
+
+
+def gpu_arm_peak(arm) -> None:
+    """arm["peak_bytes"]: the most allocated since the arm was built, above what earlier arms left."""
+    now = torch.cuda.max_memory_allocated() - arm.get("allocated_before", 0)
+    arm["peak_bytes"] = max(arm.get("peak_bytes", 0), now)
+
+
+# CPU memory: the peak resident size of this process during a step, above what was resident when the step began
+# (the memory the step itself needed: activations, saved tensors, copies, gradients, the optimizer's transients).
+# Linux resets the peak (VmHWM) on a write of "5" to /proc/self/clear_refs; glibc is told to serve blocks >= 64 KiB
+# by mmap and give them back on free, so residence follows allocation.
+def host_peak_setup() -> None:
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (fixed: no dynamic raise after frees)
+
+
+def host_status(key: str) -> int:
+    """A /proc/self/status size in bytes (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def host_peak_reset() -> int:
+    """Reset VmHWM to the current residence; returns that residence (bytes)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return host_status("VmRSS")
 
 
 def profile_arm(arm, args) -> dict[str, float]:
@@ -202,8 +260,9 @@ def finish(arm, args) -> dict:
            "tokens_per_s": tokens / step, "flops_per_token": tr.flops_per_token}
     if tr.peak:
         res["mfu"] = tr.flops_per_token * tokens / step / (tr.world * tr.peak * 1e12)
+    res["fwd_peak_mib"] = statistics.median(arm["fwd_peak"]) / 2**20
     if args.device == "cuda":
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        res["peak_mem_gib"] = arm["peak_bytes"] / 2**30
         res["plan_peak_gib"] = plan_peak(tr, arm["name"], arm["zero"], args) / 2**30
     return res
 
@@ -228,8 +287,10 @@ def free(arm, args) -> None:
 
 def table(results: list[dict], ideal: float) -> str:
     dense = {r["zero"]: r for r in results if r["arm"] == "dense"}
+    gpu = any("peak_mem_gib" in r for r in results)
     head = ["arm", "ZeRO", "step ms", "fwd+bwd ms", "opt ms", "step/dense", "÷ ideal", "fwd+bwd ÷ ideal", "MFU",
-            "peak GiB", "plan GiB"]
+            "fwd peak MiB", "÷ loop", *(["peak GiB", "plan GiB"] if gpu else [])]
+    loop = {r["zero"]: r for r in results if r["arm"] == "loop"}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         d = dense.get(r["zero"])
@@ -239,21 +300,29 @@ def table(results: list[dict], ideal: float) -> str:
         cells = [r["arm"], str(r["zero"]), f"{r['step_ms']:.1f}", f"{r['fwd_bwd_ms']:.1f}", f"{r['opt_ms']:.1f}",
                  f"{ratio:.3f}" if ratio and is_moe else "", f"{ratio / ideal:.3f}" if ratio and is_moe else "",
                  f"{fb / ideal:.3f}" if fb and is_moe else "",
-                 f"{100 * r['mfu']:.1f}%" if "mfu" in r else "", f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r
-                 else "", f"{r['plan_peak_gib']:.1f}" if "plan_peak_gib" in r else ""]
+                 f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""]
+        ref = loop.get(r["zero"], {}).get("fwd_peak_mib")
+        cells += [f"{r['fwd_peak_mib']:.1f}", f"{r['fwd_peak_mib'] / ref:.3f}" if ref else ""]
+        if gpu:
+            cells += [f"{r['peak_mem_gib']:.1f}", f"{r['plan_peak_gib']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> int:
     args = parse_args()
-    if args.device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    elif not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/step_time.py: --device cuda needs a CUDA GPU", file=sys.stderr)
         return 2
+    os.environ["DS_ACCELERATOR"] = args.device  # before DeepSpeed is imported: it reads the variable once
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        host_peak_setup()
+    if args.max_group_numel:
+        from upcycle_ds.train import optim
+
+        optim.MAX_GROUP_NUMEL = args.max_group_numel
     from upcycle_ds.flops import train_flops_per_token
     from upcycle_ds.launch.distributed import init_distributed, shutdown
     from upcycle_ds.plan import shape_from_config, upcycled_shape
@@ -287,7 +356,9 @@ def main() -> int:
                                                                           for k, v in prof.items()))
         else:
             for a, z in plan:
+                before = torch.cuda.memory_allocated()  # what earlier arms left (none, once freed)
                 arm = make_trainer(a, z, dense, data, root, args)
+                arm["allocated_before"] = before
                 for i in range(args.warmup + args.steps):
                     one_step(arm, args, record=i >= args.warmup)
                 results.append(finish(arm, args))

@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -75,6 +75,11 @@ SIZES = {
     "gpu": UpitSize(train_per_task=1000, test_per_task=150, experts=8, dtype="bf16", zero_stage=1, mbs=16, seq=1024,
                     sft_epochs=4, sft_lr=2e-4, save_every_epochs=0.25, save_until_epochs=2, seed_fraction=0.02,
                     router_epochs=4, train_epochs=2, train_lr=2e-4, eval_batch=32, parallel=3),
+    # the CPU rehearsal of bench/gpu/run.sh: the gpu size's precision and ZeRO stage at toy size (numbers meaningless)
+    "rehearse": UpitSize(train_per_task=16, test_per_task=4, experts=4, dtype="bf16", zero_stage=1, mbs=2, seq=128,
+                         sft_epochs=1, sft_lr=1e-3, save_every_epochs=0.5, save_until_epochs=1, seed_fraction=0.5,
+                         router_epochs=1, train_epochs=1, train_lr=1e-3, eval_batch=8, eval_max_length=128,
+                         max_new_tokens=2, parallel=2),
     # smoke test (numbers meaningless)
     "tiny": UpitSize(train_per_task=12, test_per_task=4, experts=4, dtype="fp32", zero_stage=0, mbs=4, seq=384,
                      sft_epochs=1, sft_lr=1e-3, save_every_epochs=0.5, save_until_epochs=1, seed_fraction=0.2,
@@ -102,6 +107,13 @@ def recipe(size: UpitSize, base: Path, train: Path, out: Path) -> dict:
 def cmd_prepare(a) -> None:
     import glob
 
+    if a.toy:
+        from bench.quality.evals_tasks import toy
+
+        info = toy(Path(a.data), test_per_task=a.test_per_task, train_per_task=a.train_per_task)
+        print(f"{a.data}: made-up rows (--toy): " + ", ".join(f"{t} {s['test']}+{s['train']}"
+                                                              for t, s in info["tasks"].items()))
+        return
     wheel = a.evals_wheel or next(iter(sorted(glob.glob(str(DATA.parents[1] / "wheels" / "evals-*.whl")))), None)
     if not wheel:
         raise SystemExit(f"no evals wheel: pip download --no-deps evals==3.0.1.post1 -d {DATA.parents[1] / 'wheels'}")
@@ -112,7 +124,7 @@ def cmd_prepare(a) -> None:
 
 
 def cmd_run(a) -> None:
-    size = SIZES[a.size]
+    size = SIZES[a.size] if a.parallel is None else replace(SIZES[a.size], parallel=a.parallel)
     base = Path(a.base) if a.base else ROOT / "bench" / "quality" / "work" / a.size / "pretrain" / "hf"
     if not (base / "config.json").is_file():
         raise SystemExit(f"--base {base}: no dense checkpoint; run bench/upcycle_quality.py --size {a.size} first")
@@ -210,6 +222,8 @@ def main() -> None:
     pp.add_argument("--data", default=str(DATA))
     pp.add_argument("--test-per-task", type=int, default=150)
     pp.add_argument("--train-per-task", type=int, default=1000)
+    pp.add_argument("--toy", action="store_true", help="made-up rows in the same format, no wheel (the CPU rehearsal "
+                    "of bench/gpu/run.sh)")
     pr = sub.add_parser("run", help="the three arms + evaluation")
     pr.add_argument("--size", choices=sorted(SIZES), default="cpu")
     pr.add_argument("--out", required=True)
@@ -217,6 +231,8 @@ def main() -> None:
     pr.add_argument("--data", default=str(DATA))
     pr.add_argument("--work", help="run dirs + logs (default bench/quality/work/upit_SIZE)")
     pr.add_argument("--nproc", type=int, default=0, help="--nproc of the training stages (0: one rank, no launcher)")
+    pr.add_argument("--parallel", type=int, default=None, help="arms at a time (default: the size's; bench/gpu/run.sh "
+                    "sizes it from the plan, bench/gpu/fit.py)")
     a = p.parse_args()
     cmd_prepare(a) if a.cmd == "prepare" else cmd_run(a)
 

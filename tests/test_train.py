@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,9 +47,12 @@ TIMEOUT = 420
 
 
 def _env(**extra) -> dict:
-    return cli_env(drop=("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE",
-                         "UPCYCLE_DS_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"),
-                   **extra)
+    env = cli_env(drop=("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE",
+                        "UPCYCLE_DS_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"),
+                  **extra)
+    # the shipped launcher scripts run `deepspeed` / `upcycle-ds` from the activated environment
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
 
 
 def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:

@@ -1,83 +1,170 @@
 #!/usr/bin/env bash
-# The GPU acceptance run: on a machine with one CUDA GPU and no network, <= 8 minutes, logs under $OUT.
+# The GPU acceptance run: one CUDA GPU (H100 80 GB or H200), no network, logs under $OUT, a short table last.
 #
-#   bash bench/gpu/prepare.sh            # before, on a machine with PyPI access: wheels -> bench/gpu/wheels
-#   OUT=/some/dir bash bench/gpu/run.sh [PARTS]     # PARTS: comma list of tests,step,quality,upit
-#                                                    # (default tests,step,quality: ~8 min; upit: ~5 min more)
+#   bash bench/gpu/prepare.sh                        # before, with PyPI access: wheels -> bench/gpu/wheels
+#   OUT=DIR bash bench/gpu/run.sh [PARTS]            # on the GPU machine. PARTS: comma list of tests,step,quality,
+#                                                    # upit (default tests,step,quality: <= 7 min by construction)
+#   OUT=DIR bash bench/gpu/run.sh upit               # then, if the session has time left: <= 4 min, from the
+#                                                    # quality part's checkpoint in the same OUT
+#   REHEARSE=cpu OUT=DIR bash bench/gpu/run.sh       # the CPU rehearsal: every part (default all four) through the
+#                                                    # same script and code at toy sizes, in a fresh venv shaped like
+#                                                    # the GPU machine (needs PY_VERSION=local WHEELS=bench/gpu/
+#                                                    # wheels-local NO_UPIT_DATA=1 bash bench/gpu/prepare.sh first)
 #
-# 1. installs what the machine lacks from bench/gpu/wheels (pip --no-index --no-deps), puts this checkout on
-#    PYTHONPATH;
-# 2. tests:   pytest -m gpu (tests/test_gpu.py): our MoE layer == transformers on CUDA (fp32, bf16), grouped == loop
-#             experts, 5 bf16 training steps at ZeRO-1 and ZeRO-2, exact resume, the HF export loads;
-# 3. step:    bench/step_time.py --device cuda --preset gpu: a 1B-class Llama upcycled to 8 experts top-2, bf16,
-#             seq 2048: dense vs MoE step time and MFU, grouped vs loop experts, and peak GPU memory next to
-#             `upcycle-ds plan`'s prediction for the same setup;
-# 4. quality: bench/upcycle_quality.py --size gpu (sparse upcycling vs dense continuation, held-out loss);
-# 5. upit:    bench/upit_quality.py run --size gpu (UpIT vs vanilla vs dense SFT from part 4's checkpoint; needs
-#             bench/quality/data from prepare.sh).
-# The last lines printed are a short table of every part's result. Exit code: 0 if every part passed.
+# 1. install: checks the carried wheels (bench/gpu/wheels, MANIFEST.txt) against this Python and every requirement
+#    they have against what the machine has (one line per mismatch, exit 2), installs those the machine lacks
+#    (pip --no-index --no-deps); the checkout goes on PYTHONPATH (there is no console script: everything runs as
+#    `python -m ...`); DS_ACCELERATOR is unset (the launcher picks the accelerator from the hardware);
+# 2. tests:   pytest -m gpu (tests/test_gpu.py): our MoE layer == transformers on the device (fp32, bf16), grouped ==
+#             loop experts without a weight copy, bf16 training through the launcher at ZeRO-1 with the HF export,
+#             exact resume at ZeRO-2 (4 training processes);
+# 3. step:    bench/step_time.py --preset gpu --zero 1: a 1B-class Llama upcycled to 8 experts top-2, bf16, seq 2048:
+#             dense vs grouped vs loop step time and MFU, forward memory grouped vs loop, peak GPU memory next to
+#             `upcycle-ds plan`'s figure;
+# 4. quality: bench/upcycle_quality.py --size gpu, shortened (QUALITY_SET), the runs' parallelism sized from the plan
+#             with >= 30 % headroom (bench/gpu/fit.py);
+# 5. upit:    bench/upit_quality.py run --size gpu from part 4's checkpoint (needs bench/quality/data/upit from
+#             prepare.sh), parallelism from bench/gpu/fit.py.
+# Each part runs under `timeout` at its limit and prints its own elapsed time; the limits of the default parts and
+# of the install add up to <= 7 min, so a slow start still leaves a result. Exit code: 0 if every part passed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu_out}
-PARTS=${1:-tests,step,quality}
 mkdir -p "$OUT"
-
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "bench/gpu/run.sh: needs CUDA: torch.cuda.is_available() is False here (run it on the GPU machine)" >&2
-    exit 2
-fi
+OUT=$(cd "$OUT" && pwd)
 T0=$(date +%s)
-"$PY" - <<'PY' 2>&1 | tee "$OUT/install.log"
-import importlib, importlib.util, pathlib, subprocess, sys
-wheels = pathlib.Path("bench/gpu/wheels")
-need = {"deepspeed": "deepspeed", "datasets": "datasets", "dill": "dill", "multiprocess": "multiprocess",
-        "xxhash": "xxhash", "fsspec": "fsspec", "hjson": "hjson", "cpuinfo": "py_cpuinfo", "msgpack": "msgpack",
-        "ninja": "ninja", "einops": "einops", "pydantic": "pydantic", "pydantic_core": "pydantic_core",
-        "annotated_types": "annotated_types", "typing_inspection": "typing_inspection", "pandas": "pandas",
-        "pytz": "pytz", "tzdata": "tzdata", "dateutil": "python_dateutil"}
-missing = [w for mod, w in need.items() if importlib.util.find_spec(mod) is None]
-files = [str(f) for w in missing for f in wheels.glob("*.whl") if f.name.lower().startswith(w.lower() + "-")]
-print("missing here:", missing or "nothing")
-if files:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *files])
-for mod in ("torch", "transformers", "deepspeed", "datasets"):
-    m = importlib.import_module(mod)
-    print(f"{mod} {m.__version__}")
-import torch
-print("device:", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
-PY
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
-export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-declare -A RESULT
-run_part() {  # name, timeout seconds, command...
-    local name=$1 limit=$2
-    shift 2
-    local t=$(date +%s)
-    echo "=== $name (limit ${limit}s): $*"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    RESULT[$name]="rc=$rc $(( $(date +%s) - t ))s"
-    tail -25 "$OUT/$name.log"
+# limits (s): install + tests + step + quality = 30 + 115 + 85 + 170 = 400 s, + 4 x 5 s for `timeout -k` = 7 min;
+# upit is a call of its own
+declare -A LIMIT=([install]=30 [tests]=115 [step]=85 [quality]=170 [upit]=240) REAL_LIMIT
+for k in "${!LIMIT[@]}"; do REAL_LIMIT[$k]=${LIMIT[$k]}; done
+QUALITY_SET="pretrain_steps=200 steps=100 seeds=0,1 bpe_chars=4000000" QUALITY_ARMS="upcycled drop"
+if [[ ${REHEARSE:-} == cpu ]]; then
+    MODE="cpu rehearsal"
+    PARTS=${1:-tests,step,quality,upit}
+    WHEELS=${WHEELS:-bench/gpu/wheels-local}
+    if [[ ! -f $WHEELS/MANIFEST.txt ]]; then
+        echo "bench/gpu/run.sh: no $WHEELS/MANIFEST.txt: run PY_VERSION=local WHEELS=$WHEELS NO_UPIT_DATA=1" \
+             "bash bench/gpu/prepare.sh first (PyPI access)" >&2
+        exit 2
+    fi
+    # a fresh venv with only what the GPU machine has (its packages, linked from this environment); the carried
+    # wheels go into it below, as on the GPU machine
+    "${PYTHON:-.venv/bin/python}" bench/gpu/carry.py venv "$OUT/venv" > "$OUT/venv.log" 2>&1 \
+        || { cat "$OUT/venv.log" >&2; exit 2; }
+    PY=$OUT/venv/bin/python
+    export CUDA_VISIBLE_DEVICES="" UPCYCLE_DS_GPU_TESTS_DEVICE=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    DEVICE=cpu STEP_PRESET=rehearse QSIZE=rehearse QUALITY_SET="" QUALITY_ARMS=upcycled USIZE=rehearse
+    UPIT_DATA=$OUT/upit-data
+    LIMIT=([install]=120 [tests]=240 [step]=120 [quality]=240 [upit]=300)  # a shared 2-core CI machine
+else
+    MODE="cuda"
+    PARTS=${1:-tests,step,quality}
+    PY=${PYTHON:-python3}
+    WHEELS=${WHEELS:-bench/gpu/wheels}
+    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        echo "bench/gpu/run.sh: needs CUDA: torch.cuda.is_available() is False here (run it on the GPU machine, or" \
+             "rehearse it on the CPU with REHEARSE=cpu)" >&2
+        exit 2
+    fi
+    DEVICE=cuda STEP_PRESET=gpu QSIZE=gpu USIZE=gpu UPIT_DATA=$PWD/bench/quality/data/upit
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+unset DS_ACCELERATOR  # a stale value must not steer DeepSpeed: the launcher picks it from the hardware
+
+declare -A RC SECS CPU
+ORDER=()
+children_cpu() {  # CPU seconds (user + system) of this shell's finished children so far
+    awk -v hz="$(getconf CLK_TCK)" '{print int(($16 + $17) / hz)}' /proc/$$/stat
 }
-[[ ,$PARTS, == *,tests,* ]] && run_part tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
-[[ ,$PARTS, == *,step,* ]] && run_part step 150 "$PY" bench/step_time.py --device cuda --preset gpu \
-    --json "$OUT/step_time.json"
-[[ ,$PARTS, == *,offload,* ]] && run_part offload 150 "$PY" bench/offload_step.py --device cuda --preset gpu --zero 2 \
-    --no-deepspeed-adam --json "$OUT/offload_step.json"
-[[ ,$PARTS, == *,quality,* ]] && run_part quality 300 "$PY" bench/upcycle_quality.py --size gpu --out "$OUT/quality"
-[[ ,$PARTS, == *,upit,* ]] && run_part upit 330 "$PY" bench/upit_quality.py run --size gpu --out "$OUT/upit"
+run_part() {  # name, command... : under `timeout` at the part's limit, log in $OUT/name.log, elapsed time printed
+    local name=$1 t c
+    shift
+    t=$(date +%s)
+    c=$(children_cpu)
+    echo "=== $name (limit ${LIMIT[$name]} s): $*"
+    timeout -k 5 "${LIMIT[$name]}" bash -c '"$@"' "$name" "$@" > "$OUT/$name.log" 2>&1  # (functions too)
+    RC[$name]=$?
+    SECS[$name]=$(($(date +%s) - t))
+    CPU[$name]=$(($(children_cpu) - c))
+    ORDER+=("$name")
+    tail -n 15 "$OUT/$name.log"
+    echo "=== $name: exit ${RC[$name]} after ${SECS[$name]} s (limit ${LIMIT[$name]} s; CPU ${CPU[$name]} s)"
+}
+
+install_wheels() {
+    "$PY" bench/gpu/carry.py install "$WHEELS" || return
+    "$PY" - "$DEVICE" <<'PY'
+import importlib, shutil, sys
+
+import torch
+
+for mod in ("torch", "transformers", "deepspeed", "datasets"):
+    print(f"{mod} {importlib.import_module(mod).__version__}")
+absent = [m for m in ("wandb", "accelerate", "triton") if importlib.util.find_spec(m) is None]
+script = shutil.which("upcycle-ds")
+print(f"python {sys.version.split()[0]} ({sys.executable}); absent: {', '.join(absent) or 'none'}; "
+      f"upcycle-ds console script: {script or 'none'} (everything runs as python -m)")
+if sys.argv[1] == "cuda":
+    p = torch.cuda.get_device_properties(0)
+    print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB")
+else:
+    print("device: cpu (rehearsal)")
+PY
+}
+
+quality() {
+    local par
+    # shellcheck disable=SC2086  # QUALITY_SET is a list of FIELD=VALUE words
+    par=$("$PY" bench/gpu/fit.py quality --size "$QSIZE" --set $QUALITY_SET) || return
+    # shellcheck disable=SC2086
+    "$PY" bench/upcycle_quality.py --size "$QSIZE" --out "$OUT/quality" --work "$OUT/quality/work" \
+        --arms $QUALITY_ARMS --set $QUALITY_SET parallel="$par"
+}
+
+upit() {
+    local par
+    if [[ ${REHEARSE:-} == cpu ]]; then  # made-up rows in the real format (no wheel, nothing downloaded)
+        "$PY" bench/upit_quality.py prepare --toy --data "$UPIT_DATA" --test-per-task 4 --train-per-task 16 || return
+    fi
+    par=$("$PY" bench/gpu/fit.py upit --size "$USIZE") || return
+    "$PY" bench/upit_quality.py run --size "$USIZE" --base "$OUT/quality/work/pretrain/hf" --data "$UPIT_DATA" \
+        --work "$OUT/upit/work" --out "$OUT/upit" --parallel "$par"
+}
+
+export PY WHEELS DEVICE OUT QSIZE QUALITY_SET QUALITY_ARMS USIZE UPIT_DATA REHEARSE=${REHEARSE:-}
+export -f install_wheels quality upit
+run_part install install_wheels
+if [[ ${RC[install]} == 0 ]]; then
+    [[ ,$PARTS, == *,tests,* ]] && run_part tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+    [[ ,$PARTS, == *,step,* ]] && run_part step "$PY" bench/step_time.py --device "$DEVICE" --preset "$STEP_PRESET" \
+        --zero 1 --warmup 2 --steps 5 --json "$OUT/step_time.json"
+    [[ ,$PARTS, == *,quality,* ]] && run_part quality quality
+    [[ ,$PARTS, == *,upit,* ]] && run_part upit upit
+fi
 
 echo
-echo "=== bench/gpu/run.sh summary ($(date -Is), $(( $(date +%s) - T0 ))s, logs in $OUT)"
-for name in tests step quality upit; do
-    [[ -n ${RESULT[$name]:-} ]] && printf '%-8s %s\n' "$name" "${RESULT[$name]}"
+echo "=== bench/gpu/run.sh summary: $MODE, $(date -Is), $(($(date +%s) - T0)) s in all, logs in $OUT"
+echo "| part | result | elapsed s | limit s | CPU s |"
+echo "|---|---|---|---|---|"
+ok=1
+for name in "${ORDER[@]}"; do
+    case ${RC[$name]} in
+        0) result=passed ;;
+        124|137) result="TIMED OUT" ;;
+        *) result="FAILED (exit ${RC[$name]})" ;;
+    esac
+    [[ ${RC[$name]} == 0 ]] || ok=0
+    echo "| $name | $result | ${SECS[$name]} | ${LIMIT[$name]} | ${CPU[$name]} |"
 done
-[[ -f $OUT/tests.log ]] && grep -E "passed|failed" "$OUT/tests.log" | tail -1
-[[ -f $OUT/step.log ]] && sed -n '/^| /p' "$OUT/step.log" | tail -12
-[[ -f $OUT/quality.log ]] && tail -8 "$OUT/quality.log"
-[[ -f $OUT/upit.log ]] && tail -8 "$OUT/upit.log"
-for name in "${!RESULT[@]}"; do [[ ${RESULT[$name]} == rc=0* ]] || exit 1; done
-exit 0
+echo "budget of the real run's default parts: install ${REAL_LIMIT[install]} + tests ${REAL_LIMIT[tests]} + step" \
+     "${REAL_LIMIT[step]} + quality ${REAL_LIMIT[quality]} s, + 4 x 5 s kill grace = $((REAL_LIMIT[install] +
+     REAL_LIMIT[tests] + REAL_LIMIT[step] + REAL_LIMIT[quality] + 20)) s (upit, a call of its own: ${REAL_LIMIT[upit]} s)"
+ran() { [[ " ${ORDER[*]} " == *" $1 "* ]]; }
+ran install && grep -E "^(bench/gpu/run.sh: (installed|already)|device:|python )" "$OUT/install.log"
+ran tests && grep -E "passed|failed|error" "$OUT/tests.log" | tail -1
+ran step && grep -E "^(\| |model:)" "$OUT/step.log" | tail -6
+ran quality && grep -E "^bench/gpu/fit.py" "$OUT/quality.log" && sed -n '/^held-out loss/,$p' "$OUT/quality.log" | head -8
+ran upit && grep -E "^bench/gpu/fit.py" "$OUT/upit.log" && sed -n '/^| | n |/,/^$/p' "$OUT/upit.log" | head -6
+[[ $ok == 1 ]] && exit 0
+exit 1

@@ -105,3 +105,35 @@ def subset(src: Path, dst: Path, per_task: int, shuffle_seed: int | None = None)
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text("\n".join(kept) + "\n", encoding="utf-8")
     return len(kept)
+
+
+def toy(out: Path, *, test_per_task: int, train_per_task: int, seed: int = 0) -> dict:
+    """A made-up stand-in for `extract`'s output, same files and row format, for the CPU rehearsal of
+    bench/gpu/run.sh (no wheel, no download): two label tasks a tiny model can learn (is the number even, which
+    of two numbers is larger). The numbers mean nothing about UpIT."""
+    rng = random.Random(seed)
+    tasks = {
+        "parity": (lambda: (lambda n: (f"Is {n} even? Answer Y or N.", "Y" if n % 2 == 0 else "N"))(rng.randrange(1000)),
+                   ["N", "Y"]),
+        "larger": (lambda: (lambda a, b: (f"Which is larger, A={a} or B={b}? Answer A or B.", "A" if a > b else "B"))(
+            rng.randrange(500), rng.randrange(500, 1000) if rng.random() < 0.5 else rng.randrange(500)), ["A", "B"]),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    train, test, summary = [], [], {}
+    for task, (make, labels) in tasks.items():
+        rows = [make() for _ in range(test_per_task + train_per_task)]
+        for prompt, ideal in rows[:test_per_task]:
+            test.append({"task": task, "messages": [{"role": "user", "content": prompt}], "ideal": ideal,
+                         "choices": labels, "answer": labels.index(ideal)})
+        for prompt, ideal in rows[test_per_task:]:
+            train.append({"task": task, "messages": [{"role": "user", "content": prompt},
+                                                     {"role": "assistant", "content": ideal}]})
+        summary[task] = {"pool": len(rows), "test": test_per_task, "train": train_per_task, "labels": labels,
+                         "what": "made up (CPU rehearsal)"}
+    for name, rows in (("test.jsonl", test), ("train.jsonl", train)):
+        with open(out / name, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    info = {"wheel": None, "seed": seed, "tasks": summary}
+    (out / "summary.json").write_text(json.dumps(info, indent=1))
+    return info

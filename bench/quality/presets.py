@@ -67,6 +67,11 @@ SIZES = {
                 micro_mbs=4, chunk_chars=4096, heldout_rows=256, bpe_chars=8_000_000, pretrain_steps=500,
                 pretrain_lr=6e-4, steps=150, lr=6e-4, warmup=10, evals=6, dtype="bf16", zero_stage=1, eval_batch=16,
                 parallel=6),
+    # the CPU rehearsal of bench/gpu/run.sh (REHEARSE=cpu): the gpu size's precision and ZeRO stage at toy size,
+    # one seed (seconds; numbers meaningless)
+    "rehearse": Size(vocab=512, hidden=32, intermediate=64, layers=2, heads=2, kv_heads=2, seq=64, mbs=4,
+                     chunk_chars=200, heldout_rows=16, bpe_chars=100_000, pretrain_steps=8, pretrain_lr=3e-3,
+                     steps=4, lr=3e-3, warmup=1, evals=2, dtype="bf16", zero_stage=1, seeds=[0], eval_batch=8),
     # smoke test of the script (minutes on CPU; numbers meaningless)
     "tiny": Size(vocab=512, hidden=32, intermediate=64, layers=2, heads=2, kv_heads=2, seq=64, mbs=4,
                  chunk_chars=200, heldout_rows=16, bpe_chars=200_000, pretrain_steps=12, pretrain_lr=3e-3,
