@@ -56,7 +56,7 @@ def test_gpu_run_rehearsed_on_cpu(tmp_path):
     # each part did its work: the gpu tests on the cpu, the bench tables, the plan-sized parallelism
     assert re.search(r"^5 passed", summary, re.M), summary
     assert re.search(r"^\| grouped \| 1 \|", summary, re.M) and re.search(r"^\| loop \| 1 \|", summary, re.M)
-    assert summary.count("bench/gpu/fit.py") == 2 and "(b) upcycled E=8 top-2" in summary, summary
+    assert summary.count("bench/gpu/fit.py") == 2 and "held-out loss after the continuation" in summary, summary
     assert "(c) UpIT" in summary, summary
     tests_log = (out / "tests.log").read_text()
     assert "skipped" not in tests_log, tests_log[-2000:]

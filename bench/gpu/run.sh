@@ -3,9 +3,10 @@
 #
 #   bash bench/gpu/prepare.sh                        # before, with PyPI access: wheels -> bench/gpu/wheels
 #   OUT=DIR bash bench/gpu/run.sh [PARTS]            # on the GPU machine. PARTS: comma list of tests,step,quality,
-#                                                    # upit (default tests,step,quality: <= 7 min by construction)
+#                                                    # upit,offload (default tests,step,quality: <= 7 min by
+#                                                    # construction)
 #   OUT=DIR bash bench/gpu/run.sh upit               # then, if the session has time left: <= 4 min, from the
-#                                                    # quality part's checkpoint in the same OUT
+#                                                    # quality part's checkpoint in the same OUT (offload: <= 2.5 min)
 #   REHEARSE=cpu OUT=DIR bash bench/gpu/run.sh       # the CPU rehearsal: every part (default all four) through the
 #                                                    # same script and code at toy sizes, in a fresh venv shaped like
 #                                                    # the GPU machine (needs PY_VERSION=local WHEELS=bench/gpu/
@@ -21,10 +22,11 @@
 # 3. step:    bench/step_time.py --preset gpu --zero 1: a 1B-class Llama upcycled to 8 experts top-2, bf16, seq 2048:
 #             dense vs grouped vs loop step time and MFU, forward memory grouped vs loop, peak GPU memory next to
 #             `upcycle-ds plan`'s figure;
-# 4. quality: bench/upcycle_quality.py --size gpu, shortened (QUALITY_SET), the runs' parallelism sized from the plan
-#             with >= 30 % headroom (bench/gpu/fit.py);
+# 4. quality: bench/upcycle_quality.py --size gpu --suite $QUALITY_SUITE, shortened (QUALITY_SET), the runs'
+#             parallelism sized from the plan with >= 30 % headroom (bench/gpu/fit.py);
 # 5. upit:    bench/upit_quality.py run --size gpu from part 4's checkpoint (needs bench/quality/data/upit from
-#             prepare.sh), parallelism from bench/gpu/fit.py.
+#             prepare.sh), parallelism from bench/gpu/fit.py;
+# 6. offload: bench/offload_step.py --preset gpu --zero 2: the offloaded step's parts against the plan.
 # Each part runs under `timeout` at its limit and prints its own elapsed time; the limits of the default parts and
 # of the install add up to <= 7 min, so a slow start still leaves a result. Exit code: 0 if every part passed.
 set -uo pipefail
@@ -36,9 +38,11 @@ T0=$(date +%s)
 
 # limits (s): install + tests + step + quality = 30 + 115 + 85 + 170 = 400 s, + 4 x 5 s for `timeout -k` = 7 min;
 # upit is a call of its own
-declare -A LIMIT=([install]=30 [tests]=115 [step]=85 [quality]=170 [upit]=240) REAL_LIMIT
+declare -A LIMIT=([install]=30 [tests]=115 [step]=85 [quality]=170 [upit]=240 [offload]=150) REAL_LIMIT
 for k in "${!LIMIT[@]}"; do REAL_LIMIT[$k]=${LIMIT[$k]}; done
-QUALITY_SET="pretrain_steps=200 steps=100 seeds=0,1 bpe_chars=4000000" QUALITY_ARMS="upcycled drop"
+# the quality part: which suite of bench/upcycle_quality.py, its arms ("" = all of the suite's), the size overrides
+QUALITY_SUITE=${QUALITY_SUITE:-equal-steps} QUALITY_ARMS=${QUALITY_ARMS:-}
+QUALITY_SET="pretrain_steps=200 steps=100 seeds=0,1 bpe_chars=4000000"
 if [[ ${REHEARSE:-} == cpu ]]; then
     MODE="cpu rehearsal"
     PARTS=${1:-tests,step,quality,upit}
@@ -54,9 +58,10 @@ if [[ ${REHEARSE:-} == cpu ]]; then
         || { cat "$OUT/venv.log" >&2; exit 2; }
     PY=$OUT/venv/bin/python
     export CUDA_VISIBLE_DEVICES="" UPCYCLE_DS_GPU_TESTS_DEVICE=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    DEVICE=cpu STEP_PRESET=rehearse QSIZE=rehearse QUALITY_SET="" QUALITY_ARMS=upcycled USIZE=rehearse
-    UPIT_DATA=$OUT/upit-data
-    LIMIT=([install]=120 [tests]=240 [step]=120 [quality]=240 [upit]=300)  # a shared 2-core CI machine
+    DEVICE=cpu STEP_PRESET=rehearse QSIZE=rehearse QUALITY_SET="" USIZE=rehearse UPIT_DATA=$OUT/upit-data
+    [[ $QUALITY_SUITE == equal-steps ]] && QUALITY_ARMS=${QUALITY_ARMS:-upcycled}  # (c) is (b)'s path again
+    OFFLOAD_PRESET=cpu
+    LIMIT=([install]=120 [tests]=240 [step]=120 [quality]=240 [upit]=300 [offload]=300)  # a shared 2-core machine
 else
     MODE="cuda"
     PARTS=${1:-tests,step,quality}
@@ -67,7 +72,7 @@ else
              "rehearse it on the CPU with REHEARSE=cpu)" >&2
         exit 2
     fi
-    DEVICE=cuda STEP_PRESET=gpu QSIZE=gpu USIZE=gpu UPIT_DATA=$PWD/bench/quality/data/upit
+    DEVICE=cuda STEP_PRESET=gpu QSIZE=gpu USIZE=gpu UPIT_DATA=$PWD/bench/quality/data/upit OFFLOAD_PRESET=gpu
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 unset DS_ACCELERATOR  # a stale value must not steer DeepSpeed: the launcher picks it from the hardware
@@ -118,8 +123,8 @@ quality() {
     # shellcheck disable=SC2086  # QUALITY_SET is a list of FIELD=VALUE words
     par=$("$PY" bench/gpu/fit.py quality --size "$QSIZE" --set $QUALITY_SET) || return
     # shellcheck disable=SC2086
-    "$PY" bench/upcycle_quality.py --size "$QSIZE" --out "$OUT/quality" --work "$OUT/quality/work" \
-        --arms $QUALITY_ARMS --set $QUALITY_SET parallel="$par"
+    "$PY" bench/upcycle_quality.py --size "$QSIZE" --suite "$QUALITY_SUITE" ${QUALITY_ARMS:+--arms $QUALITY_ARMS} \
+        --out "$OUT/quality" --work "$OUT/quality/work" --set $QUALITY_SET parallel="$par"
 }
 
 upit() {
@@ -132,7 +137,7 @@ upit() {
         --work "$OUT/upit/work" --out "$OUT/upit" --parallel "$par"
 }
 
-export PY WHEELS DEVICE OUT QSIZE QUALITY_SET QUALITY_ARMS USIZE UPIT_DATA REHEARSE=${REHEARSE:-}
+export PY WHEELS DEVICE OUT QSIZE QUALITY_SUITE QUALITY_SET QUALITY_ARMS USIZE UPIT_DATA REHEARSE=${REHEARSE:-}
 export -f install_wheels quality upit
 run_part install install_wheels
 if [[ ${RC[install]} == 0 ]]; then
@@ -141,6 +146,8 @@ if [[ ${RC[install]} == 0 ]]; then
         --zero 1 --warmup 2 --steps 5 --json "$OUT/step_time.json"
     [[ ,$PARTS, == *,quality,* ]] && run_part quality quality
     [[ ,$PARTS, == *,upit,* ]] && run_part upit upit
+    [[ ,$PARTS, == *,offload,* ]] && run_part offload "$PY" bench/offload_step.py --device "$DEVICE" \
+        --preset "$OFFLOAD_PRESET" --zero 2 --no-deepspeed-adam --json "$OUT/offload_step.json"
 fi
 
 echo
@@ -164,7 +171,8 @@ ran() { [[ " ${ORDER[*]} " == *" $1 "* ]]; }
 ran install && grep -E "^(bench/gpu/run.sh: (installed|already)|device:|python )" "$OUT/install.log"
 ran tests && grep -E "passed|failed|error" "$OUT/tests.log" | tail -1
 ran step && grep -E "^(\| |model:)" "$OUT/step.log" | tail -6
-ran quality && grep -E "^bench/gpu/fit.py" "$OUT/quality.log" && sed -n '/^held-out loss/,$p' "$OUT/quality.log" | head -8
+ran quality && grep -E "^bench/gpu/fit.py" "$OUT/quality.log" && sed -n '/held-out loss after/,$p' "$OUT/quality.log" | head -8
 ran upit && grep -E "^bench/gpu/fit.py" "$OUT/upit.log" && sed -n '/^| | n |/,/^$/p' "$OUT/upit.log" | head -6
+ran offload && grep -E "^\| " "$OUT/offload.log" | tail -8
 [[ $ok == 1 ]] && exit 0
 exit 1
