@@ -51,7 +51,7 @@ def test_gpu_run_rehearsed_on_cpu(tmp_path):
     assert {w.split("==")[0] for w in installed} | set(kept) == manifest, summary
     assert {"deepspeed", "datasets"} <= {w.split("==")[0] for w in installed}
     assert "upcycle-ds console script: none" in summary and "absent: wandb" in summary, summary
-    assert not (out / "venv" / "bin" / "upcycle-ds").exists()
+    assert "upcycle-ds" not in os.listdir(out / "venv" / "bin")
 
     # each part did its work: the gpu tests on the cpu, the bench tables, the plan-sized parallelism
     assert re.search(r"^5 passed", summary, re.M), summary
