@@ -5,7 +5,7 @@
 #   OUT=DIR bash bench/gpu/run.sh [PARTS]            # on the GPU machine. PARTS: comma list of tests,step,quality,
 #                                                    # upit,offload (default tests,step,quality: <= 7 min by
 #                                                    # construction)
-#   OUT=DIR bash bench/gpu/run.sh upit               # then, if the session has time left: <= 4 min, from the
+#   OUT=DIR bash bench/gpu/run.sh upit               # then, if the session has >= 6 min left: <= 5 min, from the
 #                                                    # quality part's checkpoint in the same OUT (offload: <= 2.5 min)
 #   REHEARSE=cpu OUT=DIR bash bench/gpu/run.sh       # the CPU rehearsal: every part (default all four) through the
 #                                                    # same script and code at toy sizes, in a fresh venv shaped like
@@ -38,11 +38,11 @@ T0=$(date +%s)
 
 # limits (s): install + tests + step + quality = 30 + 115 + 85 + 170 = 400 s, + 4 x 5 s for `timeout -k` = 7 min;
 # upit is a call of its own
-declare -A LIMIT=([install]=30 [tests]=115 [step]=85 [quality]=170 [upit]=240 [offload]=150) REAL_LIMIT
+declare -A LIMIT=([install]=30 [tests]=115 [step]=85 [quality]=170 [upit]=300 [offload]=150) REAL_LIMIT
 for k in "${!LIMIT[@]}"; do REAL_LIMIT[$k]=${LIMIT[$k]}; done
 # the quality part: which suite of bench/upcycle_quality.py, its arms ("" = all of the suite's), the size overrides
 QUALITY_SUITE=${QUALITY_SUITE:-equal-steps} QUALITY_ARMS=${QUALITY_ARMS:-}
-QUALITY_SET="pretrain_steps=200 steps=100 seeds=0,1 bpe_chars=4000000"
+QUALITY_SET="pretrain_steps=150 steps=80 seeds=0,1 bpe_chars=3000000"
 if [[ ${REHEARSE:-} == cpu ]]; then
     MODE="cpu rehearsal"
     PARTS=${1:-tests,step,quality,upit}
