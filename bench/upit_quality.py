@@ -165,25 +165,29 @@ def cmd_run(a) -> None:
     (work / "dense_long_sft.yaml").write_text(yaml.safe_dump(long_cfg, sort_keys=False))
     dense_long = lambda: runner.cli("dense_long", ["sft", "--config", work / "dense_long_sft.yaml", *nproc],  # noqa: E731
                                     done=work / "dense_long" / "hf" / "config.json", clean=work / "dense_long")
-    runner.chains([upit, vanilla, dense_long], size.parallel)  # on a GPU the arms share the device at once
+    # on a GPU the arms share the device at once
+    runner.chains([upit, vanilla, dense_long] if a.control else [upit, vanilla], size.parallel)
     models = {"base": base, "dense_sft": work / "upit" / "sft" / "hf", "vanilla": work / "vanilla" / "hf",
               "upit": work / "upit" / "train" / "hf"}
     runner.cli("eval", ["eval", "--model", *[f"{k}={v}" for k, v in models.items()], "--data", work / "test.jsonl",
                         "--max-length", size.eval_max_length, "--micro-batch-size", size.eval_batch,
                         "--max-new-tokens", size.max_new_tokens, "--out", work / "eval.json"],
                done=work / "eval.json")
-    runner.cli("eval_control", ["eval", "--model", f"dense_long={work / 'dense_long' / 'hf'}", "--data",
-                                work / "test.jsonl", "--max-length", size.eval_max_length, "--micro-batch-size",
-                                size.eval_batch, "--max-new-tokens", size.max_new_tokens,
-                                "--out", work / "eval_control.json"], done=work / "eval_control.json")
+    if a.control:
+        runner.cli("eval_control", ["eval", "--model", f"dense_long={work / 'dense_long' / 'hf'}", "--data",
+                                    work / "test.jsonl", "--max-length", size.eval_max_length, "--micro-batch-size",
+                                    size.eval_batch, "--max-new-tokens", size.max_new_tokens,
+                                    "--out", work / "eval_control.json"], done=work / "eval_control.json")
     ev = json.loads((work / "eval.json").read_text())
-    ev["models"]["dense_long"] = json.loads((work / "eval_control.json").read_text())["models"]["dense_long"]
+    if a.control:
+        ev["models"]["dense_long"] = json.loads((work / "eval_control.json").read_text())["models"]["dense_long"]
     # the baseline of the paired tests is (a) dense SFT; `upcycle-ds eval` compared against its first model (base)
     from upcycle_ds.eval.evaluate import compare, comparison_lines
 
     ev["comparisons"] = {k: compare(ev["models"]["dense_sft"], ev["models"][k]) for k in ("vanilla", "upit")}
     ev["comparisons"]["upit_vs_vanilla"] = compare(ev["models"]["vanilla"], ev["models"]["upit"])
-    ev["comparisons"]["upit_vs_dense_long"] = compare(ev["models"]["dense_long"], ev["models"]["upit"])
+    if a.control:
+        ev["comparisons"]["upit_vs_dense_long"] = compare(ev["models"]["dense_long"], ev["models"]["upit"])
     res = {"size": a.size, "config": asdict(size), "recipe": cfg, "base": str(base),
            "data": json.loads((data / "summary.json").read_text()), "train_rows": n_train, "test_rows": n_test,
            "timings_s": runner.times, "cpu_s": runner.cpu, "cpu_s_total": round(sum(runner.cpu.values()), 1),
@@ -231,6 +235,9 @@ def main() -> None:
     pr.add_argument("--data", default=str(DATA))
     pr.add_argument("--work", help="run dirs + logs (default bench/quality/work/upit_SIZE)")
     pr.add_argument("--nproc", type=int, default=0, help="--nproc of the training stages (0: one rank, no launcher)")
+    pr.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the control (a'): dense SFT for UpIT's total epochs (--no-control: not; the CPU "
+                         "rehearsal of bench/gpu/run.sh, where (a') is the path of (a) again)")
     pr.add_argument("--parallel", type=int, default=None, help="arms at a time (default: the size's; bench/gpu/run.sh "
                     "sizes it from the plan, bench/gpu/fit.py)")
     a = p.parse_args()

@@ -175,12 +175,12 @@ def cmd_install(wheels: Path) -> int:
 
 # --------------------------------------------------------------------------------------------------------- venv
 def cmd_venv(target: Path) -> int:
-    """A venv at `target` holding only MACHINE's closure of this environment (linked in) and pip."""
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(target)], check=True)
+    """A venv at `target` holding only MACHINE's closure of this environment and pip (linked in)."""
+    subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(target)], check=True)
     site = Path(subprocess.run([str(target / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path("
                                 "'purelib'))"], check=True, capture_output=True, text=True).stdout.strip())
     here = Path(sysconfig.get_path("purelib"))
-    dists = closure(MACHINE, installed())
+    dists = closure((*MACHINE, "pip"), installed())
     linked = []
     for name, d in sorted(dists.items()):
         tops = {Path(str(f)).parts[0] for f in d.files or [] if not str(f).startswith("..")}

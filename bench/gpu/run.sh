@@ -133,8 +133,9 @@ upit() {
         "$PY" bench/upit_quality.py prepare --toy --data "$UPIT_DATA" --test-per-task 4 --train-per-task 16 || return
     fi
     par=$("$PY" bench/gpu/fit.py upit --size "$USIZE") || return
+    # shellcheck disable=SC2046  # the rehearsal leaves out (a'), the path of (a) again
     "$PY" bench/upit_quality.py run --size "$USIZE" --base "$OUT/quality/work/pretrain/hf" --data "$UPIT_DATA" \
-        --work "$OUT/upit/work" --out "$OUT/upit" --parallel "$par"
+        --work "$OUT/upit/work" --out "$OUT/upit" --parallel "$par" $([[ ${REHEARSE:-} == cpu ]] && echo --no-control)
 }
 
 export PY WHEELS DEVICE OUT QSIZE QUALITY_SUITE QUALITY_SET QUALITY_ARMS USIZE UPIT_DATA REHEARSE=${REHEARSE:-}
