@@ -45,7 +45,7 @@ def test_gpu_run_rehearsed_on_cpu(tmp_path):
     assert budget <= 420, summary
 
     # the venv had the GPU machine's packages only; run.sh brought exactly the carried wheels
-    installed = re.search(r"installed \d+ carried wheels: (.*)$", summary, re.M).group(1).split()
+    installed = re.search(r"installed \d+ carried wheels into \S+: (.*)$", summary, re.M).group(1).split()
     kept = re.search(r"already here \(kept\): (.*)$", summary, re.M)
     kept = [x.split()[0] for x in kept.group(1).split(", ")] if kept else []
     assert {w.split("==")[0] for w in installed} | set(kept) == manifest, summary

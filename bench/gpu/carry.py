@@ -8,10 +8,12 @@ installed metadata:
 
     carry.py plan                 the distributions to carry, name==version per line (prepare.sh writes them to
                                   WHEELS/MANIFEST.txt and fetches exactly those wheels)
-    carry.py install WHEELS       run.sh, on the machine: the folder holds exactly MANIFEST.txt's wheels, for this
+    carry.py install WHEELS SITE  run.sh, on the machine: the folder holds exactly MANIFEST.txt's wheels, for this
                                   Python; every requirement of every carried wheel is met by what the machine has or
                                   by another carried wheel (else one line per mismatch, naming both sides, exit 2);
-                                  then `pip install --no-index --no-deps` of those the machine lacks
+                                  then `pip install --no-index --no-deps --target SITE` of those the machine lacks
+                                  (a folder of its own that run.sh puts on PYTHONPATH: nothing of the machine's
+                                  Python changes, and an externally managed Python (PEP 668) takes it too)
     carry.py venv DIR             the CPU rehearsal (run.sh with REHEARSE=cpu): a fresh venv shaped like the GPU
                                   machine, MACHINE's closure linked in from this environment's site-packages, nothing
                                   else (no deepspeed, datasets, wandb, no upcycle_ds, no console script)
@@ -157,7 +159,7 @@ def check(wheels: Path) -> tuple[list[Path], list[str], list[str]]:
     return todo, already, problems
 
 
-def cmd_install(wheels: Path) -> int:
+def cmd_install(wheels: Path, site: Path) -> int:
     todo, already, problems = check(wheels)
     for line in problems:
         print(f"{PREFIX} {line}", file=sys.stderr)
@@ -166,10 +168,10 @@ def cmd_install(wheels: Path) -> int:
     if already:
         print(f"{PREFIX} already here (kept): {', '.join(already)}")
     if todo:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *map(str, todo)],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                        str(site), *map(str, todo)], check=True)
     names = sorted(f"{parse_wheel_filename(f.name)[0]}=={parse_wheel_filename(f.name)[1]}" for f in todo)
-    print(f"{PREFIX} installed {len(names)} carried wheels: {' '.join(names) or 'none'}")
+    print(f"{PREFIX} installed {len(names)} carried wheels into {site}: {' '.join(names) or 'none'}")
     return 0
 
 
@@ -200,8 +202,8 @@ def main(argv: list[str]) -> int:
         for name, version in carry_plan().items():
             print(f"{name}=={version}")
         return 0
-    if argv[:1] == ["install"] and len(argv) == 2:
-        return cmd_install(Path(argv[1]))
+    if argv[:1] == ["install"] and len(argv) == 3:
+        return cmd_install(Path(argv[1]), Path(argv[2]))
     if argv[:1] == ["venv"] and len(argv) == 2:
         return cmd_venv(Path(argv[1]))
     print(__doc__, file=sys.stderr)

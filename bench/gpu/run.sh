@@ -13,9 +13,10 @@
 #                                                    # wheels-local NO_UPIT_DATA=1 bash bench/gpu/prepare.sh first)
 #
 # 1. install: checks the carried wheels (bench/gpu/wheels, MANIFEST.txt) against this Python and every requirement
-#    they have against what the machine has (one line per mismatch, exit 2), installs those the machine lacks
-#    (pip --no-index --no-deps); the checkout goes on PYTHONPATH (there is no console script: everything runs as
-#    `python -m ...`); DS_ACCELERATOR is unset (the launcher picks the accelerator from the hardware);
+#    they have against what the machine has (one line per mismatch, exit 2), installs those the machine lacks into
+#    a folder of their own, $SITE (pip --no-index --no-deps --target); the checkout and $SITE go on PYTHONPATH
+#    (there is no console script: everything runs as `python -m ...`); DS_ACCELERATOR is unset (the launcher picks
+#    the accelerator from the hardware);
 # 2. tests:   pytest -m gpu (tests/test_gpu.py): our MoE layer == transformers on the device (fp32, bf16), grouped ==
 #             loop experts without a weight copy, bf16 training through the launcher at ZeRO-1 with the HF export,
 #             exact resume at ZeRO-2 (4 training processes);
@@ -57,6 +58,7 @@ if [[ ${REHEARSE:-} == cpu ]]; then
     "${PYTHON:-.venv/bin/python}" bench/gpu/carry.py venv "$OUT/venv" > "$OUT/venv.log" 2>&1 \
         || { cat "$OUT/venv.log" >&2; exit 2; }
     PY=$OUT/venv/bin/python
+    SITE=${SITE:-$OUT/site}
     export CUDA_VISIBLE_DEVICES="" UPCYCLE_DS_GPU_TESTS_DEVICE=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     DEVICE=cpu STEP_PRESET=rehearse QSIZE=rehearse QUALITY_SET="" USIZE=rehearse UPIT_DATA=$OUT/upit-data
     [[ $QUALITY_SUITE == equal-steps ]] && QUALITY_ARMS=${QUALITY_ARMS:-upcycled}  # (c) is (b)'s path again
@@ -67,6 +69,7 @@ else
     PARTS=${1:-tests,step,quality}
     PY=${PYTHON:-python3}
     WHEELS=${WHEELS:-bench/gpu/wheels}
+    SITE=${SITE:-$PWD/bench/gpu/site}
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
         echo "bench/gpu/run.sh: needs CUDA: torch.cuda.is_available() is False here (run it on the GPU machine, or" \
              "rehearse it on the CPU with REHEARSE=cpu)" >&2
@@ -74,7 +77,8 @@ else
     fi
     DEVICE=cuda STEP_PRESET=gpu QSIZE=gpu USIZE=gpu UPIT_DATA=$PWD/bench/quality/data/upit OFFLOAD_PRESET=gpu
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH" WANDB_MODE=disabled \
+    TOKENIZERS_PARALLELISM=false
 unset DS_ACCELERATOR  # a stale value must not steer DeepSpeed: the launcher picks it from the hardware
 
 declare -A RC SECS CPU
@@ -98,7 +102,7 @@ run_part() {  # name, command... : under `timeout` at the part's limit, log in $
 }
 
 install_wheels() {
-    "$PY" bench/gpu/carry.py install "$WHEELS" || return
+    "$PY" bench/gpu/carry.py install "$WHEELS" "$SITE" || return
     "$PY" - "$DEVICE" <<'PY'
 import importlib, shutil, sys
 
@@ -138,7 +142,7 @@ upit() {
         --work "$OUT/upit/work" --out "$OUT/upit" --parallel "$par" $([[ ${REHEARSE:-} == cpu ]] && echo --no-control)
 }
 
-export PY WHEELS DEVICE OUT QSIZE QUALITY_SUITE QUALITY_SET QUALITY_ARMS USIZE UPIT_DATA REHEARSE=${REHEARSE:-}
+export PY WHEELS SITE DEVICE OUT QSIZE QUALITY_SUITE QUALITY_SET QUALITY_ARMS USIZE UPIT_DATA REHEARSE=${REHEARSE:-}
 export -f install_wheels quality upit
 run_part install install_wheels
 if [[ ${RC[install]} == 0 ]]; then
