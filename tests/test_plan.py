@@ -371,7 +371,8 @@ def test_planned_train_command_runs_with_the_planned_settings(tmp_path, capsys):
     launch = next(line for line in r.stderr.splitlines() if "launching 2 ranks" in line)
     assert "accelerator cpu (no CUDA device); DS_ACCELERATOR=cuda in the environment overridden" in launch, launch
     start = next(line for line in r.stderr.splitlines() if "ranks on" in line)
-    assert "2 ranks on cpu, ep_size 2, ZeRO-2, fp32" in start and "activation checkpointing on" in start, start
+    assert "2 ranks on cpu, ep_size 2, ZeRO-2 (optimizer state on the host), fp32" in start, start
+    assert "activation checkpointing on" in start, start
     assert "rows x 64 tokens" in start, start
     assert "step 2/2" in r.stderr
-    assert yaml.safe_load((tmp_path / "run" / "train_args.yaml").read_text())["offload_optimizer"] is True
+    assert yaml.safe_load((tmp_path / "run" / "train_args.yaml").read_text())["parallelism"]["offload_optimizer"] is True
